@@ -1,0 +1,306 @@
+//! Agent settings from a TOML file, with command-line flags taking precedence.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use fleet_wire::Encoding;
+use serde::Deserialize;
+
+/// Command-line flags of the agent; each one overrides the same key of `--config`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DeviceArgs {
+    /// TOML file with any of the settings below, using the flag names with `_` for `-`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Device id, used as a topic level: letters, digits, '-', '_' or '.'.
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// MQTT broker as mqtt://HOST:PORT [default: mqtt://127.0.0.1:1883].
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// Bundle folder written by `compress bundle`.
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    /// Public key the bundle must be signed with.
+    #[arg(long)]
+    pub public_key: Option<PathBuf>,
+    /// Input source: an IDX image file (optionally gzip) or a folder of JPEG/PNG images.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// IDX label file for an IDX input.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Part of the input this device takes, as INDEX/COUNT [default: 0/1].
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Inferences per second; 0 runs as fast as the model allows [default: 10].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds between telemetry messages [default: 5].
+    #[arg(long)]
+    pub interval: Option<f64>,
+    /// Stop inferring after this many passes over the shard and keep reporting; runs
+    /// forever when unset.
+    #[arg(long)]
+    pub passes: Option<u64>,
+    /// Folder for the agent's state, such as the telemetry sequence number
+    /// [default: device-state/DEVICE_ID].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Top-1 confidence under which an inference counts as low-confidence [default: 0.5].
+    #[arg(long)]
+    pub confidence_threshold: Option<f32>,
+    /// Telemetry payload encoding: postcard or json [default: postcard].
+    #[arg(long)]
+    pub encoding: Option<String>,
+}
+
+/// The keys a config file may contain; the same meaning as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    device_id: Option<String>,
+    broker: Option<String>,
+    bundle: Option<PathBuf>,
+    public_key: Option<PathBuf>,
+    input: Option<PathBuf>,
+    labels: Option<PathBuf>,
+    shard: Option<String>,
+    rate: Option<f64>,
+    interval: Option<f64>,
+    passes: Option<u64>,
+    state_dir: Option<PathBuf>,
+    confidence_threshold: Option<f32>,
+    encoding: Option<String>,
+}
+
+/// Settings after merging the file and the flags and checking every value.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub device_id: String,
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub bundle: PathBuf,
+    pub public_key: PathBuf,
+    pub input: PathBuf,
+    pub labels: Option<PathBuf>,
+    pub shard_index: usize,
+    pub shard_count: usize,
+    /// Inferences per second, `None` for unthrottled.
+    pub rate: Option<f64>,
+    pub interval: Duration,
+    pub passes: Option<u64>,
+    pub state_dir: PathBuf,
+    pub confidence_threshold: f32,
+    pub encoding: Encoding,
+}
+
+impl DeviceConfig {
+    /// Reads `--config` when given, applies the flags over it and validates the result.
+    pub fn resolve(args: DeviceArgs) -> anyhow::Result<DeviceConfig> {
+        let file = match &args.config {
+            Some(path) => read_file_config(path)?,
+            None => FileConfig::default(),
+        };
+        let device_id = args
+            .device_id
+            .or(file.device_id)
+            .context("missing device id: pass --device-id or set device_id in the config file")?;
+        fleet_wire::topic::validate_device_id(&device_id).map_err(anyhow::Error::msg)?;
+        let broker = args
+            .broker
+            .or(file.broker)
+            .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
+        let (broker_host, broker_port) = parse_broker_url(&broker)?;
+        let shard = args.shard.or(file.shard).unwrap_or_else(|| "0/1".into());
+        let (shard_index, shard_count) = parse_shard(&shard)?;
+        let rate = args.rate.or(file.rate).unwrap_or(10.0);
+        if !(rate.is_finite() && rate >= 0.0) {
+            bail!("invalid --rate {rate}: expected inferences per second, 0 or more");
+        }
+        let interval = args.interval.or(file.interval).unwrap_or(5.0);
+        if !(interval.is_finite() && (0.05..=3600.0).contains(&interval)) {
+            bail!("invalid --interval {interval}: expected 0.05 to 3600 seconds");
+        }
+        let confidence_threshold = args
+            .confidence_threshold
+            .or(file.confidence_threshold)
+            .unwrap_or(0.5);
+        let encoding = match args.encoding.or(file.encoding).as_deref() {
+            None | Some("postcard") => Encoding::Postcard,
+            Some("json") => Encoding::Json,
+            Some(other) => bail!("invalid --encoding {other:?}: expected postcard or json"),
+        };
+        let state_dir = args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| Path::new("device-state").join(&device_id));
+        Ok(DeviceConfig {
+            bundle: args
+                .bundle
+                .or(file.bundle)
+                .context("missing bundle: pass --bundle or set bundle in the config file")?,
+            public_key: args.public_key.or(file.public_key).context(
+                "missing public key: pass --public-key or set public_key in the config file",
+            )?,
+            input: args
+                .input
+                .or(file.input)
+                .context("missing input: pass --input or set input in the config file")?,
+            labels: args.labels.or(file.labels),
+            device_id,
+            broker_host,
+            broker_port,
+            shard_index,
+            shard_count,
+            rate: (rate > 0.0).then_some(rate),
+            interval: Duration::from_secs_f64(interval),
+            passes: args.passes.or(file.passes),
+            state_dir,
+            confidence_threshold,
+            encoding,
+        })
+    }
+}
+
+fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// Parses `mqtt://HOST:PORT`, `tcp://HOST:PORT` or `HOST:PORT`.
+pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
+    let address = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .unwrap_or(url);
+    if address.contains("://") {
+        bail!("invalid broker URL {url:?}: only mqtt:// is supported");
+    }
+    let (host, port) = address
+        .rsplit_once(':')
+        .with_context(|| format!("invalid broker URL {url:?}: expected mqtt://HOST:PORT"))?;
+    let port = port
+        .trim_end_matches('/')
+        .parse()
+        .with_context(|| format!("invalid port in broker URL {url:?}"))?;
+    if host.is_empty() {
+        bail!("invalid broker URL {url:?}: the host is empty");
+    }
+    Ok((host.trim_matches(['[', ']']).to_string(), port))
+}
+
+fn parse_shard(shard: &str) -> anyhow::Result<(usize, usize)> {
+    let parsed = shard
+        .split_once('/')
+        .and_then(|(index, count)| Some((index.parse().ok()?, count.parse().ok()?)));
+    match parsed {
+        Some((index, count)) if count > 0 && index < count => Ok((index, count)),
+        _ => {
+            bail!("invalid --shard {shard:?}: expected INDEX/COUNT with INDEX < COUNT, such as 0/3")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal_args() -> DeviceArgs {
+        DeviceArgs {
+            device_id: Some("pi-1".into()),
+            bundle: Some("b".into()),
+            public_key: Some("k".into()),
+            input: Some("i".into()),
+            ..DeviceArgs::default()
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "device_id = \"from-file\"\nrate = 3.0\nshard = \"1/4\"\n",
+        )
+        .unwrap();
+        let args = DeviceArgs {
+            config: Some(path),
+            rate: Some(7.0),
+            ..minimal_args()
+        };
+        let config = DeviceConfig::resolve(args).unwrap();
+        assert_eq!(config.device_id, "pi-1");
+        assert_eq!(config.rate, Some(7.0));
+        assert_eq!((config.shard_index, config.shard_count), (1, 4));
+        assert_eq!(config.broker_port, 1883);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases: [(DeviceArgs, &str); 4] = [
+            (
+                DeviceArgs {
+                    shard: Some("3/3".into()),
+                    ..minimal_args()
+                },
+                "--shard",
+            ),
+            (
+                DeviceArgs {
+                    rate: Some(-1.0),
+                    ..minimal_args()
+                },
+                "--rate",
+            ),
+            (
+                DeviceArgs {
+                    broker: Some("http://x:1".into()),
+                    ..minimal_args()
+                },
+                "broker URL",
+            ),
+            (
+                DeviceArgs {
+                    device_id: Some("a/b".into()),
+                    ..minimal_args()
+                },
+                "device id",
+            ),
+        ];
+        for (args, expected) in cases {
+            let error = DeviceConfig::resolve(args).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error:?} lacks {expected:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_config_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "rates = 3.0\n").unwrap();
+        let error = DeviceConfig::resolve(DeviceArgs {
+            config: Some(path),
+            ..minimal_args()
+        })
+        .unwrap_err();
+        assert!(format!("{error:#}").contains("rates"), "{error:#}");
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(
+            parse_broker_url("mqtt://127.0.0.1:1883").unwrap(),
+            ("127.0.0.1".into(), 1883)
+        );
+        assert_eq!(
+            parse_broker_url("localhost:9").unwrap(),
+            ("localhost".into(), 9)
+        );
+        assert!(parse_broker_url("mqtt://nohost").is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! The inference loop: reads samples from the device's shard, classifies them at the
+//! configured rate and records the results for telemetry.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fleet_runtime::{Classifier, Dataset};
+
+use crate::stats::SharedStats;
+
+/// Minimum time between two log lines about unusable inputs.
+const INPUT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Everything the loop needs, moved onto its own thread.
+#[derive(Debug)]
+pub struct InferenceLoop {
+    pub classifier: Classifier,
+    pub data: Dataset,
+    pub indices: Vec<usize>,
+    /// Inferences per second, `None` for unthrottled.
+    pub rate: Option<f64>,
+    /// Passes over `indices` before the loop idles, `None` for no limit.
+    pub passes: Option<u64>,
+    pub confidence_threshold: f32,
+    pub stats: Arc<SharedStats>,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl InferenceLoop {
+    /// Runs until `stop` is set.
+    pub fn run(mut self) {
+        let period = self.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
+        let mut next_start = Instant::now();
+        let mut last_error_log: Option<Instant> = None;
+        let mut suppressed_errors = 0u64;
+        let mut completed_passes = 0u64;
+        let mut position = 0usize;
+
+        while !self.stop.load(Ordering::Relaxed) {
+            if self.passes.is_some_and(|limit| completed_passes >= limit) {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            if let Some(period) = period {
+                let now = Instant::now();
+                if next_start > now {
+                    std::thread::sleep(next_start - now);
+                }
+                // After a stall, carry on at the set rate instead of bursting to catch up.
+                next_start = next_start.max(now) + period;
+            }
+
+            let index = self.indices[position];
+            position += 1;
+            if position == self.indices.len() {
+                position = 0;
+                completed_passes += 1;
+            }
+
+            if let Err(error) = self.infer_one(index) {
+                self.stats.record_input_error();
+                let quiet =
+                    last_error_log.is_some_and(|at| at.elapsed() < INPUT_ERROR_LOG_INTERVAL);
+                if quiet {
+                    suppressed_errors += 1;
+                } else {
+                    tracing::warn!(%error, index, suppressed = suppressed_errors, "input skipped");
+                    last_error_log = Some(Instant::now());
+                    suppressed_errors = 0;
+                }
+            }
+        }
+        tracing::debug!(passes = completed_passes, "inference loop stopped");
+    }
+
+    fn infer_one(&mut self, index: usize) -> Result<(), fleet_runtime::RuntimeError> {
+        let sample = self.data.sample(index)?;
+        let started = Instant::now();
+        let input = self.classifier.prepare(&sample)?;
+        let prediction = self.classifier.classify_prepared(&[input])?.remove(0);
+        let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        let top1 = prediction.top1();
+        self.stats.record_inference(
+            micros,
+            top1.confidence,
+            top1.confidence < self.confidence_threshold,
+            sample.label.map(|label| label == top1.class),
+        );
+        Ok(())
+    }
+}

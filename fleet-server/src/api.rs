@@ -1,0 +1,153 @@
+//! HTTP routes: the JSON API and the web console.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::IngestCounters;
+use crate::store::{DeviceSummary, Store, StoreError, TelemetryRow};
+
+/// Telemetry received within this window feeds the live latency and throughput.
+pub const LIVE_WINDOW: Duration = Duration::from_secs(30);
+/// Rows returned by the telemetry route when no `limit` is given, and the most allowed.
+const DEFAULT_TELEMETRY_ROWS: u32 = 100;
+const MAX_TELEMETRY_ROWS: u32 = 10_000;
+
+/// Shared state of the HTTP handlers.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub counters: Arc<IngestCounters>,
+}
+
+/// Builds the router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/", get(console))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/summary", get(summary))
+        .route("/api/devices", get(devices))
+        .route("/api/devices/{id}/telemetry", get(telemetry))
+        .with_state(state)
+}
+
+async fn console() -> Html<&'static str> {
+    Html(include_str!("console.html"))
+}
+
+/// An error response with a JSON body `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        let error = anyhow::Error::from(error);
+        tracing::error!(error = format!("{error:#}"), "request failed in the store");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: "internal storage error; see the server log".into(),
+        }
+    }
+}
+
+async fn devices(State(state): State<ApiState>) -> Result<Json<Vec<DeviceSummary>>, ApiError> {
+    Ok(Json(
+        state
+            .store
+            .devices(crate::unix_millis(), LIVE_WINDOW)
+            .await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct TelemetryQuery {
+    limit: Option<u32>,
+}
+
+async fn telemetry(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(query): Query<TelemetryQuery>,
+) -> Result<Json<Vec<TelemetryRow>>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_TELEMETRY_ROWS);
+    if limit == 0 || limit > MAX_TELEMETRY_ROWS {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("limit must be between 1 and {MAX_TELEMETRY_ROWS}, got {limit}"),
+        });
+    }
+    match state.store.telemetry(&id, limit).await? {
+        Some(rows) => Ok(Json(rows)),
+        None => Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("device {id:?} not found"),
+        }),
+    }
+}
+
+/// Fleet-wide totals, as the console header and the demo's status line show them.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetSummary {
+    pub devices: usize,
+    pub online: usize,
+    pub inferences: i64,
+    /// Inferences per second across the fleet over the live window.
+    pub throughput: f64,
+    /// Top-1 accuracy over all labelled inferences, 0 to 1.
+    pub accuracy: Option<f64>,
+    /// Worst per-device p95 latency over the live window, in milliseconds.
+    pub worst_latency_p95_ms: Option<f64>,
+    pub telemetry_stored: u64,
+    pub telemetry_duplicates: u64,
+    pub telemetry_rejected: u64,
+    pub gaps: i64,
+}
+
+/// Computes fleet totals from the per-device summaries.
+pub fn summarize(devices: &[DeviceSummary], counters: &IngestCounters) -> FleetSummary {
+    let labeled: i64 = devices.iter().map(|d| d.labeled).sum();
+    let correct: i64 = devices.iter().map(|d| d.correct).sum();
+    FleetSummary {
+        devices: devices.len(),
+        online: devices.iter().filter(|d| d.state == "online").count(),
+        inferences: devices.iter().map(|d| d.inferences).sum(),
+        throughput: devices.iter().map(|d| d.throughput).sum(),
+        accuracy: (labeled > 0).then(|| correct as f64 / labeled as f64),
+        worst_latency_p95_ms: devices
+            .iter()
+            .filter_map(|d| d.latency_p95_ms)
+            .reduce(f64::max),
+        telemetry_stored: counters.stored.load(Ordering::Relaxed),
+        telemetry_duplicates: counters.duplicates.load(Ordering::Relaxed),
+        telemetry_rejected: counters.rejected.load(Ordering::Relaxed),
+        gaps: devices.iter().map(|d| d.gaps).sum(),
+    }
+}
+
+async fn summary(State(state): State<ApiState>) -> Result<Json<FleetSummary>, ApiError> {
+    let devices = state
+        .store
+        .devices(crate::unix_millis(), LIVE_WINDOW)
+        .await?;
+    Ok(Json(summarize(&devices, &state.counters)))
+}

@@ -1,0 +1,62 @@
+//! `fleet`: one binary for the whole path. `fleet demo` runs a fleet on this machine;
+//! `fleet server`, `fleet device` and `fleet compress` are the same programs as the
+//! `fleet-server`, `fleet-device` and `compress` binaries.
+
+mod demo;
+
+use clap::{Parser, Subcommand};
+
+/// Compress a model, run device agents and the fleet server, or start the demo.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the bundle of a shipped model, start the fleet server with its embedded
+    /// broker and SQLite, and run device agents on shards of real data until Ctrl-C.
+    Demo(demo::DemoArgs),
+    /// Run the fleet server.
+    Server(fleet_server::cli::ServerArgs),
+    /// Run one device agent.
+    Device(fleet_device::DeviceArgs),
+    /// Inspect, evaluate and bundle models.
+    Compress {
+        #[command(subcommand)]
+        command: fleet_compress::cli::Command,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Compress { .. } => "warn",
+        _ => "info,rumqttd=warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    match cli.command {
+        Command::Compress { command } => fleet_compress::cli::run(command),
+        Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Server(args) => runtime()?.block_on(fleet_server::cli::run(args)),
+        Command::Device(args) => {
+            let config = fleet_device::DeviceConfig::resolve(args)?;
+            runtime()?.block_on(fleet_device::run(config))
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

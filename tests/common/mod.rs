@@ -1,0 +1,256 @@
+//! Test harness: runs the real `fleet` binary as server and agent processes on free
+//! ports in a temporary folder, and reads the server's JSON API.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Returns a TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A child process that is killed when the test ends, pass or fail.
+#[derive(Debug)]
+pub struct Process {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Process {
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.name);
+        wait_timeout(&mut self.child, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("{} did not exit after SIGTERM", self.name))
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("poll child").is_none()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// Runs `fleet` with `args` to completion.
+pub fn fleet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run fleet")
+}
+
+/// A temporary folder with a key pair and a signed digit-cnn bundle.
+#[derive(Debug)]
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let keys = dir.path().join("keys");
+        let output = fleet(&["compress", "keygen", "--out", path_str(&keys)]);
+        assert!(
+            output.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let bundle = dir.path().join("bundle");
+        let recipe = repo().join("models/digit-cnn/bundle.toml");
+        let output = fleet(&[
+            "compress",
+            "bundle",
+            path_str(&recipe),
+            "--key",
+            path_str(&keys.join("fleet.key")),
+            "--out",
+            path_str(&bundle),
+            "--skip-evaluation",
+        ]);
+        assert!(
+            output.status.success(),
+            "bundle: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Workspace { dir }
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn bundle(&self) -> PathBuf {
+        self.path("bundle")
+    }
+
+    pub fn public_key(&self) -> PathBuf {
+        self.path("keys/fleet.pub")
+    }
+
+    /// Starts `fleet server`; with `broker` it uses that external broker, otherwise it
+    /// embeds one on `mqtt_port`.
+    pub fn start_server(&self, broker: Option<&str>, mqtt_port: u16) -> Server {
+        let http_port = free_port();
+        let http = format!("127.0.0.1:{http_port}");
+        let mqtt_listen = format!("127.0.0.1:{mqtt_port}");
+        let database = self.path(&format!("fleet-{http_port}.db"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fleet"));
+        command
+            .args([
+                "server",
+                "--http",
+                &http,
+                "--mqtt-listen",
+                &mqtt_listen,
+                "--database",
+            ])
+            .arg(&database)
+            .stdin(Stdio::null());
+        if let Some(broker) = broker {
+            command.args(["--broker", broker]);
+        }
+        let child = command.spawn().expect("start fleet server");
+        let mut process = Process {
+            name: "fleet server".into(),
+            child,
+        };
+        let base = format!("http://{http}");
+        wait_for(Duration::from_secs(30), "the server's /healthz", || {
+            assert!(process.is_running(), "fleet server exited during startup");
+            ureq::get(&format!("{base}/healthz"))
+                .call()
+                .is_ok()
+                .then_some(())
+        });
+        Server { process, base }
+    }
+
+    /// Starts `fleet device` on the MNIST test set with the given extra flags.
+    pub fn start_device(&self, device_id: &str, broker: &str, extra: &[&str]) -> Process {
+        let mnist = repo().join("models/mnist");
+        let child = Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .args(["device", "--device-id", device_id, "--broker", broker])
+            .arg("--bundle")
+            .arg(self.bundle())
+            .arg("--public-key")
+            .arg(self.public_key())
+            .arg("--input")
+            .arg(mnist.join("t10k-images-idx3-ubyte.gz"))
+            .arg("--labels")
+            .arg(mnist.join("t10k-labels-idx1-ubyte.gz"))
+            .arg("--state-dir")
+            .arg(self.path(&format!("state/{device_id}")))
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start fleet device");
+        Process {
+            name: format!("device {device_id}"),
+            child,
+        }
+    }
+}
+
+/// A running `fleet server` and its HTTP base URL.
+#[derive(Debug)]
+pub struct Server {
+    pub process: Process,
+    pub base: String,
+}
+
+impl Server {
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        ureq::get(&format!("{}{path}", self.base))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .into_json()
+            .expect("JSON body")
+    }
+
+    /// The `/api/devices` entry of one device, if the server knows it.
+    pub fn device(&self, device_id: &str) -> Option<serde_json::Value> {
+        self.get("/api/devices")
+            .as_array()
+            .expect("device list")
+            .iter()
+            .find(|d| d["id"] == device_id)
+            .cloned()
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, failing after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A device id no other test run uses, so runs can share Mosquitto.
+pub fn unique_device_id(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .subsec_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// The tract accuracy stated in a model card, in percent.
+pub fn model_card_accuracy(model: &str) -> f64 {
+    let card = std::fs::read_to_string(repo().join("models").join(model).join("MODEL_CARD.md"))
+        .expect("read model card");
+    let line = card
+        .lines()
+        .find_map(|line| line.strip_prefix("Accuracy in tract:"))
+        .expect("model card has an 'Accuracy in tract:' line");
+    line.trim()
+        .split('%')
+        .next()
+        .and_then(|number| number.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no percentage in 'Accuracy in tract:{line}'"))
+}
