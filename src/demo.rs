@@ -156,6 +156,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let outcome = watch_fleet(&server, &mut agents).await;
     stop_agents(&mut agents).await;
+    wait_for_offline(&server, args.devices).await;
     server.shutdown().await;
     outcome
 }
@@ -219,6 +220,26 @@ async fn stop_agents(agents: &mut [(String, Child)]) {
             }
         }
     }
+}
+
+/// Waits until the server has stored every agent's offline status, which each agent
+/// sends after its last telemetry, so the database holds everything they measured.
+async fn wait_for_offline(server: &Server, agents: usize) {
+    let deadline = tokio::time::Instant::now() + AGENT_STOP_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        let now = fleet_server::unix_millis();
+        if let Ok(devices) = server.store.devices(now, fleet_server::api::LIVE_WINDOW).await {
+            let offline = devices
+                .iter()
+                .filter(|d| d.id.starts_with("demo-") && d.state == "offline")
+                .count();
+            if offline >= agents {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!("not every agent's offline status reached the server");
 }
 
 /// Sends SIGTERM to a child process.

@@ -32,9 +32,11 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // rumqttd logs routine disconnects at error level, so its log is off unless
+    // RUST_LOG asks for it.
     let default_filter = match cli.command {
-        Command::Compress { .. } => "warn",
-        _ => "info,rumqttd=warn",
+        Command::Compress { .. } | Command::Demo(_) => "warn,rumqttd=off",
+        _ => "info,rumqttd=off",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

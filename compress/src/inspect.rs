@@ -73,10 +73,11 @@ pub fn inspect(path: &Path) -> anyhow::Result<ModelSummary> {
 }
 
 fn tensor_spec(value: &ValueInfoProto) -> TensorSpec {
-    let tensor = match value.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        Some(type_proto::Value::TensorType(tensor)) => Some(tensor),
-        None => None,
-    };
+    let tensor = value
+        .r#type
+        .as_ref()
+        .and_then(|t| t.value.as_ref())
+        .map(|type_proto::Value::TensorType(tensor)| tensor);
     let datatype = tensor.map_or(0, |t| t.elem_type);
     let shape = tensor
         .and_then(|t| t.shape.as_ref())

@@ -106,7 +106,7 @@ pub async fn drive(
                 failures += 1;
                 // Log the first failures and then every tenth, so a long outage does not
                 // flood the log.
-                if failures <= 3 || failures % 10 == 0 {
+                if failures <= 3 || failures.is_multiple_of(10) {
                     tracing::warn!(%error, failures, retry_in_ms = backoff.as_millis() as u64, "broker connection failed, retrying");
                 }
                 let wait = jittered(backoff);

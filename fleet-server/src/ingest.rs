@@ -11,7 +11,7 @@ use fleet_wire::{Status, Telemetry, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 
-use crate::store::{Received, Store};
+use crate::store::{Received, Record, Store};
 
 /// Largest number of messages written in one transaction.
 const MAX_BATCH: usize = 512;
@@ -63,17 +63,19 @@ pub fn spawn(
             eventloop,
             client.clone(),
             queue_tx,
-            store.clone(),
             counters.clone(),
-            shutdown.clone(),
+            shutdown,
         )),
         tokio::spawn(write_batches(queue_rx, client, store, counters)),
     ]
 }
 
-/// A decoded telemetry message waiting for its batch, with the packet to acknowledge.
+/// A received message waiting for its batch, with the packet to acknowledge.
+///
+/// Every publish, including ones that are dropped, goes through the same queue, because
+/// MQTT 3.1.1 requires QoS 1 acknowledgements in the order the messages arrived.
 struct Pending {
-    received: Received,
+    record: Option<Record>,
     publish: Publish,
 }
 
@@ -81,7 +83,6 @@ async fn read_broker(
     mut eventloop: EventLoop,
     client: AsyncClient,
     queue: mpsc::Sender<Pending>,
-    store: Store,
     counters: Arc<IngestCounters>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -96,7 +97,10 @@ async fn read_broker(
                 subscribe(&client).await;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                handle_publish(publish, &client, &queue, &store, &counters).await;
+                let record = decode(&publish, &counters);
+                if queue.send(Pending { record, publish }).await.is_err() {
+                    tracing::error!("telemetry writer stopped; message left unacknowledged");
+                }
             }
             Ok(_) => {}
             Err(error) => {
@@ -117,70 +121,50 @@ async fn subscribe(client: &AsyncClient) {
     }
 }
 
-async fn handle_publish(
-    publish: Publish,
-    client: &AsyncClient,
-    queue: &mpsc::Sender<Pending>,
-    store: &Store,
-    counters: &IngestCounters,
-) {
+/// Turns a publish into a store record, or `None` for messages that are dropped
+/// (counted and logged) or carry nothing to store.
+fn decode(publish: &Publish, counters: &IngestCounters) -> Option<Record> {
     let received_ms = crate::unix_millis();
-    let Some((device_id, kind)) =
-        topic::parse(&publish.topic).map(|(device, kind)| (device.to_string(), kind))
-    else {
-        reject(counters, &publish, "not a fleet topic");
-        ack(client, &publish).await;
-        return;
+    let Some((device_id, kind)) = topic::parse(&publish.topic) else {
+        reject(counters, publish, "not a fleet topic");
+        return None;
     };
     match kind {
         topic::TopicKind::Telemetry => match fleet_wire::decode::<Telemetry>(&publish.payload) {
             Ok(telemetry) if telemetry.device_id == device_id => {
-                let pending = Pending {
-                    received: Received {
-                        telemetry,
-                        received_ms,
-                    },
-                    publish,
-                };
-                if queue.send(pending).await.is_err() {
-                    tracing::error!("telemetry writer stopped; message left unacknowledged");
-                }
+                Some(Record::Telemetry(Received {
+                    telemetry,
+                    received_ms,
+                }))
             }
             Ok(telemetry) => {
-                reject(
-                    counters,
-                    &publish,
-                    &format!("payload names device {:?}", telemetry.device_id),
-                );
-                ack(client, &publish).await;
+                let reason = format!("payload names device {:?}", telemetry.device_id);
+                reject(counters, publish, &reason);
+                None
             }
             Err(error) => {
-                reject(counters, &publish, &error.to_string());
-                ack(client, &publish).await;
+                reject(counters, publish, &error.to_string());
+                None
             }
         },
-        topic::TopicKind::Status => {
-            // An empty retained payload clears the retained message; there is nothing
-            // to record.
-            if !publish.payload.is_empty() {
-                match fleet_wire::decode::<Status>(&publish.payload) {
-                    Ok(status) if status.device_id == device_id => {
-                        if let Err(error) = store.update_status(&status, received_ms).await {
-                            tracing::error!(error = %anyhow::Error::from(error), device_id, "status not stored");
-                            return;
-                        }
-                    }
-                    Ok(status) => reject(
-                        counters,
-                        &publish,
-                        &format!("payload names device {:?}", status.device_id),
-                    ),
-                    Err(error) => reject(counters, &publish, &error.to_string()),
-                }
+        // An empty retained payload only clears the retained message.
+        topic::TopicKind::Status if publish.payload.is_empty() => None,
+        topic::TopicKind::Status => match fleet_wire::decode::<Status>(&publish.payload) {
+            Ok(status) if status.device_id == device_id => Some(Record::Status {
+                status,
+                received_ms,
+            }),
+            Ok(status) => {
+                let reason = format!("payload names device {:?}", status.device_id);
+                reject(counters, publish, &reason);
+                None
             }
-            ack(client, &publish).await;
-        }
-        topic::TopicKind::Events | topic::TopicKind::Command => ack(client, &publish).await,
+            Err(error) => {
+                reject(counters, publish, &error.to_string());
+                None
+            }
+        },
+        topic::TopicKind::Events | topic::TopicKind::Command => None,
     }
 }
 
@@ -188,7 +172,7 @@ async fn handle_publish(
 /// the first ten.
 fn reject(counters: &IngestCounters, publish: &Publish, reason: &str) {
     let count = counters.rejected.fetch_add(1, Ordering::Relaxed) + 1;
-    if count <= 10 || count % 100 == 0 {
+    if count <= 10 || count.is_multiple_of(100) {
         tracing::warn!(
             topic = %publish.topic,
             bytes = publish.payload.len(),
@@ -196,12 +180,6 @@ fn reject(counters: &IngestCounters, publish: &Publish, reason: &str) {
             rejected_total = count,
             "message dropped"
         );
-    }
-}
-
-async fn ack(client: &AsyncClient, publish: &Publish) {
-    if let Err(error) = client.ack(publish).await {
-        tracing::warn!(%error, "acknowledgement not sent");
     }
 }
 
@@ -213,9 +191,9 @@ async fn write_batches(
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let messages: Vec<Received> = batch.iter().map(|p| p.received.clone()).collect();
+        let records: Vec<Record> = batch.iter().filter_map(|p| p.record.clone()).collect();
         loop {
-            match store.insert_telemetry(&messages).await {
+            match store.apply_batch(&records).await {
                 Ok(outcome) => {
                     counters
                         .stored
@@ -226,7 +204,7 @@ async fn write_batches(
                     tracing::debug!(
                         stored = outcome.stored,
                         duplicates = outcome.duplicates,
-                        "telemetry batch committed"
+                        "batch committed"
                     );
                     break;
                 }
@@ -234,13 +212,19 @@ async fn write_batches(
                     // Nothing is acknowledged until the write succeeds, so retrying
                     // keeps every message; the broker holds back new ones meanwhile.
                     counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %anyhow::Error::from(error), messages = messages.len(), "telemetry batch not stored, retrying");
+                    tracing::error!(
+                        error = format!("{:#}", anyhow::Error::from(error)),
+                        records = records.len(),
+                        "batch not stored, retrying"
+                    );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
         for pending in batch.drain(..) {
-            ack(&client, &pending.publish).await;
+            if let Err(error) = client.ack(&pending.publish).await {
+                tracing::warn!(%error, "acknowledgement not sent");
+            }
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum BrokerMode {
     External { host: String, port: u16 },
 }
 
+/// How long shutdown waits for each task to finish its work.
+const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Settings of a server instance.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -108,12 +111,15 @@ impl Server {
         })
     }
 
-    /// Stops ingestion and the HTTP server and waits for them.
+    /// Stops reading from the broker, lets the writer store and acknowledge what was
+    /// already received, stops the HTTP server, and waits for all of it.
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
-        for task in self.tasks {
-            task.abort();
-            let _ = task.await;
+        for mut task in self.tasks {
+            if tokio::time::timeout(SHUTDOWN_TIMEOUT, &mut task).await.is_err() {
+                tracing::warn!("a server task did not stop in time and was aborted");
+                task.abort();
+            }
         }
         tracing::info!("fleet server stopped");
     }

@@ -36,6 +36,13 @@ pub struct Received {
     pub received_ms: u64,
 }
 
+/// One decoded message to apply to the store.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Telemetry(Received),
+    Status { status: Status, received_ms: u64 },
+}
+
 /// What one batch write did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOutcome {
@@ -124,110 +131,28 @@ impl Store {
         Ok(Store { pool })
     }
 
-    /// Stores a batch of telemetry in one transaction, ignoring (and counting) any
-    /// (device, seq) pair already stored.
-    pub async fn insert_telemetry(&self, batch: &[Received]) -> Result<BatchOutcome, StoreError> {
+    /// Applies a batch of records in one transaction and in order, ignoring (and
+    /// counting) telemetry whose (device, seq) pair is already stored.
+    pub async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError> {
         let mut outcome = BatchOutcome::default();
         let mut tx = self.pool.begin().await?;
-        for message in batch {
-            let t = &message.telemetry;
-            let seq = t.seq as i64;
-            let received = message.received_ms as i64;
-            touch_device(&mut tx, &t.device_id, received).await?;
-            let latency = serde_json::to_string(&t.latency).expect("histograms serialize");
-            let inserted = sqlx::query(
-                "INSERT OR IGNORE INTO telemetry (device_id, seq, device_time_ms, received_ms,
-                    interval_ms, model_name, model_version, inferences, input_errors, labeled,
-                    correct, confidence_sum, low_confidence, latency, latency_p50_us,
-                    latency_p95_us, cpu_percent, process_memory_bytes, memory_used_bytes,
-                    memory_total_bytes, temperature_celsius)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&t.device_id)
-            .bind(seq)
-            .bind(t.device_time_ms as i64)
-            .bind(received)
-            .bind(i64::from(t.interval_ms))
-            .bind(&t.model.name)
-            .bind(&t.model.version)
-            .bind(i64::from(t.inferences))
-            .bind(i64::from(t.input_errors))
-            .bind(i64::from(t.labeled))
-            .bind(i64::from(t.correct))
-            .bind(finite(f64::from(t.confidence_sum)).unwrap_or(0.0))
-            .bind(i64::from(t.low_confidence))
-            .bind(latency)
-            .bind(t.latency.quantile_micros(0.5))
-            .bind(t.latency.quantile_micros(0.95))
-            .bind(finite(f64::from(t.system.cpu_percent)))
-            .bind(t.system.process_memory_bytes as i64)
-            .bind(t.system.memory_used_bytes as i64)
-            .bind(t.system.memory_total_bytes as i64)
-            .bind(
-                t.system
-                    .temperature_celsius
-                    .and_then(|c| finite(f64::from(c))),
-            )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if inserted == 0 {
-                outcome.duplicates += 1;
-                sqlx::query("UPDATE devices SET duplicates = duplicates + 1 WHERE id = ?")
-                    .bind(&t.device_id)
-                    .execute(&mut *tx)
-                    .await?;
-                continue;
+        for record in batch {
+            match record {
+                Record::Telemetry(message) => {
+                    if insert_telemetry(&mut tx, message).await? {
+                        outcome.stored += 1;
+                    } else {
+                        outcome.duplicates += 1;
+                    }
+                }
+                Record::Status {
+                    status,
+                    received_ms,
+                } => update_status(&mut tx, status, *received_ms).await?,
             }
-            outcome.stored += 1;
-            sqlx::query(
-                "UPDATE devices SET
-                    model_name = ?, model_version = ?, messages = messages + 1,
-                    min_seq = min(coalesce(min_seq, ?), ?), max_seq = max(coalesce(max_seq, ?), ?),
-                    inferences = inferences + ?, input_errors = input_errors + ?,
-                    labeled = labeled + ?, correct = correct + ?
-                 WHERE id = ?",
-            )
-            .bind(&t.model.name)
-            .bind(&t.model.version)
-            .bind(seq)
-            .bind(seq)
-            .bind(seq)
-            .bind(seq)
-            .bind(i64::from(t.inferences))
-            .bind(i64::from(t.input_errors))
-            .bind(i64::from(t.labeled))
-            .bind(i64::from(t.correct))
-            .bind(&t.device_id)
-            .execute(&mut *tx)
-            .await?;
         }
         tx.commit().await?;
         Ok(outcome)
-    }
-
-    /// Records a device's connection state.
-    pub async fn update_status(&self, status: &Status, received_ms: u64) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        touch_device(&mut tx, &status.device_id, received_ms as i64).await?;
-        let state = match status.state {
-            DeviceState::Online => "online",
-            DeviceState::Offline => "offline",
-        };
-        sqlx::query(
-            "UPDATE devices SET state = ?, agent_version = ?,
-                model_name = coalesce(?, model_name), model_version = coalesce(?, model_version)
-             WHERE id = ?",
-        )
-        .bind(state)
-        .bind(&status.agent_version)
-        .bind(status.model.as_ref().map(|m| m.name.clone()))
-        .bind(status.model.as_ref().map(|m| m.version.clone()))
-        .bind(&status.device_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Lists every device with totals and the latency and throughput of telemetry
@@ -385,6 +310,110 @@ impl WindowStats {
         }
         self.inferences as f64 * 1000.0 / self.interval_ms as f64
     }
+}
+
+/// Stores one telemetry message and adds it to its device's totals; returns false,
+/// changing nothing but the duplicate count, when its (device, seq) is already stored.
+async fn insert_telemetry(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    message: &Received,
+) -> Result<bool, sqlx::Error> {
+    let t = &message.telemetry;
+    let seq = t.seq as i64;
+    let received = message.received_ms as i64;
+    touch_device(tx, &t.device_id, received).await?;
+    let latency = serde_json::to_string(&t.latency).expect("histograms serialize");
+    let inserted = sqlx::query(
+        "INSERT OR IGNORE INTO telemetry (device_id, seq, device_time_ms, received_ms,
+            interval_ms, model_name, model_version, inferences, input_errors, labeled,
+            correct, confidence_sum, low_confidence, latency, latency_p50_us,
+            latency_p95_us, cpu_percent, process_memory_bytes, memory_used_bytes,
+            memory_total_bytes, temperature_celsius)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&t.device_id)
+    .bind(seq)
+    .bind(t.device_time_ms as i64)
+    .bind(received)
+    .bind(i64::from(t.interval_ms))
+    .bind(&t.model.name)
+    .bind(&t.model.version)
+    .bind(i64::from(t.inferences))
+    .bind(i64::from(t.input_errors))
+    .bind(i64::from(t.labeled))
+    .bind(i64::from(t.correct))
+    .bind(finite(f64::from(t.confidence_sum)).unwrap_or(0.0))
+    .bind(i64::from(t.low_confidence))
+    .bind(latency)
+    .bind(t.latency.quantile_micros(0.5))
+    .bind(t.latency.quantile_micros(0.95))
+    .bind(finite(f64::from(t.system.cpu_percent)))
+    .bind(t.system.process_memory_bytes as i64)
+    .bind(t.system.memory_used_bytes as i64)
+    .bind(t.system.memory_total_bytes as i64)
+    .bind(
+        t.system
+            .temperature_celsius
+            .and_then(|c| finite(f64::from(c))),
+    )
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        sqlx::query("UPDATE devices SET duplicates = duplicates + 1 WHERE id = ?")
+            .bind(&t.device_id)
+            .execute(&mut **tx)
+            .await?;
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE devices SET
+            model_name = ?, model_version = ?, messages = messages + 1,
+            min_seq = min(coalesce(min_seq, ?), ?), max_seq = max(coalesce(max_seq, ?), ?),
+            inferences = inferences + ?, input_errors = input_errors + ?,
+            labeled = labeled + ?, correct = correct + ?
+         WHERE id = ?",
+    )
+    .bind(&t.model.name)
+    .bind(&t.model.version)
+    .bind(seq)
+    .bind(seq)
+    .bind(seq)
+    .bind(seq)
+    .bind(i64::from(t.inferences))
+    .bind(i64::from(t.input_errors))
+    .bind(i64::from(t.labeled))
+    .bind(i64::from(t.correct))
+    .bind(&t.device_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
+/// Records a device's connection state.
+async fn update_status(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    status: &Status,
+    received_ms: u64,
+) -> Result<(), sqlx::Error> {
+    touch_device(tx, &status.device_id, received_ms as i64).await?;
+    let state = match status.state {
+        DeviceState::Online => "online",
+        DeviceState::Offline => "offline",
+    };
+    sqlx::query(
+        "UPDATE devices SET state = ?, agent_version = ?,
+            model_name = coalesce(?, model_name), model_version = coalesce(?, model_version)
+         WHERE id = ?",
+    )
+    .bind(state)
+    .bind(&status.agent_version)
+    .bind(status.model.as_ref().map(|m| m.name.clone()))
+    .bind(status.model.as_ref().map(|m| m.version.clone()))
+    .bind(&status.device_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Creates the device row on first contact and moves `last_seen_ms` forward.
