@@ -228,7 +228,11 @@ async fn wait_for_offline(server: &Server, agents: usize) {
     let deadline = tokio::time::Instant::now() + AGENT_STOP_TIMEOUT;
     while tokio::time::Instant::now() < deadline {
         let now = fleet_server::unix_millis();
-        if let Ok(devices) = server.store.devices(now, fleet_server::api::LIVE_WINDOW).await {
+        if let Ok(devices) = server
+            .store
+            .devices(now, fleet_server::api::LIVE_WINDOW)
+            .await
+        {
             let offline = devices
                 .iter()
                 .filter(|d| d.id.starts_with("demo-") && d.state == "offline")

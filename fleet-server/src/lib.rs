@@ -116,7 +116,10 @@ impl Server {
     pub async fn shutdown(self) {
         self.shutdown.send_replace(true);
         for mut task in self.tasks {
-            if tokio::time::timeout(SHUTDOWN_TIMEOUT, &mut task).await.is_err() {
+            if tokio::time::timeout(SHUTDOWN_TIMEOUT, &mut task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("a server task did not stop in time and was aborted");
                 task.abort();
             }
