@@ -1,7 +1,7 @@
 //! `fleet demo`: a whole fleet on one machine.
 //!
-//! Builds and signs the bundle of a shipped model, starts the fleet server with its
-//! embedded broker and a SQLite file, then starts device agents as child processes of
+//! Builds and signs the bundle of a shipped model and starts the fleet server with its
+//! embedded broker and a SQLite file. Then it starts device agents as child processes of
 //! this binary, each on its own shard of the model's data set. Ctrl-C stops the agents
 //! (they publish their last telemetry and an offline status) and then the server.
 
@@ -64,7 +64,7 @@ impl DemoModel {
         }
     }
 
-    /// The input and label flags an agent gets for this model's data.
+    /// Returns the input and label flags an agent gets for this model's data.
     fn input_args(self, models: &Path) -> Vec<String> {
         let path = |relative: &str| models.join(relative).display().to_string();
         match self {
@@ -223,7 +223,7 @@ async fn stop_agents(agents: &mut [(String, Child)]) {
 }
 
 /// Waits until the server has stored every agent's offline status, which each agent
-/// sends after its last telemetry, so the database holds everything they measured.
+/// sends after its last telemetry, so the database contains everything they measured.
 async fn wait_for_offline(server: &Server, agents: usize) {
     let deadline = tokio::time::Instant::now() + AGENT_STOP_TIMEOUT;
     while tokio::time::Instant::now() < deadline {
@@ -249,7 +249,7 @@ async fn wait_for_offline(server: &Server, agents: usize) {
 /// Sends SIGTERM to a child process.
 #[allow(unsafe_code)]
 fn terminate(pid: u32) {
-    // SAFETY: kill(2) takes plain integers and touches no memory of this process; the
+    // SAFETY: kill(2) takes plain integers and touches no memory of this process. The
     // pid belongs to a child that has not been reaped yet, so it cannot name another
     // process.
     unsafe {

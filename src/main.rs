@@ -33,7 +33,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // rumqttd logs routine disconnects at error level, so its log is off unless
-    // RUST_LOG asks for it.
+    // RUST_LOG enables it.
     let default_filter = match cli.command {
         Command::Compress { .. } | Command::Demo(_) => "warn,rumqttd=off",
         _ => "info,rumqttd=off",

@@ -1,4 +1,4 @@
-//! The agent refuses a damaged or tampered bundle and says which check failed.
+//! The agent rejects a damaged or tampered bundle and names the check that failed.
 
 mod common;
 

@@ -87,7 +87,7 @@ fn two_devices_report_everything(
         "stored accuracy {accuracy:.2}% vs model card {card:.2}%"
     );
 
-    // After a clean stop the retained status says offline.
+    // After a clean stop the retained status reads offline.
     wait_for(
         Duration::from_secs(20),
         "offline status of both devices",

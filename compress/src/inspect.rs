@@ -10,7 +10,7 @@ use serde::Serialize;
 use tract_onnx::pb::{ValueInfoProto, tensor_shape_proto::dimension, type_proto};
 use tract_onnx::prelude::Framework;
 
-/// What `compress inspect` prints.
+/// Structure of an ONNX model, as `compress inspect` prints it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelSummary {
     pub file_bytes: u64,

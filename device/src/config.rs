@@ -113,7 +113,8 @@ impl DeviceConfig {
             .broker
             .or(file.broker)
             .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
-        let (broker_host, broker_port) = parse_broker_url(&broker)?;
+        let (broker_host, broker_port) =
+            fleet_wire::parse_broker_url(&broker).map_err(anyhow::Error::msg)?;
         let shard = args.shard.or(file.shard).unwrap_or_else(|| "0/1".into());
         let (shard_index, shard_count) = parse_shard(&shard)?;
         let rate = args.rate.or(file.rate).unwrap_or(10.0);
@@ -169,28 +170,6 @@ fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("failed to read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
-}
-
-/// Parses `mqtt://HOST:PORT`, `tcp://HOST:PORT` or `HOST:PORT`.
-pub fn parse_broker_url(url: &str) -> anyhow::Result<(String, u16)> {
-    let address = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url);
-    if address.contains("://") {
-        bail!("invalid broker URL {url:?}: only mqtt:// is supported");
-    }
-    let (host, port) = address
-        .rsplit_once(':')
-        .with_context(|| format!("invalid broker URL {url:?}: expected mqtt://HOST:PORT"))?;
-    let port = port
-        .trim_end_matches('/')
-        .parse()
-        .with_context(|| format!("invalid port in broker URL {url:?}"))?;
-    if host.is_empty() {
-        bail!("invalid broker URL {url:?}: the host is empty");
-    }
-    Ok((host.trim_matches(['[', ']']).to_string(), port))
 }
 
 fn parse_shard(shard: &str) -> anyhow::Result<(usize, usize)> {
@@ -289,18 +268,5 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{error:#}").contains("rates"), "{error:#}");
-    }
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            parse_broker_url("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".into(), 1883)
-        );
-        assert_eq!(
-            parse_broker_url("localhost:9").unwrap(),
-            ("localhost".into(), 9)
-        );
-        assert!(parse_broker_url("mqtt://nohost").is_err());
     }
 }

@@ -30,20 +30,10 @@ impl ServerArgs {
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
         let broker = match &self.broker {
             Some(url) => {
-                let address = url
-                    .strip_prefix("mqtt://")
-                    .or_else(|| url.strip_prefix("tcp://"))
-                    .unwrap_or(url);
-                let (host, port) = address.rsplit_once(':').with_context(|| {
-                    format!("invalid --broker {url:?}: expected mqtt://HOST:PORT")
-                })?;
-                let port = port
-                    .parse()
-                    .with_context(|| format!("invalid port in --broker {url:?}"))?;
-                BrokerMode::External {
-                    host: host.to_string(),
-                    port,
-                }
+                let (host, port) = fleet_wire::parse_broker_url(url)
+                    .map_err(anyhow::Error::msg)
+                    .context("invalid --broker")?;
+                BrokerMode::External { host, port }
             }
             None => BrokerMode::Embedded {
                 listen: self.mqtt_listen,

@@ -1,7 +1,7 @@
 //! MQTT ingestion: subscribes to every device's telemetry and status, decodes them and
-//! writes telemetry in batches, acknowledging each QoS 1 message only after its batch
-//! has committed, so a server that dies mid-batch loses nothing the broker will not
-//! send again.
+//! writes them in batches. Each QoS 1 message is acknowledged only after its batch has
+//! committed, so a server that dies mid-batch loses nothing the broker will not send
+//! again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +30,7 @@ pub struct IngestCounters {
     pub write_errors: AtomicU64,
 }
 
-/// Where the ingester connects.
+/// Address of the broker the ingester subscribes to.
 #[derive(Debug, Clone)]
 pub struct BrokerAddress {
     pub host: String,

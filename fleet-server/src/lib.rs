@@ -1,8 +1,8 @@
 //! The fleet server: takes in device telemetry over MQTT, keeps the fleet in SQLite and
 //! serves the JSON API and the web console.
 //!
-//! By default it embeds an MQTT broker (rumqttd), so one process is the whole back end;
-//! with [`BrokerMode::External`] it subscribes to an existing broker such as Mosquitto.
+//! By default it embeds an MQTT broker (rumqttd), so one process is the whole back end.
+//! With [`BrokerMode::External`] it subscribes to an existing broker such as Mosquitto.
 
 pub mod api;
 mod broker;
@@ -20,7 +20,7 @@ use tokio::sync::watch;
 pub use ingest::IngestCounters;
 pub use store::Store;
 
-/// Where device traffic comes from.
+/// Source of device traffic.
 #[derive(Debug, Clone)]
 pub enum BrokerMode {
     /// Start rumqttd in this process, listening on this address (port 0 picks one).

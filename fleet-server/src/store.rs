@@ -43,7 +43,7 @@ pub enum Record {
     Status { status: Status, received_ms: u64 },
 }
 
-/// What one batch write did.
+/// Counts from one batch write.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOutcome {
     pub stored: usize,
@@ -312,8 +312,8 @@ impl WindowStats {
     }
 }
 
-/// Stores one telemetry message and adds it to its device's totals; returns false,
-/// changing nothing but the duplicate count, when its (device, seq) is already stored.
+/// Stores one telemetry message and adds it to its device's totals. Returns false when
+/// its (device, seq) is already stored, and then changes only the duplicate count.
 async fn insert_telemetry(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     message: &Received,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The repository root.
+/// Returns the repository root.
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -40,7 +40,7 @@ impl Process {
             .unwrap_or_else(|| panic!("{} did not exit after SIGTERM", self.name))
     }
 
-    /// Whether the process is still running.
+    /// Returns whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("poll child").is_none()
     }
@@ -201,7 +201,7 @@ impl Server {
             .expect("JSON body")
     }
 
-    /// The `/api/devices` entry of one device, if the server knows it.
+    /// Returns the `/api/devices` entry of one device, if the server has one.
     pub fn device(&self, device_id: &str) -> Option<serde_json::Value> {
         self.get("/api/devices")
             .as_array()
@@ -227,7 +227,7 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
     }
 }
 
-/// A device id no other test run uses, so runs can share Mosquitto.
+/// Returns a device id no other test run uses, so runs can share Mosquitto.
 pub fn unique_device_id(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -240,7 +240,7 @@ pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
 }
 
-/// The tract accuracy stated in a model card, in percent.
+/// Returns the tract accuracy stated in a model card, in percent.
 pub fn model_card_accuracy(model: &str) -> f64 {
     let card = std::fs::read_to_string(repo().join("models").join(model).join("MODEL_CARD.md"))
         .expect("read model card");
