@@ -116,7 +116,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         broker: BrokerMode::Embedded {
             listen: "127.0.0.1:0".parse().expect("literal address"),
         },
-        database: work_dir.join("fleet.db"),
+        database: work_dir.join("fleet.db").display().to_string(),
+        mqtt_client_id: format!("fleet-demo-{}", std::process::id()),
+        shared_group: None,
+        // The embedded broker lives and dies with the demo, so there is no session
+        // worth resuming.
+        clean_session: true,
+        telemetry_retention: None,
     })
     .await?;
 
@@ -179,7 +185,7 @@ async fn watch_fleet(server: &Server, agents: &mut [(String, Child)]) -> anyhow:
                     }
                 }
                 let devices = server.store.devices(fleet_server::unix_millis(), fleet_server::api::LIVE_WINDOW).await?;
-                println!("{}", summary_line(&fleet_server::api::summarize(&devices, &server.counters)));
+                println!("{}", summary_line(&fleet_server::api::summarize(&devices, &server.metrics)));
             }
         }
     }

@@ -5,6 +5,7 @@
 mod demo;
 
 use clap::{Parser, Subcommand};
+use fleet_server::logging::LogFormat;
 
 /// Compress a model, run device agents and the fleet server, or start the demo.
 #[derive(Debug, Parser)]
@@ -34,17 +35,17 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // rumqttd logs routine disconnects at error level, so its log is off unless
     // RUST_LOG enables it.
-    let default_filter = match cli.command {
-        Command::Compress { .. } | Command::Demo(_) => "warn,rumqttd=off",
-        _ => "info,rumqttd=off",
+    let (format, default_filter, otlp_endpoint) = match &cli.command {
+        Command::Server(args) => (
+            args.log_format,
+            "info,rumqttd=off",
+            args.otlp_endpoint.clone(),
+        ),
+        Command::Device(_) => (LogFormat::Text, "info", None),
+        Command::Compress { .. } | Command::Demo(_) => (LogFormat::Text, "warn,rumqttd=off", None),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let _tracing =
+        fleet_server::logging::init(format, default_filter, otlp_endpoint.as_deref(), "fleet")?;
 
     match cli.command {
         Command::Compress { command } => fleet_compress::cli::run(command),

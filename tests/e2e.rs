@@ -16,7 +16,7 @@ fn two_devices_report_everything(
     device_broker: &str,
     server: common::Server,
     workspace: &Workspace,
-) {
+) -> [String; 2] {
     let ids = [unique_device_id("e2e-a"), unique_device_id("e2e-b")];
     let mut devices: Vec<_> = ids
         .iter()
@@ -80,6 +80,12 @@ fn two_devices_report_everything(
         assert_eq!(seqs, expected, "sequence numbers of {id} are not 1..=n");
     }
     assert_eq!(labeled, TEST_IMAGES);
+    let messages: i64 = totals.iter().map(|d| d["messages"].as_i64().unwrap()).sum();
+    let stored = server.metric("fleet_ingest_messages_total{outcome=\"stored\"}");
+    assert!(
+        stored >= messages as f64,
+        "/metrics counts {stored} stored, the API {messages}"
+    );
     let accuracy = 100.0 * correct as f64 / labeled as f64;
     let card = model_card_accuracy("digit-cnn");
     assert!(
@@ -97,6 +103,7 @@ fn two_devices_report_everything(
                 .then_some(())
         },
     );
+    ids
 }
 
 #[test]
@@ -117,7 +124,8 @@ fn mosquitto_end_to_end() {
         "Mosquitto is not listening on 127.0.0.1:1883; start it with `mosquitto -d -c /etc/mosquitto/mosquitto.conf`"
     );
     let server = workspace.start_server(Some(broker), free_port());
-    two_devices_report_everything(broker, server, &workspace);
+    let ids = two_devices_report_everything(broker, server, &workspace);
+    common::clear_retained_status("127.0.0.1", 1883, &ids);
 }
 
 #[test]

@@ -84,6 +84,7 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
 
     let (client, eventloop) = mqtt::connect(&config)?;
     let status = mqtt::StatusMessages {
+        broker: format!("{}:{}", config.broker_host, config.broker_port),
         topic: topic::device_topic(&config.device_id, topic::TopicKind::Status),
         online: mqtt::status_payload(&config, Some(&model), DeviceState::Online)?,
         offline: mqtt::status_payload(&config, Some(&model), DeviceState::Offline)?,

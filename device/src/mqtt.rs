@@ -55,9 +55,12 @@ pub fn status_payload(
     Ok(fleet_wire::encode(&status, config.encoding)?)
 }
 
-/// The retained status messages the session publishes.
+/// The broker address for log lines, and the retained status messages the session
+/// publishes.
 #[derive(Debug, Clone)]
 pub struct StatusMessages {
+    /// `HOST:PORT` of the broker.
+    pub broker: String,
     pub topic: String,
     pub online: Vec<u8>,
     pub offline: Vec<u8>,
@@ -107,7 +110,7 @@ pub async fn drive(
                 // Log the first failures and then every tenth, so a long outage does not
                 // flood the log.
                 if failures <= 3 || failures.is_multiple_of(10) {
-                    tracing::warn!(%error, failures, retry_in_ms = backoff.as_millis() as u64, "broker connection failed, retrying");
+                    tracing::warn!(%error, broker = %status.broker, failures, retry_in_ms = backoff.as_millis() as u64, "broker connection failed, retrying");
                 }
                 let wait = jittered(backoff);
                 tokio::select! {

@@ -1,7 +1,6 @@
 //! HTTP routes: the JSON API and the web console.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
@@ -11,7 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::ingest::IngestCounters;
+use crate::metrics::{Outcome, ServerMetrics};
 use crate::store::{DeviceSummary, Store, StoreError, TelemetryRow};
 
 /// Telemetry received within this window feeds the live latency and throughput.
@@ -24,7 +23,7 @@ const MAX_TELEMETRY_ROWS: u32 = 10_000;
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub store: Store,
-    pub counters: Arc<IngestCounters>,
+    pub metrics: Arc<ServerMetrics>,
 }
 
 /// Builds the router.
@@ -32,10 +31,21 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/", get(console))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/api/summary", get(summary))
         .route("/api/devices", get(devices))
         .route("/api/devices/{id}/telemetry", get(telemetry))
         .with_state(state)
+}
+
+async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 async fn console() -> Html<&'static str> {
@@ -124,7 +134,7 @@ pub struct FleetSummary {
 }
 
 /// Computes fleet totals from the per-device summaries.
-pub fn summarize(devices: &[DeviceSummary], counters: &IngestCounters) -> FleetSummary {
+pub fn summarize(devices: &[DeviceSummary], metrics: &ServerMetrics) -> FleetSummary {
     let labeled: i64 = devices.iter().map(|d| d.labeled).sum();
     let correct: i64 = devices.iter().map(|d| d.correct).sum();
     FleetSummary {
@@ -137,9 +147,9 @@ pub fn summarize(devices: &[DeviceSummary], counters: &IngestCounters) -> FleetS
             .iter()
             .filter_map(|d| d.latency_p95_ms)
             .reduce(f64::max),
-        telemetry_stored: counters.stored.load(Ordering::Relaxed),
-        telemetry_duplicates: counters.duplicates.load(Ordering::Relaxed),
-        telemetry_rejected: counters.rejected.load(Ordering::Relaxed),
+        telemetry_stored: metrics.total(Outcome::Stored),
+        telemetry_duplicates: metrics.total(Outcome::Duplicate),
+        telemetry_rejected: metrics.total(Outcome::Rejected),
         gaps: devices.iter().map(|d| d.gaps).sum(),
     }
 }
@@ -149,5 +159,5 @@ async fn summary(State(state): State<ApiState>) -> Result<Json<FleetSummary>, Ap
         .store
         .devices(crate::unix_millis(), LIVE_WINDOW)
         .await?;
-    Ok(Json(summarize(&devices, &state.counters)))
+    Ok(Json(summarize(&devices, &state.metrics)))
 }

@@ -1,11 +1,11 @@
 //! Command-line flags of the server, shared by `fleet-server` and `fleet server`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 
+use crate::logging::LogFormat;
 use crate::{BrokerMode, Server, ServerConfig};
 
 /// Flags of the fleet server.
@@ -20,9 +20,35 @@ pub struct ServerArgs {
     /// Address the embedded broker listens on when --broker is not given.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
-    /// SQLite database file, created if missing.
+    /// Fleet state: a SQLite file (a path or sqlite://PATH, created if missing) or a
+    /// PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE).
     #[arg(long, default_value = "fleet.db")]
-    pub database: PathBuf,
+    pub database: String,
+    /// MQTT client id of the ingester. The broker keeps its session while the server is
+    /// down and delivers what it missed after a restart with the same id. Replicas need
+    /// different ids [default: fleet-server-HOSTNAME-HTTPPORT].
+    #[arg(long)]
+    pub mqtt_client_id: Option<String>,
+    /// Start a new broker session on every connection instead of resuming the last one.
+    /// Meant for short-lived servers such as tests, which would otherwise leave sessions
+    /// queueing messages on the broker after they exit.
+    #[arg(long)]
+    pub mqtt_clean_session: bool,
+    /// Join this MQTT shared-subscription group, so several servers on one broker split
+    /// the telemetry between them (`$share/GROUP/fleet/v1/+/telemetry`).
+    #[arg(long)]
+    pub shared_group: Option<String>,
+    /// Roll raw telemetry older than this many hours into hourly rows per device; raw
+    /// rows are kept forever when not given.
+    #[arg(long)]
+    pub telemetry_retention_hours: Option<u64>,
+    /// Log format on standard error.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Export traces over OTLP/HTTP to this collector URL, such as
+    /// http://127.0.0.1:4318/v1/traces; off when not given.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl ServerArgs {
@@ -39,10 +65,24 @@ impl ServerArgs {
                 listen: self.mqtt_listen,
             },
         };
+        if let Some(group) = &self.shared_group
+            && (group.is_empty() || group.contains(['/', '+', '#']))
+        {
+            anyhow::bail!("invalid --shared-group {group:?}: use a name without '/', '+' or '#'");
+        }
         Ok(ServerConfig {
             http_listen: self.http,
             broker,
             database: self.database.clone(),
+            mqtt_client_id: self
+                .mqtt_client_id
+                .clone()
+                .unwrap_or_else(|| ServerConfig::default_client_id(self.http)),
+            shared_group: self.shared_group.clone(),
+            clean_session: self.mqtt_clean_session,
+            telemetry_retention: self
+                .telemetry_retention_hours
+                .map(|hours| std::time::Duration::from_secs(hours * 3600)),
         })
     }
 }

@@ -4,13 +4,14 @@
 //! again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet_wire::{Status, Telemetry, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
+use crate::metrics::{CLOCK_SKEW_LIMIT_MS, Outcome, ServerMetrics};
 use crate::store::{Received, Record, Store};
 
 /// Largest number of messages written in one transaction.
@@ -20,16 +21,6 @@ const QUEUE_CAPACITY: usize = 4096;
 /// Wait between reconnection attempts to the broker.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
-/// Counters exposed by the API.
-#[derive(Debug, Default)]
-pub struct IngestCounters {
-    pub stored: AtomicU64,
-    pub duplicates: AtomicU64,
-    /// Messages that could not be decoded or did not match their topic.
-    pub rejected: AtomicU64,
-    pub write_errors: AtomicU64,
-}
-
 /// Address of the broker the ingester subscribes to.
 #[derive(Debug, Clone)]
 pub struct BrokerAddress {
@@ -37,21 +28,32 @@ pub struct BrokerAddress {
     pub port: u16,
 }
 
+/// Session settings of the ingester on the broker.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// MQTT client id. The broker keeps this client's session (subscriptions and
+    /// unacknowledged QoS 1 messages) while it is away, so a restarted server with the
+    /// same id receives what it missed. Two running servers must not share an id.
+    pub client_id: String,
+    /// Shared-subscription group: servers in the same group split the telemetry
+    /// between them through `$share/GROUP/...` subscriptions.
+    pub shared_group: Option<String>,
+    /// Discard the broker session on disconnect instead of resuming it.
+    pub clean_session: bool,
+}
+
 /// Starts the MQTT client and the writer; both run until `shutdown` turns true.
 pub fn spawn(
     broker: BrokerAddress,
+    ingest: IngestOptions,
     store: Store,
-    counters: Arc<IngestCounters>,
+    metrics: Arc<ServerMetrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let client_id = format!(
-        "fleet-server-{}-{}",
-        std::process::id(),
-        crate::unix_millis() % 100_000
-    );
-    let mut options = MqttOptions::new(client_id, broker.host, broker.port);
+    let mut options = MqttOptions::new(ingest.client_id.clone(), broker.host, broker.port);
     options.set_keep_alive(Duration::from_secs(15));
     options.set_manual_acks(true);
+    options.set_clean_session(ingest.clean_session);
     options.set_max_packet_size(
         fleet_wire::MAX_PAYLOAD_BYTES + 1024,
         fleet_wire::MAX_PAYLOAD_BYTES + 1024,
@@ -62,11 +64,12 @@ pub fn spawn(
         tokio::spawn(read_broker(
             eventloop,
             client.clone(),
+            ingest.shared_group,
             queue_tx,
-            counters.clone(),
+            metrics.clone(),
             shutdown,
         )),
-        tokio::spawn(write_batches(queue_rx, client, store, counters)),
+        tokio::spawn(write_batches(queue_rx, client, store, metrics)),
     ]
 }
 
@@ -82,8 +85,9 @@ struct Pending {
 async fn read_broker(
     mut eventloop: EventLoop,
     client: AsyncClient,
+    shared_group: Option<String>,
     queue: mpsc::Sender<Pending>,
-    counters: Arc<IngestCounters>,
+    metrics: Arc<ServerMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -92,18 +96,24 @@ async fn read_broker(
             _ = shutdown.changed() => break,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                tracing::info!("ingest connected to broker");
-                subscribe(&client).await;
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "ingest connected to broker"
+                );
+                metrics.broker_connected.set(1);
+                subscribe(&client, shared_group.as_deref()).await;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let record = decode(&publish, &counters);
+                let record = decode(&publish, &metrics);
+                metrics.queue_depth.inc();
                 if queue.send(Pending { record, publish }).await.is_err() {
                     tracing::error!("telemetry writer stopped; message left unacknowledged");
                 }
             }
             Ok(_) => {}
             Err(error) => {
+                metrics.broker_connected.set(0);
                 tracing::warn!(%error, "ingest lost the broker, reconnecting");
                 tokio::time::sleep(RECONNECT_DELAY).await;
             }
@@ -112,9 +122,17 @@ async fn read_broker(
     let _ = client.try_disconnect();
 }
 
-async fn subscribe(client: &AsyncClient) {
-    for kind in [topic::TopicKind::Telemetry, topic::TopicKind::Status] {
-        let filter = topic::all_devices(kind);
+/// Subscribes to telemetry, through the shared group when there is one, and to status.
+///
+/// Status stays an ordinary subscription: brokers do not send retained messages to
+/// shared subscriptions, and every replica applying every status change is harmless.
+async fn subscribe(client: &AsyncClient, shared_group: Option<&str>) {
+    let telemetry = topic::all_devices(topic::TopicKind::Telemetry);
+    let telemetry = match shared_group {
+        Some(group) => format!("$share/{group}/{telemetry}"),
+        None => telemetry,
+    };
+    for filter in [telemetry, topic::all_devices(topic::TopicKind::Status)] {
         if let Err(error) = client.subscribe(&filter, QoS::AtLeastOnce).await {
             tracing::error!(%error, %filter, "subscribe failed");
         }
@@ -123,15 +141,16 @@ async fn subscribe(client: &AsyncClient) {
 
 /// Turns a publish into a store record, or `None` for messages that are dropped
 /// (counted and logged) or carry nothing to store.
-fn decode(publish: &Publish, counters: &IngestCounters) -> Option<Record> {
+fn decode(publish: &Publish, metrics: &ServerMetrics) -> Option<Record> {
     let received_ms = crate::unix_millis();
     let Some((device_id, kind)) = topic::parse(&publish.topic) else {
-        reject(counters, publish, "not a fleet topic");
+        reject(metrics, publish, "not a fleet topic");
         return None;
     };
     match kind {
         topic::TopicKind::Telemetry => match fleet_wire::decode::<Telemetry>(&publish.payload) {
             Ok(telemetry) if telemetry.device_id == device_id => {
+                record_lag(metrics, telemetry.device_time_ms, received_ms);
                 Some(Record::Telemetry(Received {
                     telemetry,
                     received_ms,
@@ -139,11 +158,11 @@ fn decode(publish: &Publish, counters: &IngestCounters) -> Option<Record> {
             }
             Ok(telemetry) => {
                 let reason = format!("payload names device {:?}", telemetry.device_id);
-                reject(counters, publish, &reason);
+                reject(metrics, publish, &reason);
                 None
             }
             Err(error) => {
-                reject(counters, publish, &error.to_string());
+                reject(metrics, publish, &error.to_string());
                 None
             }
         },
@@ -156,11 +175,11 @@ fn decode(publish: &Publish, counters: &IngestCounters) -> Option<Record> {
             }),
             Ok(status) => {
                 let reason = format!("payload names device {:?}", status.device_id);
-                reject(counters, publish, &reason);
+                reject(metrics, publish, &reason);
                 None
             }
             Err(error) => {
-                reject(counters, publish, &error.to_string());
+                reject(metrics, publish, &error.to_string());
                 None
             }
         },
@@ -168,10 +187,22 @@ fn decode(publish: &Publish, counters: &IngestCounters) -> Option<Record> {
     }
 }
 
+/// Observes how late a message arrived by the device's clock and counts a skewed clock.
+fn record_lag(metrics: &ServerMetrics, device_time_ms: u64, received_ms: u64) {
+    let lag_ms = received_ms as i64 - device_time_ms as i64;
+    metrics
+        .ingest_lag_seconds
+        .observe(lag_ms.max(0) as f64 / 1000.0);
+    if lag_ms.abs() > CLOCK_SKEW_LIMIT_MS {
+        metrics.clock_skewed.inc();
+    }
+}
+
 /// Counts a dropped message and logs it, at most one line per 100 rejections after
 /// the first ten.
-fn reject(counters: &IngestCounters, publish: &Publish, reason: &str) {
-    let count = counters.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+fn reject(metrics: &ServerMetrics, publish: &Publish, reason: &str) {
+    metrics.count(Outcome::Rejected, 1);
+    let count = metrics.total(Outcome::Rejected);
     if count <= 10 || count.is_multiple_of(100) {
         tracing::warn!(
             topic = %publish.topic,
@@ -187,20 +218,25 @@ async fn write_batches(
     mut queue: mpsc::Receiver<Pending>,
     client: AsyncClient,
     store: Store,
-    counters: Arc<IngestCounters>,
+    metrics: Arc<ServerMetrics>,
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let records: Vec<Record> = batch.iter().filter_map(|p| p.record.clone()).collect();
+        let span = tracing::info_span!(
+            "ingest_batch",
+            messages = batch.len(),
+            records = records.len()
+        );
         loop {
-            match store.apply_batch(&records).await {
+            let started = Instant::now();
+            match store.apply_batch(&records).instrument(span.clone()).await {
                 Ok(outcome) => {
-                    counters
-                        .stored
-                        .fetch_add(outcome.stored as u64, Ordering::Relaxed);
-                    counters
-                        .duplicates
-                        .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
+                    metrics
+                        .batch_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    metrics.count(Outcome::Stored, outcome.stored as u64);
+                    metrics.count(Outcome::Duplicate, outcome.duplicates as u64);
                     tracing::debug!(
                         stored = outcome.stored,
                         duplicates = outcome.duplicates,
@@ -211,7 +247,7 @@ async fn write_batches(
                 Err(error) => {
                     // Nothing is acknowledged until the write succeeds, so retrying
                     // keeps every message; the broker holds back new ones meanwhile.
-                    counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                    metrics.write_errors.inc();
                     tracing::error!(
                         error = format!("{:#}", anyhow::Error::from(error)),
                         records = records.len(),
@@ -221,6 +257,7 @@ async fn write_batches(
                 }
             }
         }
+        metrics.queue_depth.dec_by(batch.len() as i64);
         for pending in batch.drain(..) {
             if let Err(error) = client.ack(&pending.publish).await {
                 tracing::warn!(%error, "acknowledgement not sent");

@@ -8,16 +8,18 @@ pub mod api;
 mod broker;
 pub mod cli;
 mod ingest;
+pub mod logging;
+pub mod metrics;
 pub mod store;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::watch;
 
-pub use ingest::IngestCounters;
+pub use metrics::ServerMetrics;
 pub use store::Store;
 
 /// Source of device traffic.
@@ -37,8 +39,28 @@ const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10)
 pub struct ServerConfig {
     pub http_listen: SocketAddr,
     pub broker: BrokerMode,
-    /// SQLite database file, created if missing.
-    pub database: PathBuf,
+    /// Fleet state location: a SQLite file path (`sqlite://PATH` or a plain path,
+    /// created if missing) or a `postgres://` URL.
+    pub database: String,
+    /// MQTT client id of the ingester; see [`ServerConfig::default_client_id`].
+    pub mqtt_client_id: String,
+    /// Shared-subscription group for running several servers on one broker.
+    pub shared_group: Option<String>,
+    /// Discard the broker session on disconnect instead of resuming it.
+    pub clean_session: bool,
+    /// Raw telemetry older than this is rolled into hourly rows; `None` keeps it all.
+    pub telemetry_retention: Option<Duration>,
+}
+
+impl ServerConfig {
+    /// Returns `fleet-server-HOSTNAME-PORT`, unique per host and HTTP port, so a
+    /// restarted server resumes its own broker session.
+    pub fn default_client_id(http_listen: SocketAddr) -> String {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|name| name.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("fleet-server-{host}-{}", http_listen.port())
+    }
 }
 
 /// A started server; dropping it does not stop it, [`Server::shutdown`] does.
@@ -49,7 +71,7 @@ pub struct Server {
     /// Address devices connect to: the embedded broker's or the external one's.
     pub mqtt_addr: String,
     pub store: Store,
-    pub counters: Arc<IngestCounters>,
+    pub metrics: Arc<ServerMetrics>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -58,9 +80,7 @@ impl Server {
     /// Opens the database, starts the broker when embedded, the ingester and the HTTP
     /// server, and returns once all of them accept work.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
-        let store = Store::open_sqlite(&config.database)
-            .await
-            .with_context(|| format!("failed to open database {}", config.database.display()))?;
+        let store = Store::open(&config.database).await?;
         let broker = match &config.broker {
             BrokerMode::Embedded { listen } => {
                 let address =
@@ -78,8 +98,19 @@ impl Server {
         let mqtt_addr = format!("{}:{}", broker.host, broker.port);
 
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let counters = Arc::new(IngestCounters::default());
-        let mut tasks = ingest::spawn(broker, store.clone(), counters.clone(), shutdown_rx.clone());
+        let metrics = Arc::new(ServerMetrics::new());
+        let ingest_options = ingest::IngestOptions {
+            client_id: config.mqtt_client_id.clone(),
+            shared_group: config.shared_group.clone(),
+            clean_session: config.clean_session,
+        };
+        let mut tasks = ingest::spawn(
+            broker,
+            ingest_options,
+            store.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        );
 
         let listener = tokio::net::TcpListener::bind(config.http_listen)
             .await
@@ -87,8 +118,15 @@ impl Server {
         let http_addr = listener.local_addr()?;
         let app = api::router(api::ApiState {
             store: store.clone(),
-            counters: counters.clone(),
+            metrics: metrics.clone(),
         });
+        if let Some(retention) = config.telemetry_retention {
+            tasks.push(tokio::spawn(downsample_periodically(
+                store.clone(),
+                retention,
+                shutdown_rx.clone(),
+            )));
+        }
         let mut http_shutdown = shutdown_rx;
         tasks.push(tokio::spawn(async move {
             let served = axum::serve(listener, app)
@@ -100,12 +138,12 @@ impl Server {
                 tracing::error!(%error, "HTTP server failed");
             }
         }));
-        tracing::info!(%http_addr, %mqtt_addr, database = %config.database.display(), "fleet server started");
+        tracing::info!(%http_addr, %mqtt_addr, database = %store::redact_password(&config.database), "fleet server started");
         Ok(Server {
             http_addr,
             mqtt_addr,
             store,
-            counters,
+            metrics,
             shutdown,
             tasks,
         })
@@ -125,6 +163,38 @@ impl Server {
             }
         }
         tracing::info!("fleet server stopped");
+    }
+}
+
+/// How often raw telemetry past its retention is rolled into hourly rows.
+const DOWNSAMPLE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Rolls raw telemetry older than `retention` into hourly rows now and then every
+/// [`DOWNSAMPLE_INTERVAL`] until shutdown. Replicas may all run it: the store makes
+/// concurrent runs count each raw row once.
+async fn downsample_periodically(
+    store: Store,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(DOWNSAMPLE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let cutoff = unix_millis().saturating_sub(retention.as_millis() as u64);
+        match store.downsample(cutoff).await {
+            Ok(outcome) => tracing::info!(
+                raw_rows = outcome.raw_rows,
+                hourly_rows = outcome.hourly_rows,
+                "old telemetry downsampled"
+            ),
+            Err(error) => tracing::error!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "downsampling failed, retrying at the next interval"
+            ),
+        }
     }
 }
 

@@ -12,13 +12,14 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // rumqttd logs routine disconnects at error level.
-                .unwrap_or_else(|_| "info,rumqttd=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    fleet_server::cli::run(Cli::parse().args).await
+    let args = Cli::parse().args;
+    // rumqttd logs routine disconnects at error level, so its log is off unless RUST_LOG
+    // enables it.
+    let _tracing = fleet_server::logging::init(
+        args.log_format,
+        "info,rumqttd=off",
+        args.otlp_endpoint.as_deref(),
+        "fleet-server",
+    )?;
+    fleet_server::cli::run(args).await
 }

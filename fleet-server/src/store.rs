@@ -1,17 +1,28 @@
-//! Fleet state in SQLite through sqlx: devices, their telemetry, and the queries the
-//! API and console read.
+//! Fleet state in SQLite or PostgreSQL through sqlx: devices, their telemetry, hourly
+//! rollups of old telemetry, and the queries the API and console read.
+//!
+//! [`Store`] is the handle the rest of the server uses. Each database is a
+//! [`StoreBackend`] that owns its pool and its SQL. What does not depend on the database
+//! (live-window merging, gap and accuracy arithmetic, hourly bucketing) is computed in
+//! this module and its `rows` and `rollup` submodules, once for both backends.
 
+mod postgres;
+mod rollup;
+mod rows;
+mod sqlite;
+
+use crate::metrics::CLOCK_SKEW_LIMIT_MS;
 use std::collections::HashMap;
+use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_wire::{DeviceState, LatencyHistogram, Status, Telemetry};
+use async_trait::async_trait;
+use fleet_wire::{LatencyHistogram, Status, Telemetry};
 use serde::Serialize;
-use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+
+use self::rows::{DeviceRow, HourlyRecord, WindowRow};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -20,10 +31,34 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// Opening or connecting failed. `database` is the SQLite path, or the PostgreSQL URL
+    /// without its password.
+    #[error("failed to open database {database}")]
+    Open {
+        database: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(
+        "unsupported database URL scheme {scheme:?}; expected postgres://, postgresql://, \
+         sqlite://PATH or a file path"
+    )]
+    UnsupportedScheme { scheme: String },
+    #[error("database {database:?} names no SQLite file; expected sqlite://PATH or a file path")]
+    MissingPath { database: String },
     #[error("invalid stored latency histogram for device {device_id} seq {seq}")]
     Histogram {
         device_id: String,
         seq: i64,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "invalid stored latency histogram for device {device_id} hour starting at {hour_start_ms} ms"
+    )]
+    HourlyHistogram {
+        device_id: String,
+        hour_start_ms: i64,
         #[source]
         source: serde_json::Error,
     },
@@ -48,6 +83,15 @@ pub enum Record {
 pub struct BatchOutcome {
     pub stored: usize,
     pub duplicates: usize,
+}
+
+/// Counts from one [`Store::downsample`] run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DownsampleOutcome {
+    /// Raw telemetry rows added to hourly rows and deleted.
+    pub raw_rows: u64,
+    /// Hourly rows created or added to.
+    pub hourly_rows: u64,
 }
 
 /// One device as the API and console show it.
@@ -81,7 +125,7 @@ pub struct DeviceSummary {
 }
 
 /// One stored telemetry row as the API returns it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct TelemetryRow {
     pub seq: i64,
     pub device_time_ms: i64,
@@ -102,117 +146,142 @@ pub struct TelemetryRow {
     pub memory_used_bytes: Option<i64>,
     pub memory_total_bytes: Option<i64>,
     pub temperature_celsius: Option<f64>,
+    /// Whether the device clock differed from the server clock by more than
+    /// [`CLOCK_SKEW_LIMIT_MS`] when the message arrived.
+    #[sqlx(skip)]
+    pub clock_skewed: bool,
+}
+
+/// One hour of a device's telemetry after [`Store::downsample`] rolled it up.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HourlyRow {
+    /// Start of the hour by the server clock (`received_ms`), in milliseconds since the
+    /// Unix epoch.
+    pub hour_start_ms: i64,
+    pub messages: i64,
+    pub inferences: i64,
+    pub input_errors: i64,
+    pub labeled: i64,
+    pub correct: i64,
+    /// Latencies of every message in the hour, merged.
+    pub latency: LatencyHistogram,
+}
+
+/// Database operations behind [`Store`], one implementation per database.
+///
+/// `Store` wraps an `Arc<dyn StoreBackend>`, made object-safe with `async-trait`, rather
+/// than an enum of the backends. Each backend then keeps its pool type and SQL in its
+/// own module, `Store` never matches on the database, and another backend needs only a
+/// new module and an `open_*` constructor. The price is one boxed future per call, which
+/// is small next to the database round trip that the call waits for.
+///
+/// Backends return rows as stored. `Store` decodes histograms and derives the figures
+/// the API shows, so both databases give the same answers.
+#[async_trait]
+trait StoreBackend: Send + Sync + fmt::Debug {
+    /// Applies a batch in one transaction and in order, as [`Store::apply_batch`]
+    /// describes.
+    async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError>;
+
+    /// Lists every device row with the system readings of its highest-seq telemetry row,
+    /// ordered by id.
+    async fn device_rows(&self) -> Result<Vec<DeviceRow>, StoreError>;
+
+    /// Lists the raw telemetry received at or after `since_ms`.
+    async fn window_rows(&self, since_ms: i64) -> Result<Vec<WindowRow>, StoreError>;
+
+    /// Returns a device's latest `limit` raw telemetry rows, newest first, or `None`
+    /// when the device is unknown.
+    async fn telemetry(
+        &self,
+        device_id: &str,
+        limit: i64,
+    ) -> Result<Option<Vec<TelemetryRow>>, StoreError>;
+
+    /// Returns a device's latest `limit` hourly rows, newest first, or `None` when the
+    /// device is unknown.
+    async fn hourly(
+        &self,
+        device_id: &str,
+        limit: i64,
+    ) -> Result<Option<Vec<HourlyRecord>>, StoreError>;
+
+    /// Rolls raw telemetry received before `older_than_ms` into hourly rows and deletes
+    /// it, as [`Store::downsample`] describes.
+    async fn downsample(&self, older_than_ms: i64) -> Result<DownsampleOutcome, StoreError>;
 }
 
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    backend: Arc<dyn StoreBackend>,
 }
 
 impl Store {
+    /// Opens the database that `database` names and applies migrations: PostgreSQL for a
+    /// `postgres://` or `postgresql://` URL, and SQLite for `sqlite://PATH` or a plain
+    /// file path.
+    ///
+    /// `PATH` is used as written, so `sqlite://data/fleet.db` is relative to the working
+    /// directory and `sqlite:///var/lib/fleet.db` is absolute. Any other `SCHEME://`
+    /// prefix is rejected with [`StoreError::UnsupportedScheme`].
+    pub async fn open(database: &str) -> Result<Store, StoreError> {
+        match Location::parse(database)? {
+            Location::Postgres(url) => Store::open_postgres(url).await,
+            Location::Sqlite(path) => Store::open_sqlite(path).await,
+        }
+    }
+
     /// Opens (creating if needed) the SQLite file at `path` and applies migrations.
     ///
     /// WAL mode lets the API read while ingestion writes; `synchronous = FULL` makes a
     /// committed batch survive power loss, which the MQTT acknowledgement relies on.
     pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Store { pool })
+        let backend = sqlite::SqliteBackend::open(path).await?;
+        Ok(Store {
+            backend: Arc::new(backend),
+        })
+    }
+
+    /// Connects to PostgreSQL at `url` and applies migrations.
+    ///
+    /// Tables are created in the first schema of the connection's `search_path`, which
+    /// the URL can set, for example with `?options[search_path]=fleet`. Several servers
+    /// may share one database: batches, totals and downsampling stay exact under
+    /// concurrent writers.
+    pub async fn open_postgres(url: &str) -> Result<Store, StoreError> {
+        let backend = postgres::PostgresBackend::open(url).await?;
+        Ok(Store {
+            backend: Arc::new(backend),
+        })
     }
 
     /// Applies a batch of records in one transaction and in order, ignoring (and
     /// counting) telemetry whose (device, seq) pair is already stored.
     pub async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError> {
-        let mut outcome = BatchOutcome::default();
-        let mut tx = self.pool.begin().await?;
-        for record in batch {
-            match record {
-                Record::Telemetry(message) => {
-                    if insert_telemetry(&mut tx, message).await? {
-                        outcome.stored += 1;
-                    } else {
-                        outcome.duplicates += 1;
-                    }
-                }
-                Record::Status {
-                    status,
-                    received_ms,
-                } => update_status(&mut tx, status, *received_ms).await?,
-            }
-        }
-        tx.commit().await?;
-        Ok(outcome)
+        self.backend.apply_batch(batch).await
     }
 
     /// Lists every device with totals and the latency and throughput of telemetry
     /// received in the last `window`.
+    ///
+    /// The CPU, memory and temperature readings come from the device's highest-seq raw
+    /// telemetry row, so they are `None` once [`Store::downsample`] has removed it.
     pub async fn devices(
         &self,
         now_ms: u64,
         window: Duration,
     ) -> Result<Vec<DeviceSummary>, StoreError> {
-        let recent = self.recent_windows(now_ms, window).await?;
-        let rows = sqlx::query(
-            "SELECT d.*, t.cpu_percent AS last_cpu, t.process_memory_bytes AS last_memory,
-                    t.temperature_celsius AS last_temperature
-             FROM devices d
-             LEFT JOIN telemetry t ON t.device_id = d.id AND t.seq = d.max_seq
-             ORDER BY d.id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut devices = Vec::with_capacity(rows.len());
-        for row in rows {
-            let id: String = row.try_get("id")?;
-            let messages: i64 = row.try_get("messages")?;
-            let min_seq: Option<i64> = row.try_get("min_seq")?;
-            let max_seq: Option<i64> = row.try_get("max_seq")?;
-            let labeled: i64 = row.try_get("labeled")?;
-            let correct: i64 = row.try_get("correct")?;
-            let window_stats = recent.get(&id);
-            devices.push(DeviceSummary {
-                state: row.try_get("state")?,
-                model_name: row.try_get("model_name")?,
-                model_version: row.try_get("model_version")?,
-                agent_version: row.try_get("agent_version")?,
-                first_seen_ms: row.try_get("first_seen_ms")?,
-                last_seen_ms: row.try_get("last_seen_ms")?,
-                messages,
-                gaps: match (min_seq, max_seq) {
-                    (Some(low), Some(high)) => high - low + 1 - messages,
-                    _ => 0,
-                },
-                duplicates: row.try_get("duplicates")?,
-                inferences: row.try_get("inferences")?,
-                input_errors: row.try_get("input_errors")?,
-                labeled,
-                correct,
-                accuracy: (labeled > 0).then(|| correct as f64 / labeled as f64),
-                throughput: window_stats.map_or(0.0, WindowStats::throughput),
-                latency_p50_ms: window_stats
-                    .and_then(|w| w.latency.quantile_micros(0.5))
-                    .map(|us| us / 1e3),
-                latency_p95_ms: window_stats
-                    .and_then(|w| w.latency.quantile_micros(0.95))
-                    .map(|us| us / 1e3),
-                cpu_percent: row.try_get("last_cpu")?,
-                process_memory_bytes: row.try_get("last_memory")?,
-                temperature_celsius: row.try_get("last_temperature")?,
-                id,
-            });
-        }
-        Ok(devices)
+        let since = now_ms.saturating_sub(window.as_millis() as u64) as i64;
+        let windows = merge_windows(self.backend.window_rows(since).await?)?;
+        let rows = self.backend.device_rows().await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let window = windows.get(&row.id);
+                row.into_summary(window)
+            })
+            .collect())
     }
 
     /// Returns a device's most recent telemetry rows, newest first, or `None` when the
@@ -222,80 +291,48 @@ impl Store {
         device_id: &str,
         limit: u32,
     ) -> Result<Option<Vec<TelemetryRow>>, StoreError> {
-        let known = sqlx::query("SELECT 1 FROM devices WHERE id = ?")
-            .bind(device_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        if known.is_none() {
-            return Ok(None);
+        let mut rows = self.backend.telemetry(device_id, i64::from(limit)).await?;
+        for row in rows.iter_mut().flatten() {
+            row.clock_skewed = (row.received_ms - row.device_time_ms).abs() > CLOCK_SKEW_LIMIT_MS;
         }
-        let rows =
-            sqlx::query("SELECT * FROM telemetry WHERE device_id = ? ORDER BY seq DESC LIMIT ?")
-                .bind(device_id)
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?;
-        let rows = rows
+        Ok(rows)
+    }
+
+    /// Returns a device's most recent hourly rows, newest first, or `None` when the device
+    /// is unknown.
+    pub async fn hourly_telemetry(
+        &self,
+        device_id: &str,
+        limit: u32,
+    ) -> Result<Option<Vec<HourlyRow>>, StoreError> {
+        let Some(records) = self.backend.hourly(device_id, i64::from(limit)).await? else {
+            return Ok(None);
+        };
+        let rows = records
             .into_iter()
-            .map(|row| {
-                Ok(TelemetryRow {
-                    seq: row.try_get("seq")?,
-                    device_time_ms: row.try_get("device_time_ms")?,
-                    received_ms: row.try_get("received_ms")?,
-                    interval_ms: row.try_get("interval_ms")?,
-                    model_name: row.try_get("model_name")?,
-                    model_version: row.try_get("model_version")?,
-                    inferences: row.try_get("inferences")?,
-                    input_errors: row.try_get("input_errors")?,
-                    labeled: row.try_get("labeled")?,
-                    correct: row.try_get("correct")?,
-                    confidence_sum: row.try_get("confidence_sum")?,
-                    low_confidence: row.try_get("low_confidence")?,
-                    latency_p50_us: row.try_get("latency_p50_us")?,
-                    latency_p95_us: row.try_get("latency_p95_us")?,
-                    cpu_percent: row.try_get("cpu_percent")?,
-                    process_memory_bytes: row.try_get("process_memory_bytes")?,
-                    memory_used_bytes: row.try_get("memory_used_bytes")?,
-                    memory_total_bytes: row.try_get("memory_total_bytes")?,
-                    temperature_celsius: row.try_get("temperature_celsius")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            .map(|record| record.into_row(device_id))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(rows))
     }
 
-    /// Merges the latency histograms and counts of each device's recent telemetry.
-    async fn recent_windows(
-        &self,
-        now_ms: u64,
-        window: Duration,
-    ) -> Result<HashMap<String, WindowStats>, StoreError> {
-        let since = now_ms.saturating_sub(window.as_millis() as u64) as i64;
-        let rows = sqlx::query(
-            "SELECT device_id, seq, inferences, interval_ms, latency FROM telemetry WHERE received_ms >= ?",
-        )
-        .bind(since)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut windows: HashMap<String, WindowStats> = HashMap::new();
-        for row in rows {
-            let device_id: String = row.try_get("device_id")?;
-            let text: String = row.try_get("latency")?;
-            let latency: LatencyHistogram =
-                serde_json::from_str(&text).map_err(|source| StoreError::Histogram {
-                    device_id: device_id.clone(),
-                    seq: row.try_get("seq").unwrap_or(-1),
-                    source,
-                })?;
-            let entry = windows.entry(device_id).or_default();
-            entry.inferences += row.try_get::<i64, _>("inferences")?;
-            entry.interval_ms += row.try_get::<i64, _>("interval_ms")?;
-            entry.latency.merge(&latency);
-        }
-        Ok(windows)
+    /// Adds every raw telemetry row received before `older_than_ms` (milliseconds since
+    /// the Unix epoch, server clock) to its device's hourly row in `telemetry_hourly`
+    /// and deletes it, in one transaction.
+    ///
+    /// Each raw row is counted in exactly one hourly row, also when the job runs twice or
+    /// on several servers at once: a second run finds nothing left to roll up. A cutoff in
+    /// the middle of an hour is fine, because a later run adds the rest of that hour to
+    /// the same hourly row. The totals in `devices` do not change.
+    ///
+    /// NOTE: deduplication checks raw rows only, so a message that is delivered again
+    /// after its raw row was rolled up is stored and counted a second time.
+    pub async fn downsample(&self, older_than_ms: u64) -> Result<DownsampleOutcome, StoreError> {
+        let cutoff = i64::try_from(older_than_ms).unwrap_or(i64::MAX);
+        self.backend.downsample(cutoff).await
     }
 }
 
+/// Latency and throughput figures of one device over the live window.
 #[derive(Debug, Default)]
 struct WindowStats {
     inferences: i64,
@@ -312,128 +349,157 @@ impl WindowStats {
     }
 }
 
-/// Stores one telemetry message and adds it to its device's totals. Returns false when
-/// its (device, seq) is already stored, and then changes only the duplicate count.
-async fn insert_telemetry(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    message: &Received,
-) -> Result<bool, sqlx::Error> {
-    let t = &message.telemetry;
-    let seq = t.seq as i64;
-    let received = message.received_ms as i64;
-    touch_device(tx, &t.device_id, received).await?;
-    let latency = serde_json::to_string(&t.latency).expect("histograms serialize");
-    let inserted = sqlx::query(
-        "INSERT OR IGNORE INTO telemetry (device_id, seq, device_time_ms, received_ms,
-            interval_ms, model_name, model_version, inferences, input_errors, labeled,
-            correct, confidence_sum, low_confidence, latency, latency_p50_us,
-            latency_p95_us, cpu_percent, process_memory_bytes, memory_used_bytes,
-            memory_total_bytes, temperature_celsius)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&t.device_id)
-    .bind(seq)
-    .bind(t.device_time_ms as i64)
-    .bind(received)
-    .bind(i64::from(t.interval_ms))
-    .bind(&t.model.name)
-    .bind(&t.model.version)
-    .bind(i64::from(t.inferences))
-    .bind(i64::from(t.input_errors))
-    .bind(i64::from(t.labeled))
-    .bind(i64::from(t.correct))
-    .bind(finite(f64::from(t.confidence_sum)).unwrap_or(0.0))
-    .bind(i64::from(t.low_confidence))
-    .bind(latency)
-    .bind(t.latency.quantile_micros(0.5))
-    .bind(t.latency.quantile_micros(0.95))
-    .bind(finite(f64::from(t.system.cpu_percent)))
-    .bind(t.system.process_memory_bytes as i64)
-    .bind(t.system.memory_used_bytes as i64)
-    .bind(t.system.memory_total_bytes as i64)
-    .bind(
-        t.system
-            .temperature_celsius
-            .and_then(|c| finite(f64::from(c))),
-    )
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
-        sqlx::query("UPDATE devices SET duplicates = duplicates + 1 WHERE id = ?")
-            .bind(&t.device_id)
-            .execute(&mut **tx)
-            .await?;
-        return Ok(false);
+/// Merges the latency histograms and counts of each device's recent telemetry.
+fn merge_windows(rows: Vec<WindowRow>) -> Result<HashMap<String, WindowStats>, StoreError> {
+    let mut windows: HashMap<String, WindowStats> = HashMap::new();
+    for row in rows {
+        let latency: LatencyHistogram =
+            serde_json::from_str(&row.latency).map_err(|source| StoreError::Histogram {
+                device_id: row.device_id.clone(),
+                seq: row.seq,
+                source,
+            })?;
+        let entry = windows.entry(row.device_id).or_default();
+        entry.inferences += row.inferences;
+        entry.interval_ms += row.interval_ms;
+        entry.latency.merge(&latency);
     }
-    sqlx::query(
-        "UPDATE devices SET
-            model_name = ?, model_version = ?, messages = messages + 1,
-            min_seq = min(coalesce(min_seq, ?), ?), max_seq = max(coalesce(max_seq, ?), ?),
-            inferences = inferences + ?, input_errors = input_errors + ?,
-            labeled = labeled + ?, correct = correct + ?
-         WHERE id = ?",
-    )
-    .bind(&t.model.name)
-    .bind(&t.model.version)
-    .bind(seq)
-    .bind(seq)
-    .bind(seq)
-    .bind(seq)
-    .bind(i64::from(t.inferences))
-    .bind(i64::from(t.input_errors))
-    .bind(i64::from(t.labeled))
-    .bind(i64::from(t.correct))
-    .bind(&t.device_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(true)
+    Ok(windows)
 }
 
-/// Records a device's connection state.
-async fn update_status(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    status: &Status,
-    received_ms: u64,
-) -> Result<(), sqlx::Error> {
-    touch_device(tx, &status.device_id, received_ms as i64).await?;
-    let state = match status.state {
-        DeviceState::Online => "online",
-        DeviceState::Offline => "offline",
+/// The database that a [`Store::open`] argument names.
+#[derive(Debug, PartialEq)]
+enum Location<'a> {
+    Postgres(&'a str),
+    Sqlite(&'a Path),
+}
+
+impl<'a> Location<'a> {
+    fn parse(database: &'a str) -> Result<Location<'a>, StoreError> {
+        let missing_path = || StoreError::MissingPath {
+            database: database.to_owned(),
+        };
+        let Some((scheme, rest)) = database
+            .split_once("://")
+            .filter(|(scheme, _)| is_url_scheme(scheme))
+        else {
+            if database.is_empty() {
+                return Err(missing_path());
+            }
+            return Ok(Location::Sqlite(Path::new(database)));
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "postgres" | "postgresql" => Ok(Location::Postgres(database)),
+            "sqlite" if rest.is_empty() => Err(missing_path()),
+            "sqlite" => Ok(Location::Sqlite(Path::new(rest))),
+            _ => Err(StoreError::UnsupportedScheme {
+                scheme: scheme.to_owned(),
+            }),
+        }
+    }
+}
+
+/// Returns true when `text` is a URL scheme as RFC 3986 defines it: a letter, then
+/// letters, digits, `+`, `-` or `.`.
+fn is_url_scheme(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+}
+
+/// Returns `url` with the password in its user information and in a `password` query
+/// parameter replaced by `***`, for error messages and logs.
+pub(crate) fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
     };
-    sqlx::query(
-        "UPDATE devices SET state = ?, agent_version = ?,
-            model_name = coalesce(?, model_name), model_version = coalesce(?, model_version)
-         WHERE id = ?",
-    )
-    .bind(state)
-    .bind(&status.agent_version)
-    .bind(status.model.as_ref().map(|m| m.name.clone()))
-    .bind(status.model.as_ref().map(|m| m.version.clone()))
-    .bind(&status.device_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let parameters: Vec<String> = query
+                .split('&')
+                .map(|parameter| match parameter.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => parameter.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", parameters.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
-/// Creates the device row on first contact and moves `last_seen_ms` forward.
-async fn touch_device(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    device_id: &str,
-    received_ms: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO devices (id, first_seen_ms, last_seen_ms) VALUES (?, ?, ?)
-         ON CONFLICT (id) DO UPDATE SET last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
-    )
-    .bind(device_id)
-    .bind(received_ms)
-    .bind(received_ms)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn finite(value: f64) -> Option<f64> {
-    value.is_finite().then_some(value)
+    #[test]
+    fn location_picks_backend_by_scheme() {
+        let cases = [
+            ("postgres://h/db", Location::Postgres("postgres://h/db")),
+            ("PostgreSQL://h/db", Location::Postgres("PostgreSQL://h/db")),
+            ("sqlite://fleet.db", Location::Sqlite(Path::new("fleet.db"))),
+            (
+                "sqlite:///var/fleet.db",
+                Location::Sqlite(Path::new("/var/fleet.db")),
+            ),
+            ("fleet.db", Location::Sqlite(Path::new("fleet.db"))),
+            ("/tmp/a b.db", Location::Sqlite(Path::new("/tmp/a b.db"))),
+            (
+                "./odd://name.db",
+                Location::Sqlite(Path::new("./odd://name.db")),
+            ),
+        ];
+        for (database, expected) in cases {
+            assert_eq!(Location::parse(database).unwrap(), expected, "{database}");
+        }
+    }
+
+    #[test]
+    fn location_rejects_unknown_scheme_and_empty_path() {
+        let error = Location::parse("mysql://u:secret@h/db").unwrap_err();
+        assert!(
+            matches!(&error, StoreError::UnsupportedScheme { scheme } if scheme == "mysql"),
+            "{error:?}"
+        );
+        assert!(!error.to_string().contains("secret"), "{error}");
+        for database in ["", "sqlite://"] {
+            let error = Location::parse(database).unwrap_err();
+            assert!(
+                matches!(error, StoreError::MissingPath { .. }),
+                "{database}: {error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn redact_password_hides_only_the_password() {
+        let cases = [
+            ("postgres://u:pw@h:5432/db", "postgres://u:***@h:5432/db"),
+            ("postgres://u@h/db", "postgres://u@h/db"),
+            (
+                "postgres://h/db?password=pw&x=1",
+                "postgres://h/db?password=***&x=1",
+            ),
+            (
+                "postgres://u:p@ss@h/db?sslmode=disable",
+                "postgres://u:***@h/db?sslmode=disable",
+            ),
+            ("no scheme", "no scheme"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(redact_password(url), expected, "{url}");
+        }
+    }
 }

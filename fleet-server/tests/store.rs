@@ -1,12 +1,168 @@
-//! The SQLite store: deduplication on (device, seq), gap counting, status and the
-//! live window, on a real database file.
+//! The store on both backends: deduplication on (device, seq), gap counting, status, the
+//! live window, downsampling and concurrent writers, on real databases.
+//!
+//! Every test listed in `on_each_backend!` runs twice: on a SQLite file in a temporary
+//! folder, and in a PostgreSQL schema of its own, so the tests can run in parallel. The
+//! PostgreSQL server is `postgres://postgres@127.0.0.1:5432/test` unless
+//! `FLEET_TEST_POSTGRES_URL` names another; the PostgreSQL tests fail when it is not
+//! reachable.
 
+use std::error::Error;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use fleet_server::store::{Received, Record, Store};
+use fleet_server::store::{DownsampleOutcome, Received, Record, Store};
 use fleet_wire::{DeviceState, LatencyHistogram, ModelRef, Status, SystemStats, Telemetry};
+use sqlx::{Connection, Executor, PgConnection};
+
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+const HOUR_MS: u64 = 3_600_000;
+
+/// Defines one `#[tokio::test]` per backend for each named `async fn(Backend)`, in the
+/// modules `sqlite` and `postgres`.
+macro_rules! on_each_backend {
+    ($($test:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Sqlite).await;
+                }
+            )+
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::Postgres).await;
+                }
+            )+
+        }
+    };
+}
+
+on_each_backend!(
+    duplicates_are_stored_once,
+    gaps_count_missing_sequence_numbers,
+    non_finite_readings_become_nulls,
+    live_window_merges_recent_histograms,
+    status_updates_state_in_order,
+    downsample_preserves_counts,
+    downsample_runs_concurrently_once,
+    overlapping_batches_from_two_handles,
+);
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database of one test's own: a SQLite file in a temporary folder, or a PostgreSQL
+/// schema that is dropped when this value is dropped.
+struct TestDatabase {
+    /// What `Store::open` takes to open this database.
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    /// The server URL without the schema option, and the schema name.
+    postgres_schema: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    async fn create(backend: Backend) -> TestDatabase {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}", dir.path().join("fleet.db").display());
+                TestDatabase {
+                    url,
+                    _dir: Some(dir),
+                    postgres_schema: None,
+                }
+            }
+            Backend::Postgres => {
+                let server = std::env::var("FLEET_TEST_POSTGRES_URL")
+                    .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
+                let schema = unique_schema_name();
+                let mut connection = PgConnection::connect(&server)
+                    .await
+                    .unwrap_or_else(|error| {
+                        panic!(
+                            "failed to connect to PostgreSQL at {server}: {error}. Start it, or set \
+                         FLEET_TEST_POSTGRES_URL to a reachable server"
+                        )
+                    });
+                connection
+                    .execute(format!("CREATE SCHEMA {schema}").as_str())
+                    .await
+                    .unwrap();
+                connection.close().await.unwrap();
+                let separator = if server.contains('?') { '&' } else { '?' };
+                TestDatabase {
+                    url: format!("{server}{separator}options[search_path]={schema}"),
+                    _dir: None,
+                    postgres_schema: Some((server, schema)),
+                }
+            }
+        }
+    }
+
+    /// Opens another handle on this database, with its own connection pool.
+    async fn open(&self) -> Store {
+        Store::open(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some((server, schema)) = self.postgres_schema.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which cannot block on its own futures, so
+        // the schema is dropped from a thread with a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut connection = PgConnection::connect(&server).await?;
+                connection
+                    .execute(format!("DROP SCHEMA {schema} CASCADE").as_str())
+                    .await?;
+                connection.close().await
+            })
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("failed to drop a test schema: {error}"),
+            Err(_) => eprintln!("failed to drop a test schema: the dropping thread panicked"),
+        }
+    }
+}
+
+/// Returns a schema name that no other test, in this process or another, uses.
+fn unique_schema_name() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "fleet_test_{}_{}_{}",
+        std::process::id(),
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 fn telemetry(device_id: &str, seq: u64, correct: u32) -> Record {
+    telemetry_at(device_id, seq, correct, 1_000_000 + seq)
+}
+
+fn telemetry_at(device_id: &str, seq: u64, correct: u32, received_ms: u64) -> Record {
     let mut latency = LatencyHistogram::default();
     for micros in [400, 500, 600, 5_000] {
         latency.record_micros(micros);
@@ -36,21 +192,25 @@ fn telemetry(device_id: &str, seq: u64, correct: u32) -> Record {
                 temperature_celsius: Some(f32::INFINITY),
             },
         },
-        received_ms: 1_000_000 + seq,
+        received_ms,
     })
 }
 
-async fn open() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("fleet.db"))
-        .await
-        .unwrap();
-    (dir, store)
+/// Returns the error and all its sources as one line.
+fn error_chain(error: &dyn Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
-#[tokio::test]
-async fn duplicates_are_stored_once() {
-    let (_dir, store) = open().await;
+async fn duplicates_are_stored_once(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
     let first = store
         .apply_batch(&[telemetry("a", 1, 4), telemetry("a", 2, 3)])
         .await
@@ -77,9 +237,9 @@ async fn duplicates_are_stored_once() {
     assert!((device.accuracy.unwrap() - 11.0 / 12.0).abs() < 1e-12);
 }
 
-#[tokio::test]
-async fn gaps_count_missing_sequence_numbers() {
-    let (_dir, store) = open().await;
+async fn gaps_count_missing_sequence_numbers(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
     store
         .apply_batch(&[
             telemetry("b", 1, 4),
@@ -95,21 +255,23 @@ async fn gaps_count_missing_sequence_numbers() {
     assert_eq!(devices[0].gaps, 3);
 }
 
-#[tokio::test]
-async fn non_finite_readings_become_nulls() {
-    let (_dir, store) = open().await;
+async fn non_finite_readings_become_nulls(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
     store.apply_batch(&[telemetry("c", 1, 4)]).await.unwrap();
     let rows = store.telemetry("c", 10).await.unwrap().unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].cpu_percent, None);
     assert_eq!(rows[0].temperature_celsius, None);
     assert_eq!(rows[0].process_memory_bytes, Some(1 << 20));
+    // The sample message's device clock is 999 s behind its receive time.
+    assert!(rows[0].clock_skewed);
     assert!(store.telemetry("unknown", 10).await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn live_window_merges_recent_histograms() {
-    let (_dir, store) = open().await;
+async fn live_window_merges_recent_histograms(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
     store
         .apply_batch(&[telemetry("d", 1, 4), telemetry("d", 2, 4)])
         .await
@@ -134,9 +296,9 @@ async fn live_window_merges_recent_histograms() {
     assert_eq!(later[0].latency_p50_ms, None);
 }
 
-#[tokio::test]
-async fn status_updates_state_in_order() {
-    let (_dir, store) = open().await;
+async fn status_updates_state_in_order(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
     let status = |state| Record::Status {
         status: Status {
             device_id: "e".into(),
@@ -161,4 +323,244 @@ async fn status_updates_state_in_order() {
         .unwrap();
     assert_eq!(devices[0].state, "offline");
     assert_eq!(devices[0].model_name.as_deref(), Some("digit-cnn"));
+    assert_eq!(devices[0].first_seen_ms, 5);
+    assert_eq!(devices[0].last_seen_ms, 1_000_001);
+}
+
+async fn downsample_preserves_counts(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let hour = |n: u64| 10 * HOUR_MS + n * HOUR_MS;
+    store
+        .apply_batch(&[
+            telemetry_at("f", 1, 4, hour(0) + 10),
+            telemetry_at("f", 2, 3, hour(0) + 20),
+            telemetry_at("f", 3, 2, hour(0) + 30),
+            telemetry_at("g", 1, 1, hour(0) + 40),
+            telemetry_at("f", 4, 4, hour(1) + 10),
+            telemetry_at("f", 5, 0, hour(1) + 2_000),
+            telemetry_at("f", 6, 4, hour(2) + 10),
+        ])
+        .await
+        .unwrap();
+    let before = store.devices(hour(3), Duration::ZERO).await.unwrap();
+
+    // A cutoff inside hour 1 rolls up part of it; the next run adds the rest to the
+    // same hourly row.
+    let first = store.downsample(hour(1) + 1_000).await.unwrap();
+    assert_eq!(
+        first,
+        DownsampleOutcome {
+            raw_rows: 5,
+            hourly_rows: 3
+        }
+    );
+    let second = store.downsample(hour(2)).await.unwrap();
+    assert_eq!(
+        second,
+        DownsampleOutcome {
+            raw_rows: 1,
+            hourly_rows: 1
+        }
+    );
+    let third = store.downsample(hour(2)).await.unwrap();
+    assert_eq!(third, DownsampleOutcome::default());
+
+    let hourly = store.hourly_telemetry("f", 10).await.unwrap().unwrap();
+    let starts: Vec<i64> = hourly.iter().map(|row| row.hour_start_ms).collect();
+    assert_eq!(starts, [hour(1) as i64, hour(0) as i64]);
+    assert_eq!(hourly[0].messages, 2);
+    assert_eq!(hourly[0].inferences, 8);
+    assert_eq!(hourly[0].labeled, 8);
+    assert_eq!(hourly[0].correct, 4);
+    assert_eq!(hourly[0].input_errors, 0);
+    assert_eq!(hourly[0].latency.count, 8);
+    assert_eq!(hourly[1].messages, 3);
+    assert_eq!(hourly[1].inferences, 12);
+    assert_eq!(hourly[1].correct, 9);
+    assert_eq!(hourly[1].latency.count, 12);
+    assert_eq!(hourly[1].latency.max_micros, 5_000);
+
+    let other = store.hourly_telemetry("g", 10).await.unwrap().unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].messages, 1);
+    assert_eq!(other[0].correct, 1);
+    assert!(
+        store
+            .hourly_telemetry("unknown", 10)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let raw = store.telemetry("f", 10).await.unwrap().unwrap();
+    let raw_seqs: Vec<i64> = raw.iter().map(|row| row.seq).collect();
+    assert_eq!(raw_seqs, [6]);
+    assert!(store.telemetry("g", 10).await.unwrap().unwrap().is_empty());
+
+    let after = store.devices(hour(3), Duration::ZERO).await.unwrap();
+    assert_eq!(after.len(), before.len());
+    for (after, before) in after.iter().zip(&before) {
+        assert_eq!(after.id, before.id);
+        assert_eq!(after.messages, before.messages, "{}", after.id);
+        assert_eq!(after.gaps, before.gaps, "{}", after.id);
+        assert_eq!(after.duplicates, before.duplicates, "{}", after.id);
+        assert_eq!(after.inferences, before.inferences, "{}", after.id);
+        assert_eq!(after.labeled, before.labeled, "{}", after.id);
+        assert_eq!(after.correct, before.correct, "{}", after.id);
+        assert_eq!(after.first_seen_ms, before.first_seen_ms, "{}", after.id);
+        assert_eq!(after.last_seen_ms, before.last_seen_ms, "{}", after.id);
+    }
+}
+
+async fn downsample_runs_concurrently_once(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let replicas = [db.open().await, db.open().await];
+    let devices = ["h", "i", "j"];
+    let mut batch = Vec::new();
+    for seq in 1..=200u64 {
+        for device in devices {
+            // Spread over 5 hours, so the runs update several hourly rows each.
+            batch.push(telemetry_at(device, seq, 3, seq * HOUR_MS / 40));
+        }
+    }
+    replicas[0].apply_batch(&batch).await.unwrap();
+    let cutoff = 6 * HOUR_MS;
+
+    let runs: Vec<_> = replicas
+        .iter()
+        .map(|store| {
+            let store = store.clone();
+            tokio::spawn(async move { store.downsample(cutoff).await })
+        })
+        .collect();
+    let mut raw_rows = 0;
+    for run in runs {
+        raw_rows += run.await.unwrap().unwrap().raw_rows;
+    }
+    assert_eq!(raw_rows, 600);
+
+    for device in devices {
+        let hourly = replicas[1]
+            .hourly_telemetry(device, 100)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(hourly.len(), 6, "{device}");
+        let messages: i64 = hourly.iter().map(|row| row.messages).sum();
+        let correct: i64 = hourly.iter().map(|row| row.correct).sum();
+        let latencies: u32 = hourly.iter().map(|row| row.latency.count).sum();
+        assert_eq!(messages, 200, "{device}");
+        assert_eq!(correct, 600, "{device}");
+        assert_eq!(latencies, 800, "{device}");
+        let raw = replicas[1].telemetry(device, 100).await.unwrap().unwrap();
+        assert!(raw.is_empty(), "{device}: {} raw rows left", raw.len());
+    }
+}
+
+async fn overlapping_batches_from_two_handles(backend: Backend) {
+    const ROUNDS: u64 = 8;
+    const BATCH: u64 = 40;
+    const OVERLAP: u64 = 20;
+    let db = TestDatabase::create(backend).await;
+    let replicas = [db.open().await, db.open().await];
+    let devices = ["p", "q", "r"];
+
+    // In each round both handles write BATCH messages per device at the same time, the
+    // second starting OVERLAP sequence numbers before the first ends and listing the
+    // devices in the opposite order.
+    let mut stored = 0;
+    let mut duplicates = 0;
+    for round in 0..ROUNDS {
+        let start = round * (2 * BATCH - OVERLAP) + 1;
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        for seq in start..start + BATCH {
+            for device in devices {
+                first.push(telemetry(device, seq, 4));
+            }
+        }
+        for seq in start + BATCH - OVERLAP..start + 2 * BATCH - OVERLAP {
+            for device in devices.iter().rev() {
+                second.push(telemetry(device, seq, 4));
+            }
+        }
+        let writes: Vec<_> = [first, second]
+            .into_iter()
+            .zip(replicas.iter().cloned())
+            .map(|(batch, store)| tokio::spawn(async move { store.apply_batch(&batch).await }))
+            .collect();
+        for write in writes {
+            let outcome = write.await.unwrap().unwrap();
+            stored += outcome.stored;
+            duplicates += outcome.duplicates;
+        }
+    }
+
+    let unique_per_device = (ROUNDS * (2 * BATCH - OVERLAP)) as i64;
+    let overlap_per_device = (ROUNDS * OVERLAP) as i64;
+    assert_eq!(stored as i64, 3 * unique_per_device);
+    assert_eq!(duplicates as i64, 3 * overlap_per_device);
+
+    let summaries = replicas[1].devices(0, Duration::ZERO).await.unwrap();
+    assert_eq!(summaries.len(), 3);
+    for device in &summaries {
+        assert_eq!(device.messages, unique_per_device, "{}", device.id);
+        assert_eq!(device.duplicates, overlap_per_device, "{}", device.id);
+        assert_eq!(device.inferences, 4 * unique_per_device, "{}", device.id);
+        assert_eq!(device.correct, 4 * unique_per_device, "{}", device.id);
+        assert_eq!(device.gaps, 0, "{}", device.id);
+        let rows = replicas[0]
+            .telemetry(&device.id, 10_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rows.len() as i64, unique_per_device, "{}", device.id);
+    }
+}
+
+#[tokio::test]
+async fn open_rejects_unknown_scheme() {
+    let error = Store::open("mysql://fleet:hunter2@127.0.0.1/fleet")
+        .await
+        .unwrap_err();
+    let message = error_chain(&error);
+    assert!(message.contains("\"mysql\""), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+
+    let error = Store::open("sqlite://").await.unwrap_err();
+    let message = error_chain(&error);
+    assert!(message.contains("sqlite://PATH"), "{message}");
+}
+
+#[tokio::test]
+async fn open_postgres_error_hides_password() {
+    // Port 1 on loopback refuses the connection at once.
+    let error = Store::open("postgres://fleet:hunter2@127.0.0.1:1/fleet")
+        .await
+        .unwrap_err();
+    let message = error_chain(&error);
+    assert!(
+        message.contains("postgres://fleet:***@127.0.0.1:1/fleet"),
+        "{message}"
+    );
+    assert!(!message.contains("hunter2"), "{message}");
+}
+
+#[tokio::test]
+async fn open_accepts_plain_path_and_sqlite_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.db");
+    let by_path = Store::open(path.to_str().unwrap()).await.unwrap();
+    by_path.apply_batch(&[telemetry("k", 1, 4)]).await.unwrap();
+
+    let by_url = Store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let rows = by_url.telemetry("k", 10).await.unwrap().unwrap();
+    assert_eq!(rows.len(), 1);
+
+    let by_open_sqlite = Store::open_sqlite(&path).await.unwrap();
+    let rows = by_open_sqlite.telemetry("k", 10).await.unwrap().unwrap();
+    assert_eq!(rows.len(), 1);
 }

@@ -136,6 +136,7 @@ impl Workspace {
                 &http,
                 "--mqtt-listen",
                 &mqtt_listen,
+                "--mqtt-clean-session",
                 "--database",
             ])
             .arg(&database)
@@ -156,7 +157,10 @@ impl Workspace {
                 .is_ok()
                 .then_some(())
         });
-        Server { process, base }
+        Server {
+            process,
+            api: Api { base },
+        }
     }
 
     /// Starts `fleet device` on the MNIST test set with the given extra flags.
@@ -185,20 +189,47 @@ impl Workspace {
     }
 }
 
-/// A running `fleet server` and its HTTP base URL.
+/// A running `fleet server`; its API is reachable through `Deref`.
 #[derive(Debug)]
 pub struct Server {
     pub process: Process,
+    pub api: Api,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+/// The HTTP API of a fleet server at `base`, such as `http://127.0.0.1:8080`.
+#[derive(Debug, Clone)]
+pub struct Api {
     pub base: String,
 }
 
-impl Server {
+impl Api {
     pub fn get(&self, path: &str) -> serde_json::Value {
         ureq::get(&format!("{}{path}", self.base))
             .call()
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
             .into_json()
             .expect("JSON body")
+    }
+
+    /// Returns the value of one sample line of `/metrics`, such as
+    /// `fleet_ingest_messages_total{outcome="stored"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = ureq::get(&format!("{}/metrics", self.base))
+            .call()
+            .expect("GET /metrics")
+            .into_string()
+            .expect("text body");
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{sample} not in /metrics:\n{text}"))
     }
 
     /// Returns the `/api/devices` entry of one device, if the server has one.
@@ -253,4 +284,29 @@ pub fn model_card_accuracy(model: &str) -> f64 {
         .next()
         .and_then(|number| number.trim().parse().ok())
         .unwrap_or_else(|| panic!("no percentage in 'Accuracy in tract:{line}'"))
+}
+
+/// Removes the retained status messages of `device_ids` from the broker at
+/// `host:port`, so test runs do not pile up retained messages on a shared broker.
+pub fn clear_retained_status(host: &str, port: u16, device_ids: &[String]) {
+    let mut options = rumqttc::MqttOptions::new(unique_device_id("cleanup"), host, port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = rumqttc::Client::new(options, 16);
+    for id in device_ids {
+        let topic = format!("fleet/v1/{id}/status");
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, true, Vec::new())
+            .expect("queue retained clear");
+    }
+    let mut acknowledged = 0;
+    for event in connection.iter() {
+        match event.expect("broker connection") {
+            rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => acknowledged += 1,
+            _ => continue,
+        }
+        if acknowledged == device_ids.len() {
+            break;
+        }
+    }
+    let _ = client.disconnect();
 }

@@ -1,0 +1,176 @@
+//! Prometheus metrics of the server, served on `/metrics` in the text exposition format.
+//!
+//! Labels never carry device ids, so the number of series stays fixed however large the
+//! fleet grows.
+
+use std::fmt::Write;
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Devices whose clock differs from the server's by more than this are counted as
+/// skewed.
+pub const CLOCK_SKEW_LIMIT_MS: i64 = 5 * 60 * 1000;
+
+/// Label set naming the outcome of an ingested message.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: Outcome,
+}
+
+/// Label values of [`OutcomeLabel`].
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored for the first time.
+    Stored,
+    /// Already stored under the same (device, seq); counted but not stored again.
+    Duplicate,
+    /// Undecodable, oversized or not matching its topic; dropped.
+    Rejected,
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let value = match self {
+            Outcome::Stored => "stored",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Rejected => "rejected",
+        };
+        encoder.write_str(value)
+    }
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct ServerMetrics {
+    registry: Registry,
+    messages: Family<OutcomeLabel, Counter>,
+    /// Batch writes that failed and were retried.
+    pub write_errors: Counter,
+    /// Time to write and commit one batch, in seconds.
+    pub batch_seconds: Histogram,
+    /// Receive time minus device time of each telemetry message, in seconds.
+    pub ingest_lag_seconds: Histogram,
+    /// Telemetry messages whose device clock was off by more than
+    /// [`CLOCK_SKEW_LIMIT_MS`].
+    pub clock_skewed: Counter,
+    /// Messages received from the broker and not yet committed.
+    pub queue_depth: Gauge<i64, AtomicI64>,
+    /// 1 while the ingest client is connected to the broker.
+    pub broker_connected: Gauge<i64, AtomicI64>,
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        ServerMetrics::new()
+    }
+}
+
+impl ServerMetrics {
+    /// Creates the metrics and registers them under the `fleet` prefix.
+    pub fn new() -> ServerMetrics {
+        let mut registry = Registry::with_prefix("fleet");
+        let messages = Family::<OutcomeLabel, Counter>::default();
+        let write_errors = Counter::default();
+        let batch_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let ingest_lag_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let clock_skewed = Counter::default();
+        let queue_depth = Gauge::default();
+        let broker_connected = Gauge::default();
+        registry.register(
+            "ingest_messages",
+            "MQTT messages taken in, by outcome",
+            messages.clone(),
+        );
+        registry.register(
+            "ingest_write_errors",
+            "Batch writes that failed and were retried",
+            write_errors.clone(),
+        );
+        registry.register(
+            "ingest_batch_seconds",
+            "Time to write and commit one batch",
+            batch_seconds.clone(),
+        );
+        registry.register(
+            "ingest_lag_seconds",
+            "Receive time minus device time of telemetry messages",
+            ingest_lag_seconds.clone(),
+        );
+        registry.register(
+            "ingest_clock_skewed",
+            "Telemetry messages whose device clock was off by more than five minutes",
+            clock_skewed.clone(),
+        );
+        registry.register(
+            "ingest_queue_depth",
+            "Messages received and not yet committed",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "1 while the ingest client is connected to the broker",
+            broker_connected.clone(),
+        );
+        ServerMetrics {
+            registry,
+            messages,
+            write_errors,
+            batch_seconds,
+            ingest_lag_seconds,
+            clock_skewed,
+            queue_depth,
+            broker_connected,
+        }
+    }
+
+    /// Counts messages with one outcome.
+    pub fn count(&self, outcome: Outcome, messages: u64) {
+        self.messages
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc_by(messages);
+    }
+
+    /// Returns how many messages had `outcome` since the server started.
+    pub fn total(&self, outcome: Outcome) -> u64 {
+        self.messages.get_or_create(&OutcomeLabel { outcome }).get()
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_counts_by_outcome() {
+        let metrics = ServerMetrics::new();
+        metrics.count(Outcome::Stored, 7);
+        metrics.count(Outcome::Rejected, 2);
+        metrics.ingest_lag_seconds.observe(0.004);
+        let text = metrics.render();
+        assert!(
+            text.contains("fleet_ingest_messages_total{outcome=\"stored\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleet_ingest_messages_total{outcome=\"rejected\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("fleet_ingest_lag_seconds_count 1"), "{text}");
+        assert_eq!(metrics.total(Outcome::Stored), 7);
+        assert_eq!(metrics.total(Outcome::Duplicate), 0);
+    }
+}
