@@ -39,9 +39,10 @@ pub struct DemoArgs {
     /// Address for the console; a free port is used when it is taken.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
-    /// Folder with the shipped models and data.
-    #[arg(long, default_value = "models")]
-    models: PathBuf,
+    /// Folder with the shipped models and data [default: models, or the source tree's
+    /// models folder when run from elsewhere].
+    #[arg(long)]
+    models: Option<PathBuf>,
     /// Folder for keys, bundles, the database and agent state; reused across runs.
     #[arg(long, default_value = ".fleet-demo")]
     work_dir: PathBuf,
@@ -86,7 +87,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }
-    let models = find_models(&args.models)?;
+    if !(args.rate.is_finite() && args.rate >= 0.0) {
+        bail!(
+            "invalid --rate {}: expected inferences per second, 0 or more",
+            args.rate
+        );
+    }
+    if !(args.interval.is_finite() && (0.05..=3600.0).contains(&args.interval)) {
+        bail!(
+            "invalid --interval {}: expected 0.05 to 3600 seconds",
+            args.interval
+        );
+    }
+    let models = find_models(args.models.as_deref())?;
     std::fs::create_dir_all(&args.work_dir)
         .with_context(|| format!("failed to create {}", args.work_dir.display()))?;
     let work_dir = args.work_dir.canonicalize()?;
@@ -116,7 +129,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         broker: BrokerMode::Embedded {
             listen: "127.0.0.1:0".parse().expect("literal address"),
         },
-        database: work_dir.join("fleet.db").display().to_string(),
+        // One database per model, so a work folder reused with another model does not
+        // mix the two fleets' totals.
+        database: work_dir
+            .join(format!("fleet-{}.db", recipe.name))
+            .display()
+            .to_string(),
         mqtt_client_id: format!("fleet-demo-{}", std::process::id()),
         shared_group: None,
         // The embedded broker lives and dies with the demo, so there is no session
@@ -143,7 +161,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .args(["--rate", &args.rate.to_string()])
             .args(["--interval", &args.interval.to_string()])
             .arg("--state-dir")
-            .arg(work_dir.join("state").join(&device_id))
+            .arg(work_dir.join("state").join(&recipe.name).join(&device_id))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -167,14 +185,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     outcome
 }
 
-/// Prints a summary line every few seconds until Ctrl-C, or fails if an agent exits.
+/// Prints a summary line every few seconds until SIGINT (Ctrl-C) or SIGTERM, or fails
+/// if an agent exits.
 async fn watch_fleet(server: &Server, agents: &mut [(String, Child)]) -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("failed to listen for SIGTERM")?;
     let mut ticker = tokio::time::interval(SUMMARY_INTERVAL);
     ticker.tick().await;
     loop {
         tokio::select! {
             result = tokio::signal::ctrl_c() => {
                 result?;
+                println!("stopping ...");
+                return Ok(());
+            }
+            _ = terminate.recv() => {
                 println!("stopping ...");
                 return Ok(());
             }
@@ -279,12 +304,17 @@ fn exit_with_parent(command: &mut Command) {
     }
 }
 
-/// Uses the shipped models folder at `given`, or the one of this source tree.
-fn find_models(given: &Path) -> anyhow::Result<PathBuf> {
-    let candidates = [
-        given.to_path_buf(),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
-    ];
+/// Returns the models folder: `given` when set, else `models` in the working folder or
+/// in this source tree.
+fn find_models(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let candidates = match given {
+        Some(path) => vec![path.to_path_buf()],
+        None => vec![
+            PathBuf::from("models"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+        ],
+    };
+    let given = given.unwrap_or(Path::new("models"));
     candidates
         .iter()
         .find(|path| path.join("mnist").is_dir())

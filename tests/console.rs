@@ -84,3 +84,46 @@ fn console_lists_live_devices() {
         "summary line missing:\n{dom}"
     );
 }
+
+/// Returns the status and JSON body of a request the server rejects.
+fn rejection(url: &str) -> (u16, serde_json::Value) {
+    match ureq::get(url).call() {
+        Err(ureq::Error::Status(status, response)) => (status, response.into_json().unwrap()),
+        other => panic!("{url} was not rejected: {other:?}"),
+    }
+}
+
+#[test]
+fn api_errors_are_json() {
+    let workspace = Workspace::new();
+    let mqtt_port = free_port();
+    let server = workspace.start_server(None, mqtt_port);
+    let id = unique_device_id("api");
+    let broker = format!("mqtt://127.0.0.1:{mqtt_port}");
+    let _device = workspace.start_device(&id, &broker, &["--interval", "0.2"]);
+    wait_for(Duration::from_secs(60), "the device", || server.device(&id));
+
+    let cases = [
+        (
+            format!("/api/devices/{id}/telemetry?limit=abc"),
+            400,
+            "invalid query",
+        ),
+        (
+            format!("/api/devices/{id}/telemetry?limit=0"),
+            400,
+            "limit must be between",
+        ),
+        (
+            "/api/devices/nobody/telemetry".to_string(),
+            404,
+            "not found",
+        ),
+    ];
+    for (path, expected_status, expected_text) in cases {
+        let (status, body) = rejection(&format!("{}{path}", server.base));
+        assert_eq!(status, expected_status, "{path}: {body}");
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(message.contains(expected_text), "{path}: {body}");
+    }
+}

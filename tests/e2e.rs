@@ -208,3 +208,24 @@ fn undecodable_image_is_skipped_and_counted() {
     assert!(device.is_running(), "a bad image stopped the agent");
     assert!(device.terminate().success());
 }
+
+#[test]
+fn busy_mqtt_port_is_an_error() {
+    let workspace = Workspace::new();
+    let mqtt_port = free_port();
+    let _first = workspace.start_server(None, mqtt_port);
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["server", "--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
+        .args(["--http", &format!("127.0.0.1:{}", free_port())])
+        .arg("--database")
+        .arg(workspace.path("second.db"))
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "a second broker started on a taken port"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already in use"), "{stderr}");
+}

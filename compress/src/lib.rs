@@ -30,7 +30,13 @@ pub fn build_bundle(
     let summary = inspect(&recipe.model)?;
     let metrics = match (&recipe.evaluation, evaluate_model) {
         (Some(set), true) => {
-            let evaluation = evaluate(recipe, set, &summary)?;
+            let evaluation = evaluate(recipe, set, &summary).with_context(|| {
+                format!(
+                    "failed to evaluate {} on {}",
+                    recipe.name,
+                    set.images.display()
+                )
+            })?;
             Some(Metrics {
                 dataset: set.description.clone(),
                 samples: evaluation.samples as u64,

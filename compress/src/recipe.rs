@@ -58,6 +58,12 @@ impl Recipe {
         recipe.model = base.join(&recipe.model);
         recipe.labels = recipe.labels.map(|labels| base.join(labels));
         if let Some(set) = &mut recipe.evaluation {
+            if set.latency_runs == 0 {
+                anyhow::bail!(
+                    "invalid recipe {}: evaluation.latency_runs must be at least 1",
+                    path.display()
+                );
+            }
             set.images = base.join(&set.images);
             set.labels = set.labels.as_ref().map(|labels| base.join(labels));
         }

@@ -166,10 +166,27 @@ impl DeviceConfig {
     }
 }
 
+/// Reads a config file and resolves its relative paths against the file's folder, so
+/// the agent finds its files whatever folder it is started from.
 fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("failed to read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    let mut config: FileConfig =
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for relative in [
+        &mut config.bundle,
+        &mut config.public_key,
+        &mut config.input,
+        &mut config.labels,
+        &mut config.state_dir,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        *relative = base.join(&*relative);
+    }
+    Ok(config)
 }
 
 fn parse_shard(shard: &str) -> anyhow::Result<(usize, usize)> {
@@ -204,7 +221,7 @@ mod tests {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "device_id = \"from-file\"\nrate = 3.0\nshard = \"1/4\"\n",
+            "device_id = \"from-file\"\nrate = 3.0\nshard = \"1/4\"\nstate_dir = \"state\"\n",
         )
         .unwrap();
         let args = DeviceArgs {
@@ -214,6 +231,7 @@ mod tests {
         };
         let config = DeviceConfig::resolve(args).unwrap();
         assert_eq!(config.device_id, "pi-1");
+        assert_eq!(config.state_dir, dir.path().join("state"));
         assert_eq!(config.rate, Some(7.0));
         assert_eq!((config.shard_index, config.shard_count), (1, 4));
         assert_eq!(config.broker_port, 1883);

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
@@ -30,7 +31,7 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/", get(console))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .route("/api/summary", get(summary))
         .route("/api/devices", get(devices))
@@ -94,11 +95,29 @@ struct TelemetryQuery {
     limit: Option<u32>,
 }
 
+/// Answers 200 `ok` while the server is connected to its MQTT broker and 503 with a
+/// JSON error otherwise, so a load balancer or Kubernetes stops routing to a replica
+/// that cannot ingest.
+async fn health(State(state): State<ApiState>) -> Result<&'static str, ApiError> {
+    if state.metrics.broker_connected.get() == 1 {
+        Ok("ok")
+    } else {
+        Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "not connected to the MQTT broker".into(),
+        })
+    }
+}
+
 async fn telemetry(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Query(query): Query<TelemetryQuery>,
+    query: Result<Query<TelemetryQuery>, QueryRejection>,
 ) -> Result<Json<Vec<TelemetryRow>>, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("invalid query: {}", rejection.body_text()),
+    })?;
     let limit = query.limit.unwrap_or(DEFAULT_TELEMETRY_ROWS);
     if limit == 0 || limit > MAX_TELEMETRY_ROWS {
         return Err(ApiError {

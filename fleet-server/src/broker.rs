@@ -54,13 +54,23 @@ pub fn start_embedded(listen: SocketAddr, max_payload_bytes: usize) -> anyhow::R
     Ok(listen)
 }
 
-/// Replaces port 0 with a port that is free now. Another process could take it before
-/// rumqttd binds it; `wait_until_accepting` then fails with a clear error.
+/// Checks that `listen` is free and replaces port 0 with a port that is free now.
+///
+/// rumqttd binds in its own thread and only logs a failure, and the readiness check
+/// below would then connect to whatever already listens there, such as a Mosquitto.
+/// Binding here first turns that into an error. Another process could still take the
+/// port in the moment between this check and rumqttd's bind.
 fn resolve_port(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
-    if listen.port() != 0 {
-        return Ok(listen);
-    }
-    let probe = TcpListener::bind(listen).with_context(|| format!("failed to bind {listen}"))?;
+    let probe = TcpListener::bind(listen).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!(
+                "MQTT address {listen} is already in use, perhaps by another broker: use \
+                 that broker with --broker mqtt://{listen}, or pick another --mqtt-listen"
+            )
+        } else {
+            anyhow::Error::new(error).context(format!("failed to bind {listen}"))
+        }
+    })?;
     Ok(probe.local_addr()?)
 }
 

@@ -18,8 +18,9 @@ use crate::store::{Received, Record, Store};
 const MAX_BATCH: usize = 512;
 /// Messages decoded but not yet written; when full, reading from the broker pauses.
 const QUEUE_CAPACITY: usize = 4096;
-/// Wait between reconnection attempts to the broker.
-const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// First and largest wait between reconnection attempts to the broker.
+const RECONNECT_DELAY_MIN: Duration = Duration::from_secs(1);
+const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
 
 /// Address of the broker the ingester subscribes to.
 #[derive(Debug, Clone)]
@@ -90,6 +91,8 @@ async fn read_broker(
     metrics: Arc<ServerMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut reconnect_delay = RECONNECT_DELAY_MIN;
+    let mut failures = 0u64;
     loop {
         let event = tokio::select! {
             event = eventloop.poll() => event,
@@ -102,6 +105,8 @@ async fn read_broker(
                     "ingest connected to broker"
                 );
                 metrics.broker_connected.set(1);
+                reconnect_delay = RECONNECT_DELAY_MIN;
+                failures = 0;
                 subscribe(&client, shared_group.as_deref()).await;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -114,8 +119,22 @@ async fn read_broker(
             Ok(_) => {}
             Err(error) => {
                 metrics.broker_connected.set(0);
-                tracing::warn!(%error, "ingest lost the broker, reconnecting");
-                tokio::time::sleep(RECONNECT_DELAY).await;
+                failures += 1;
+                // Log the first failures and then every tenth, so a long outage does not
+                // flood the log.
+                if failures <= 3 || failures.is_multiple_of(10) {
+                    tracing::warn!(
+                        %error,
+                        failures,
+                        retry_in_ms = reconnect_delay.as_millis() as u64,
+                        "ingest cannot reach the broker, retrying"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(reconnect_delay) => {}
+                    _ = shutdown.changed() => break,
+                }
+                reconnect_delay = (reconnect_delay * 2).min(RECONNECT_DELAY_MAX);
             }
         }
     }

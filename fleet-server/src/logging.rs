@@ -1,6 +1,8 @@
 //! Logs and traces: `tracing` events as text or JSON lines on standard error, and spans
 //! exported over OTLP/HTTP when an endpoint is configured.
 
+use std::io::IsTerminal;
+
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -46,6 +48,7 @@ pub fn init(
         .unwrap_or_else(|_| default_filter.into());
     let events = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

@@ -1,4 +1,6 @@
-//! ed25519 keys stored as hex text files.
+//! ed25519 keys stored as one line of text: a label naming the kind of key, then the
+//! 32 key bytes in hex, such as `ed25519-public-key 3b6a27bc...`. The label keeps a
+//! public key from being used where the secret one is expected, and the other way round.
 
 use std::fs;
 use std::io::Write;
@@ -7,6 +9,9 @@ use std::path::Path;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use crate::BundleError;
+
+const SECRET_LABEL: &str = "ed25519-secret-key";
+const PUBLIC_LABEL: &str = "ed25519-public-key";
 
 /// The key a build machine signs bundles with.
 #[derive(Debug)]
@@ -29,7 +34,7 @@ pub fn generate_key_pair() -> Result<(SecretKey, PublicKey), BundleError> {
 impl SecretKey {
     /// Reads a secret key written by [`SecretKey::write`].
     pub fn read(path: &Path) -> Result<SecretKey, BundleError> {
-        let bytes = read_hex_key(path)?;
+        let bytes = read_key_file(path, SECRET_LABEL)?;
         Ok(SecretKey(SigningKey::from_bytes(&bytes)))
     }
 
@@ -44,7 +49,7 @@ impl SecretKey {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(path).map_err(io_error)?;
-        writeln!(file, "{}", hex::encode(self.0.to_bytes())).map_err(io_error)?;
+        writeln!(file, "{SECRET_LABEL} {}", hex::encode(self.0.to_bytes())).map_err(io_error)?;
         file.sync_all().map_err(io_error)
     }
 
@@ -62,7 +67,7 @@ impl SecretKey {
 impl PublicKey {
     /// Reads a public key written by [`PublicKey::write`].
     pub fn read(path: &Path) -> Result<PublicKey, BundleError> {
-        let bytes = read_hex_key(path)?;
+        let bytes = read_key_file(path, PUBLIC_LABEL)?;
         VerifyingKey::from_bytes(&bytes)
             .map(PublicKey)
             .map_err(|error| BundleError::InvalidKey {
@@ -73,11 +78,10 @@ impl PublicKey {
 
     /// Writes the key as one line of hex.
     pub fn write(&self, path: &Path) -> Result<(), BundleError> {
-        fs::write(path, format!("{}\n", hex::encode(self.0.to_bytes()))).map_err(|source| {
-            BundleError::Io {
-                path: path.to_path_buf(),
-                source,
-            }
+        let line = format!("{PUBLIC_LABEL} {}\n", hex::encode(self.0.to_bytes()));
+        fs::write(path, line).map_err(|source| BundleError::Io {
+            path: path.to_path_buf(),
+            source,
         })
     }
 
@@ -114,8 +118,9 @@ impl PublicKey {
     }
 }
 
-fn read_hex_key(path: &Path) -> Result<[u8; 32], BundleError> {
-    let text = fs::read_to_string(path).map_err(|source| BundleError::Io {
+/// Reads a key file written by this module and checks that it holds the `label` kind.
+fn read_key_file(path: &Path, label: &str) -> Result<[u8; 32], BundleError> {
+    let bytes = fs::read(path).map_err(|source| BundleError::Io {
         path: path.to_path_buf(),
         source,
     })?;
@@ -123,7 +128,20 @@ fn read_hex_key(path: &Path) -> Result<[u8; 32], BundleError> {
         path: path.to_path_buf(),
         reason,
     };
-    hex::decode(text.trim())
+    let text = String::from_utf8(bytes).map_err(|_| invalid("not a text file".into()))?;
+    let (found_label, key_hex) = text
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| invalid(format!("expected \"{label} <64 hex digits>\"")))?;
+    if found_label != label {
+        let found = match found_label {
+            SECRET_LABEL => "a secret key".to_string(),
+            PUBLIC_LABEL => "a public key".to_string(),
+            other => format!("labelled {other:?}"),
+        };
+        return Err(invalid(format!("the file is {found}, expected {label}")));
+    }
+    hex::decode(key_hex)
         .map_err(|error| invalid(format!("not hex: {error}")))?
         .try_into()
         .map_err(|bytes: Vec<u8>| invalid(format!("{} bytes, expected 32", bytes.len())))

@@ -197,13 +197,20 @@ fn check_declared_input(inputs: &[TensorSpec], input_shape: &[usize]) -> Result<
         .first()
         .is_some_and(|&d| d < 0 || d as usize == input_shape[0]);
     if fits && batch_fits {
-        Ok(())
-    } else {
-        Err(RuntimeError::ShapeMismatch {
-            expected: declared.shape.iter().map(|&d| d.max(0) as usize).collect(),
-            found: input_shape.to_vec(),
-        })
+        return Ok(());
     }
+    let declared_shape: Vec<String> = declared
+        .shape
+        .iter()
+        .map(|&d| if d < 0 { "N".into() } else { d.to_string() })
+        .collect();
+    Err(RuntimeError::PreprocessingMismatch(format!(
+        "model input {:?} has shape [{}], but the preprocessing produces {:?} (batch, \
+         channels, height, width); check its kind, width and height",
+        declared.name,
+        declared_shape.join(", "),
+        input_shape
+    )))
 }
 
 /// Softmax that subtracts the maximum first, so large logits cannot overflow.

@@ -58,6 +58,8 @@ pub enum RuntimeError {
     InvalidDataset { path: PathBuf, reason: String },
     #[error("sample index {index} is out of range for a data set of {len} samples")]
     SampleOutOfRange { index: usize, len: usize },
+    #[error("preprocessing does not fit the model: {0}")]
+    PreprocessingMismatch(String),
     #[error("unsupported model: {0}")]
     Unsupported(String),
     #[error(transparent)]
