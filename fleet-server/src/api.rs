@@ -95,7 +95,7 @@ struct TelemetryQuery {
     limit: Option<u32>,
 }
 
-/// Answers 200 `ok` while the server is connected to its MQTT broker and 503 with a
+/// Returns 200 `ok` while the server is connected to its MQTT broker and 503 with a
 /// JSON error otherwise, so a load balancer or Kubernetes stops routing to a replica
 /// that cannot ingest.
 async fn health(State(state): State<ApiState>) -> Result<&'static str, ApiError> {

@@ -118,7 +118,7 @@ impl PublicKey {
     }
 }
 
-/// Reads a key file written by this module and checks that it holds the `label` kind.
+/// Reads a key file written by this module and checks that it contains the `label` kind.
 fn read_key_file(path: &Path, label: &str) -> Result<[u8; 32], BundleError> {
     let bytes = fs::read(path).map_err(|source| BundleError::Io {
         path: path.to_path_buf(),
