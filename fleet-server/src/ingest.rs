@@ -241,7 +241,8 @@ async fn write_batches(
 ) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let records: Vec<Record> = batch.iter().filter_map(|p| p.record.clone()).collect();
+        // Moved out rather than cloned: only the publish is needed for the acknowledgement.
+        let records: Vec<Record> = batch.iter_mut().filter_map(|p| p.record.take()).collect();
         let span = tracing::info_span!(
             "ingest_batch",
             messages = batch.len(),

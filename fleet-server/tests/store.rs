@@ -44,6 +44,9 @@ macro_rules! on_each_backend {
 
 on_each_backend!(
     duplicates_are_stored_once,
+    duplicates_within_one_batch,
+    model_follows_last_record,
+    large_batch_is_stored_whole,
     gaps_count_missing_sequence_numbers,
     non_finite_readings_become_nulls,
     live_window_merges_recent_histograms,
@@ -235,6 +238,140 @@ async fn duplicates_are_stored_once(backend: Backend) {
     assert_eq!(device.correct, 11);
     assert_eq!(device.gaps, 0);
     assert!((device.accuracy.unwrap() - 11.0 / 12.0).abs() < 1e-12);
+}
+
+async fn duplicates_within_one_batch(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    // A batch whose messages were all dropped arrives empty.
+    let empty = store.apply_batch(&[]).await.unwrap();
+    assert_eq!(empty.stored, 0);
+    assert_eq!(empty.duplicates, 0);
+    let outcome = store
+        .apply_batch(&[
+            telemetry("a", 1, 4),
+            telemetry("a", 1, 0),
+            telemetry("b", 1, 2),
+            telemetry("a", 2, 3),
+            telemetry("b", 1, 1),
+            telemetry("a", 1, 1),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcome.stored, 3);
+    assert_eq!(outcome.duplicates, 3);
+
+    let devices = store
+        .devices(1_000_010, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let a = &devices[0];
+    assert_eq!(a.id, "a");
+    assert_eq!(a.messages, 2);
+    assert_eq!(a.duplicates, 2);
+    // The first copy of each (device, seq) is the one stored and counted.
+    assert_eq!(a.correct, 7);
+    assert_eq!(a.gaps, 0);
+    let b = &devices[1];
+    assert_eq!(b.id, "b");
+    assert_eq!(b.messages, 1);
+    assert_eq!(b.duplicates, 1);
+    assert_eq!(b.correct, 2);
+    let rows = store.telemetry("a", 10).await.unwrap().unwrap();
+    let correct: Vec<(i64, i64)> = rows.iter().map(|row| (row.seq, row.correct)).collect();
+    assert_eq!(correct, [(2, 3), (1, 4)]);
+}
+
+async fn model_follows_last_record(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let status = |device_id: &str, agent_version: &str, model: Option<&str>| Record::Status {
+        status: Status {
+            device_id: device_id.into(),
+            state: DeviceState::Online,
+            model: model.map(|version| ModelRef {
+                name: "other-cnn".into(),
+                version: version.into(),
+            }),
+            agent_version: agent_version.into(),
+            device_time_ms: 0,
+        },
+        received_ms: 5,
+    };
+    store.apply_batch(&[telemetry("f", 1, 4)]).await.unwrap();
+    store
+        .apply_batch(&[
+            // f: a status naming a model after telemetry wins.
+            telemetry("f", 2, 4),
+            status("f", "0.2.0", Some("2.0.0")),
+            // g: telemetry after a status naming a model wins.
+            status("g", "0.2.0", Some("2.0.0")),
+            telemetry("g", 1, 4),
+            // h: a status without a model keeps the telemetry's model, and a duplicate
+            // changes nothing but the duplicate count.
+            telemetry("h", 1, 4),
+            status("h", "0.3.0", None),
+            status("h", "0.4.0", Some("3.0.0")),
+            telemetry("h", 1, 4),
+            // f again: a duplicate of an earlier batch does not set the model.
+            telemetry("f", 1, 4),
+        ])
+        .await
+        .unwrap();
+    let devices = store
+        .devices(1_000_010, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let model = |index: usize| {
+        let device = &devices[index];
+        (
+            device.model_name.as_deref(),
+            device.model_version.as_deref(),
+        )
+    };
+    assert_eq!(devices[0].id, "f");
+    assert_eq!(model(0), (Some("other-cnn"), Some("2.0.0")));
+    assert_eq!(devices[0].agent_version.as_deref(), Some("0.2.0"));
+    assert_eq!(devices[0].duplicates, 1);
+    assert_eq!(devices[1].id, "g");
+    assert_eq!(model(1), (Some("digit-cnn"), Some("1.0.0")));
+    assert_eq!(devices[1].state, "online");
+    assert_eq!(devices[2].id, "h");
+    assert_eq!(model(2), (Some("other-cnn"), Some("3.0.0")));
+    assert_eq!(devices[2].agent_version.as_deref(), Some("0.4.0"));
+    assert_eq!(devices[2].duplicates, 1);
+    assert_eq!(devices[2].messages, 1);
+}
+
+/// A batch larger than one multi-row statement takes on SQLite (1,560 telemetry rows or
+/// 2,520 device rows) is stored whole.
+async fn large_batch_is_stored_whole(backend: Backend) {
+    const DEVICES: u64 = 3_000;
+    const MESSAGES: u64 = 4_000;
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let batch: Vec<Record> = (0..MESSAGES)
+        .map(|i| telemetry(&format!("device-{:04}", i % DEVICES), i / DEVICES, 1))
+        .collect();
+    let outcome = store.apply_batch(&batch).await.unwrap();
+    assert_eq!(outcome.stored, MESSAGES as usize);
+    assert_eq!(outcome.duplicates, 0);
+    let again = store.apply_batch(&batch).await.unwrap();
+    assert_eq!(again.stored, 0);
+    assert_eq!(again.duplicates, MESSAGES as usize);
+
+    let devices = store
+        .devices(1_000_010, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(devices.len(), DEVICES as usize);
+    let messages: i64 = devices.iter().map(|device| device.messages).sum();
+    assert_eq!(messages, MESSAGES as i64);
+    let duplicates: i64 = devices.iter().map(|device| device.duplicates).sum();
+    assert_eq!(duplicates, MESSAGES as i64);
+    let correct: i64 = devices.iter().map(|device| device.correct).sum();
+    assert_eq!(correct, MESSAGES as i64);
+    assert!(devices.iter().all(|device| device.gaps == 0));
 }
 
 async fn gaps_count_missing_sequence_numbers(backend: Backend) {

@@ -7,8 +7,9 @@
 //!   upsert locks each row until the commit, so all writes for one device are serialized
 //!   across transactions, and the fixed order keeps two overlapping batches from
 //!   deadlocking.
-//! - Totals change only through `UPDATE ... SET messages = messages + 1` and similar, so
-//!   they are computed on the locked row, never read into Rust and written back.
+//! - Totals change only through `UPDATE ... SET messages = d.messages + v.messages` and
+//!   similar, adding the batch's sums per device, so they are computed on the locked
+//!   row, never read into Rust and written back.
 //! - `INSERT ... ON CONFLICT (device_id, seq) DO NOTHING` waits for a concurrent
 //!   transaction that inserted the same key and, once that commits, reports the conflict.
 //!   A message stored by two servers at once is thus counted once as stored and once as
@@ -17,20 +18,21 @@
 //!   with itself, so only one downsampling transaction runs at a time while readers
 //!   continue. `DELETE ... RETURNING` hands each raw row to exactly one of them.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use fleet_wire::Status;
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
 use super::rollup::{RawRow, Rollup};
 use super::rows::{
-    Contact, DeviceRow, HourlyRecord, TelemetryValues, WindowRow, device_contacts, state_name,
+    Contact, DeviceChange, DeviceRow, HourlyRecord, TelemetryValues, WindowRow, device_changes,
+    device_contacts, unique_telemetry,
 };
 use super::{
-    BatchOutcome, DownsampleOutcome, Received, Record, StoreBackend, StoreError, TelemetryRow,
+    BatchOutcome, DownsampleOutcome, Record, StoreBackend, StoreError, TelemetryRow,
     redact_password,
 };
 
@@ -78,25 +80,21 @@ impl PostgresBackend {
 #[async_trait]
 impl StoreBackend for PostgresBackend {
     async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError> {
-        let mut outcome = BatchOutcome::default();
+        let telemetry = unique_telemetry(batch);
         let mut tx = self.pool.begin().await?;
-        for (device_id, contact) in device_contacts(batch) {
-            touch_device(&mut tx, device_id, contact).await?;
-        }
-        for record in batch {
-            match record {
-                Record::Telemetry(message) => {
-                    if insert_telemetry(&mut tx, message).await? {
-                        outcome.stored += 1;
-                    } else {
-                        outcome.duplicates += 1;
-                    }
-                }
-                Record::Status { status, .. } => update_status(&mut tx, status).await?,
-            }
-        }
+        touch_devices(&mut tx, &device_contacts(batch)).await?;
+        let inserted = insert_telemetry(&mut tx, &telemetry).await?;
+        let (changes, stored) = device_changes(batch, inserted.into_iter().collect());
+        update_devices(&mut tx, &changes).await?;
         tx.commit().await?;
-        Ok(outcome)
+        let received = batch
+            .iter()
+            .filter(|record| matches!(record, Record::Telemetry(_)))
+            .count();
+        Ok(BatchOutcome {
+            stored,
+            duplicates: received - stored,
+        })
     }
 
     async fn device_rows(&self) -> Result<Vec<DeviceRow>, StoreError> {
@@ -225,114 +223,147 @@ impl StoreBackend for PostgresBackend {
     }
 }
 
-/// Stores one telemetry message and adds it to its device's totals. Returns false when
-/// its (device, seq) is already stored, and then changes only the duplicate count.
+/// Inserts telemetry rows, skipping those whose (device, seq) is already stored, and
+/// returns the (device, seq) pairs it inserted.
+///
+/// The rows travel as one array per column, so the statement text and its prepared form
+/// are the same for every batch size, and no batch reaches PostgreSQL's limit of 65,535
+/// parameters.
 async fn insert_telemetry(
     tx: &mut Transaction<'_, Postgres>,
-    message: &Received,
-) -> Result<bool, sqlx::Error> {
-    let values = TelemetryValues::new(message);
-    let inserted = sqlx::query(
+    rows: &[TelemetryValues<'_>],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    let column = |get: fn(&TelemetryValues<'_>) -> i64| rows.iter().map(get).collect::<Vec<_>>();
+    let reading =
+        |get: fn(&TelemetryValues<'_>) -> Option<f64>| rows.iter().map(get).collect::<Vec<_>>();
+    sqlx::query_as(
         "INSERT INTO telemetry (device_id, seq, device_time_ms, received_ms,
             interval_ms, model_name, model_version, inferences, input_errors, labeled,
             correct, confidence_sum, low_confidence, latency, latency_p50_us,
             latency_p95_us, cpu_percent, process_memory_bytes, memory_used_bytes,
             memory_total_bytes, temperature_celsius)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-            $17, $18, $19, $20, $21)
-         ON CONFLICT (device_id, seq) DO NOTHING",
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[],
+            $5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],
+            $11::bigint[], $12::float8[], $13::bigint[], $14::text[], $15::float8[],
+            $16::float8[], $17::float8[], $18::bigint[], $19::bigint[], $20::bigint[],
+            $21::float8[])
+         ON CONFLICT (device_id, seq) DO NOTHING
+         RETURNING device_id, seq",
     )
-    .bind(values.device_id)
-    .bind(values.seq)
-    .bind(values.device_time_ms)
-    .bind(values.received_ms)
-    .bind(values.interval_ms)
-    .bind(values.model_name)
-    .bind(values.model_version)
-    .bind(values.inferences)
-    .bind(values.input_errors)
-    .bind(values.labeled)
-    .bind(values.correct)
-    .bind(values.confidence_sum)
-    .bind(values.low_confidence)
-    .bind(&values.latency)
-    .bind(values.latency_p50_us)
-    .bind(values.latency_p95_us)
-    .bind(values.cpu_percent)
-    .bind(values.process_memory_bytes)
-    .bind(values.memory_used_bytes)
-    .bind(values.memory_total_bytes)
-    .bind(values.temperature_celsius)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-
-    if inserted == 0 {
-        sqlx::query("UPDATE devices SET duplicates = duplicates + 1 WHERE id = $1")
-            .bind(values.device_id)
-            .execute(&mut **tx)
-            .await?;
-        return Ok(false);
-    }
-
-    // LEAST and GREATEST skip NULL, so the first message sets min_seq and max_seq.
-    sqlx::query(
-        "UPDATE devices SET
-            model_name = $1, model_version = $2, messages = messages + 1,
-            min_seq = LEAST(min_seq, $3), max_seq = GREATEST(max_seq, $3),
-            inferences = inferences + $4, input_errors = input_errors + $5,
-            labeled = labeled + $6, correct = correct + $7
-         WHERE id = $8",
-    )
-    .bind(values.model_name)
-    .bind(values.model_version)
-    .bind(values.seq)
-    .bind(values.inferences)
-    .bind(values.input_errors)
-    .bind(values.labeled)
-    .bind(values.correct)
-    .bind(values.device_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(true)
+    .bind(rows.iter().map(|v| v.device_id).collect::<Vec<_>>())
+    .bind(column(|v| v.seq))
+    .bind(column(|v| v.device_time_ms))
+    .bind(column(|v| v.received_ms))
+    .bind(column(|v| v.interval_ms))
+    .bind(rows.iter().map(|v| v.model_name).collect::<Vec<_>>())
+    .bind(rows.iter().map(|v| v.model_version).collect::<Vec<_>>())
+    .bind(column(|v| v.inferences))
+    .bind(column(|v| v.input_errors))
+    .bind(column(|v| v.labeled))
+    .bind(column(|v| v.correct))
+    .bind(rows.iter().map(|v| v.confidence_sum).collect::<Vec<_>>())
+    .bind(column(|v| v.low_confidence))
+    .bind(rows.iter().map(|v| v.latency.as_str()).collect::<Vec<_>>())
+    .bind(reading(|v| v.latency_p50_us))
+    .bind(reading(|v| v.latency_p95_us))
+    .bind(reading(|v| v.cpu_percent))
+    .bind(column(|v| v.process_memory_bytes))
+    .bind(column(|v| v.memory_used_bytes))
+    .bind(column(|v| v.memory_total_bytes))
+    .bind(reading(|v| v.temperature_celsius))
+    .fetch_all(&mut **tx)
+    .await
 }
 
-/// Records a device's connection state.
-async fn update_status(
+/// Adds each device's batch totals to its row and applies its latest model and status.
+/// The rows are already locked by [`touch_devices`].
+async fn update_devices(
     tx: &mut Transaction<'_, Postgres>,
-    status: &Status,
+    changes: &BTreeMap<&str, DeviceChange<'_>>,
 ) -> Result<(), sqlx::Error> {
+    let column = |get: fn(&DeviceChange<'_>) -> i64| changes.values().map(get).collect::<Vec<_>>();
+    // LEAST and GREATEST skip NULL, so the first stored message sets min_seq and max_seq.
     sqlx::query(
-        "UPDATE devices SET state = $1, agent_version = $2,
-            model_name = coalesce($3, model_name), model_version = coalesce($4, model_version)
-         WHERE id = $5",
+        "UPDATE devices AS d SET
+            messages = d.messages + v.messages,
+            min_seq = LEAST(d.min_seq, v.min_seq), max_seq = GREATEST(d.max_seq, v.max_seq),
+            inferences = d.inferences + v.inferences,
+            input_errors = d.input_errors + v.input_errors,
+            labeled = d.labeled + v.labeled, correct = d.correct + v.correct,
+            duplicates = d.duplicates + v.duplicates,
+            model_name = coalesce(v.model_name, d.model_name),
+            model_version = coalesce(v.model_version, d.model_version),
+            state = coalesce(v.state, d.state),
+            agent_version = CASE WHEN v.state IS NULL THEN d.agent_version
+                                 ELSE v.agent_version END
+         FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+            $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[],
+            $12::text[], $13::text[])
+            AS v (id, messages, min_seq, max_seq, inferences, input_errors, labeled, correct,
+                  duplicates, model_name, model_version, state, agent_version)
+         WHERE d.id = v.id",
     )
-    .bind(state_name(status.state))
-    .bind(&status.agent_version)
-    .bind(status.model.as_ref().map(|m| m.name.as_str()))
-    .bind(status.model.as_ref().map(|m| m.version.as_str()))
-    .bind(&status.device_id)
+    .bind(changes.keys().copied().collect::<Vec<_>>())
+    .bind(column(|c| c.messages))
+    .bind(changes.values().map(|c| c.min_seq).collect::<Vec<_>>())
+    .bind(changes.values().map(|c| c.max_seq).collect::<Vec<_>>())
+    .bind(column(|c| c.inferences))
+    .bind(column(|c| c.input_errors))
+    .bind(column(|c| c.labeled))
+    .bind(column(|c| c.correct))
+    .bind(column(|c| c.duplicates))
+    .bind(
+        changes
+            .values()
+            .map(|c| c.model.map(|(name, _)| name))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .values()
+            .map(|c| c.model.map(|(_, version)| version))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .values()
+            .map(|c| c.status.map(|(state, _)| state))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changes
+            .values()
+            .map(|c| c.status.map(|(_, agent_version)| agent_version))
+            .collect::<Vec<_>>(),
+    )
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-/// Creates the device row on first contact and widens its first and last contact times.
-/// Either way the row stays locked until the transaction ends.
-async fn touch_device(
+/// Creates the device rows on first contact and widens their first and last contact
+/// times. Either way each row stays locked until the transaction ends.
+///
+/// `WITH ORDINALITY ... ORDER BY` makes PostgreSQL upsert, and so lock, the rows in the
+/// order of `contacts`, which is by id in Rust's byte order whatever the database
+/// collation.
+async fn touch_devices(
     tx: &mut Transaction<'_, Postgres>,
-    device_id: &str,
-    contact: Contact,
+    contacts: &BTreeMap<&str, Contact>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO devices (id, first_seen_ms, last_seen_ms) VALUES ($1, $2, $3)
+        "INSERT INTO devices (id, first_seen_ms, last_seen_ms)
+         SELECT id, first_ms, last_ms
+         FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) WITH ORDINALITY
+            AS v (id, first_ms, last_ms, position)
+         ORDER BY position
          ON CONFLICT (id) DO UPDATE SET
             first_seen_ms = LEAST(devices.first_seen_ms, excluded.first_seen_ms),
             last_seen_ms = GREATEST(devices.last_seen_ms, excluded.last_seen_ms)",
     )
-    .bind(device_id)
-    .bind(contact.first_ms)
-    .bind(contact.last_ms)
+    .bind(contacts.keys().copied().collect::<Vec<_>>())
+    .bind(contacts.values().map(|c| c.first_ms).collect::<Vec<_>>())
+    .bind(contacts.values().map(|c| c.last_ms).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

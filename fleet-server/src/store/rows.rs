@@ -1,7 +1,7 @@
 //! Rows as both backends read and write them, and their conversion to and from the
 //! store's public types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use fleet_wire::{DeviceState, LatencyHistogram};
 
@@ -202,6 +202,86 @@ pub(super) fn device_contacts(batch: &[Record]) -> BTreeMap<&str, Contact> {
             });
     }
     contacts
+}
+
+/// Returns the column values of the telemetry to insert from a batch: the first copy of
+/// each (device, seq) pair, in batch order. Later copies in the same batch are
+/// duplicates, which [`device_changes`] counts.
+pub(super) fn unique_telemetry(batch: &[Record]) -> Vec<TelemetryValues<'_>> {
+    let mut seen: HashSet<(&str, u64)> = HashSet::new();
+    batch
+        .iter()
+        .filter_map(|record| match record {
+            Record::Telemetry(message) => Some(message),
+            Record::Status { .. } => None,
+        })
+        .filter(|message| seen.insert((&message.telemetry.device_id, message.telemetry.seq)))
+        .map(TelemetryValues::new)
+        .collect()
+}
+
+/// Changes that one batch makes to a `devices` row besides its contact times.
+#[derive(Debug, Default)]
+pub(super) struct DeviceChange<'a> {
+    /// Stored (non-duplicate) messages and the sums of their counters.
+    pub messages: i64,
+    pub min_seq: Option<i64>,
+    pub max_seq: Option<i64>,
+    pub inferences: i64,
+    pub input_errors: i64,
+    pub labeled: i64,
+    pub correct: i64,
+    pub duplicates: i64,
+    /// Model name and version set by the last stored telemetry or status that names one.
+    pub model: Option<(&'a str, &'a str)>,
+    /// State and agent version of the last status.
+    pub status: Option<(&'static str, &'a str)>,
+}
+
+/// Replays a batch in order and returns each device's net change, ordered by device id,
+/// with the number of telemetry messages stored.
+///
+/// `inserted` contains the (device, seq) pairs that the database inserted. The first
+/// telemetry record with such a pair counts as stored, and every other telemetry record
+/// as a duplicate. Applying the result gives the row that applying the records one by
+/// one would give: totals are sums, and the model, state and agent version are those of
+/// the last record that sets them.
+pub(super) fn device_changes<'a>(
+    batch: &'a [Record],
+    mut inserted: HashSet<(String, i64)>,
+) -> (BTreeMap<&'a str, DeviceChange<'a>>, usize) {
+    let mut changes: BTreeMap<&str, DeviceChange<'_>> = BTreeMap::new();
+    let mut stored = 0;
+    for record in batch {
+        match record {
+            Record::Telemetry(message) => {
+                let t = &message.telemetry;
+                let change = changes.entry(&t.device_id).or_default();
+                let seq = t.seq as i64;
+                if !inserted.remove(&(t.device_id.clone(), seq)) {
+                    change.duplicates += 1;
+                    continue;
+                }
+                stored += 1;
+                change.messages += 1;
+                change.min_seq = Some(change.min_seq.map_or(seq, |low| low.min(seq)));
+                change.max_seq = Some(change.max_seq.map_or(seq, |high| high.max(seq)));
+                change.inferences += i64::from(t.inferences);
+                change.input_errors += i64::from(t.input_errors);
+                change.labeled += i64::from(t.labeled);
+                change.correct += i64::from(t.correct);
+                change.model = Some((&t.model.name, &t.model.version));
+            }
+            Record::Status { status, .. } => {
+                let change = changes.entry(&status.device_id).or_default();
+                change.status = Some((state_name(status.state), &status.agent_version));
+                if let Some(model) = &status.model {
+                    change.model = Some((&model.name, &model.version));
+                }
+            }
+        }
+    }
+    (changes, stored)
 }
 
 /// Returns the `devices.state` text for a connection state.

@@ -5,25 +5,32 @@
 //! timeout) instead of failing with `SQLITE_BUSY` when its read would turn into a write,
 //! and nothing can change the tables between a transaction's reads and its writes.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fleet_wire::Status;
 use futures_util::TryStreamExt;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{QueryBuilder, Sqlite, Transaction};
 
 use super::rollup::{RawRow, Rollup};
 use super::rows::{
-    Contact, DeviceRow, HourlyRecord, TelemetryValues, WindowRow, device_contacts, state_name,
+    Contact, DeviceChange, DeviceRow, HourlyRecord, TelemetryValues, WindowRow, device_changes,
+    device_contacts, unique_telemetry,
 };
-use super::{
-    BatchOutcome, DownsampleOutcome, Received, Record, StoreBackend, StoreError, TelemetryRow,
-};
+use super::{BatchOutcome, DownsampleOutcome, Record, StoreBackend, StoreError, TelemetryRow};
+
+/// Most parameters one statement may bind: SQLITE_MAX_VARIABLE_NUMBER, 32,766 by default
+/// since SQLite 3.32. Multi-row statements are split into chunks below it.
+const MAX_PARAMETERS: usize = 32_766;
+/// Parameters per row of each multi-row statement.
+const DEVICE_CONTACT_COLUMNS: usize = 3;
+const TELEMETRY_COLUMNS: usize = 21;
+const DEVICE_CHANGE_COLUMNS: usize = 13;
 
 #[derive(Debug)]
 pub(super) struct SqliteBackend {
@@ -41,6 +48,9 @@ impl SqliteBackend {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL would skip the fsync at each commit, but in WAL mode a commit could
+            // then be lost on power failure after its messages were acknowledged, and the
+            // broker would not send them again. So each batch commit pays one fsync.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
@@ -57,25 +67,43 @@ impl SqliteBackend {
 #[async_trait]
 impl StoreBackend for SqliteBackend {
     async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError> {
-        let mut outcome = BatchOutcome::default();
+        let telemetry = unique_telemetry(batch);
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for (device_id, contact) in device_contacts(batch) {
-            touch_device(&mut tx, device_id, contact).await?;
+
+        let contacts: Vec<(&str, Contact)> = device_contacts(batch).into_iter().collect();
+        for chunk in contacts.chunks(MAX_PARAMETERS / DEVICE_CONTACT_COLUMNS) {
+            touch_devices(&mut tx, chunk).await?;
         }
-        for record in batch {
-            match record {
-                Record::Telemetry(message) => {
-                    if insert_telemetry(&mut tx, message).await? {
-                        outcome.stored += 1;
-                    } else {
-                        outcome.duplicates += 1;
-                    }
-                }
-                Record::Status { status, .. } => update_status(&mut tx, status).await?,
-            }
+        let mut inserted = HashSet::with_capacity(telemetry.len());
+        for chunk in telemetry.chunks(MAX_PARAMETERS / TELEMETRY_COLUMNS) {
+            let stored = stored_keys(&mut tx, chunk).await?;
+            let new_rows: Vec<&TelemetryValues<'_>> = chunk
+                .iter()
+                .filter(|row| !stored.contains(&(row.device_id, row.seq)))
+                .collect();
+            insert_telemetry(&mut tx, &new_rows).await?;
+            inserted.extend(
+                new_rows
+                    .iter()
+                    .map(|row| (row.device_id.to_owned(), row.seq)),
+            );
+        }
+
+        let (changes, stored) = device_changes(batch, inserted);
+        let changes: Vec<(&str, DeviceChange<'_>)> = changes.into_iter().collect();
+        for chunk in changes.chunks(MAX_PARAMETERS / DEVICE_CHANGE_COLUMNS) {
+            update_devices(&mut tx, chunk).await?;
         }
         tx.commit().await?;
-        Ok(outcome)
+
+        let received = batch
+            .iter()
+            .filter(|record| matches!(record, Record::Telemetry(_)))
+            .count();
+        Ok(BatchOutcome {
+            stored,
+            duplicates: received - stored,
+        })
     }
 
     async fn device_rows(&self) -> Result<Vec<DeviceRow>, StoreError> {
@@ -209,115 +237,144 @@ impl SqliteBackend {
     }
 }
 
-/// Stores one telemetry message and adds it to its device's totals. Returns false when
-/// its (device, seq) is already stored, and then changes only the duplicate count.
+/// Returns the (device, seq) pairs of `rows` that are already stored.
+///
+/// The write lock that `BEGIN IMMEDIATE` took keeps the result true until the commit.
+/// Asking first, rather than inserting with `RETURNING`, sends back only the duplicates,
+/// usually none, where `RETURNING` sends every inserted key from SQLx's worker thread
+/// one row at a time.
+async fn stored_keys<'a>(
+    tx: &mut Transaction<'_, Sqlite>,
+    rows: &[TelemetryValues<'a>],
+) -> Result<HashSet<(&'a str, i64)>, sqlx::Error> {
+    let mut query = QueryBuilder::<Sqlite>::new("WITH k (device_id, seq) AS (");
+    query.push_values(rows, |mut row, values| {
+        row.push_bind(values.device_id).push_bind(values.seq);
+    });
+    query.push(
+        ") SELECT t.device_id, t.seq FROM telemetry t
+         JOIN k ON t.device_id = k.device_id AND t.seq = k.seq",
+    );
+    let stored: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut **tx).await?;
+    if stored.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let stored: HashSet<(String, i64)> = stored.into_iter().collect();
+    Ok(rows
+        .iter()
+        .filter(|row| stored.contains(&(row.device_id.to_owned(), row.seq)))
+        .map(|row| (row.device_id, row.seq))
+        .collect())
+}
+
+/// Inserts telemetry rows that [`stored_keys`] found missing.
 async fn insert_telemetry(
     tx: &mut Transaction<'_, Sqlite>,
-    message: &Received,
-) -> Result<bool, sqlx::Error> {
-    let values = TelemetryValues::new(message);
-    let inserted = sqlx::query(
+    rows: &[&TelemetryValues<'_>],
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut query = QueryBuilder::<Sqlite>::new(
         "INSERT INTO telemetry (device_id, seq, device_time_ms, received_ms,
             interval_ms, model_name, model_version, inferences, input_errors, labeled,
             correct, confidence_sum, low_confidence, latency, latency_p50_us,
             latency_p95_us, cpu_percent, process_memory_bytes, memory_used_bytes,
-            memory_total_bytes, temperature_celsius)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (device_id, seq) DO NOTHING",
-    )
-    .bind(values.device_id)
-    .bind(values.seq)
-    .bind(values.device_time_ms)
-    .bind(values.received_ms)
-    .bind(values.interval_ms)
-    .bind(values.model_name)
-    .bind(values.model_version)
-    .bind(values.inferences)
-    .bind(values.input_errors)
-    .bind(values.labeled)
-    .bind(values.correct)
-    .bind(values.confidence_sum)
-    .bind(values.low_confidence)
-    .bind(&values.latency)
-    .bind(values.latency_p50_us)
-    .bind(values.latency_p95_us)
-    .bind(values.cpu_percent)
-    .bind(values.process_memory_bytes)
-    .bind(values.memory_used_bytes)
-    .bind(values.memory_total_bytes)
-    .bind(values.temperature_celsius)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-
-    if inserted == 0 {
-        sqlx::query("UPDATE devices SET duplicates = duplicates + 1 WHERE id = ?")
-            .bind(values.device_id)
-            .execute(&mut **tx)
-            .await?;
-        return Ok(false);
-    }
-
-    sqlx::query(
-        "UPDATE devices SET
-            model_name = ?, model_version = ?, messages = messages + 1,
-            min_seq = min(coalesce(min_seq, ?), ?), max_seq = max(coalesce(max_seq, ?), ?),
-            inferences = inferences + ?, input_errors = input_errors + ?,
-            labeled = labeled + ?, correct = correct + ?
-         WHERE id = ?",
-    )
-    .bind(values.model_name)
-    .bind(values.model_version)
-    .bind(values.seq)
-    .bind(values.seq)
-    .bind(values.seq)
-    .bind(values.seq)
-    .bind(values.inferences)
-    .bind(values.input_errors)
-    .bind(values.labeled)
-    .bind(values.correct)
-    .bind(values.device_id)
-    .execute(&mut **tx)
-    .await?;
-    Ok(true)
-}
-
-/// Records a device's connection state.
-async fn update_status(
-    tx: &mut Transaction<'_, Sqlite>,
-    status: &Status,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE devices SET state = ?, agent_version = ?,
-            model_name = coalesce(?, model_name), model_version = coalesce(?, model_version)
-         WHERE id = ?",
-    )
-    .bind(state_name(status.state))
-    .bind(&status.agent_version)
-    .bind(status.model.as_ref().map(|m| m.name.as_str()))
-    .bind(status.model.as_ref().map(|m| m.version.as_str()))
-    .bind(&status.device_id)
-    .execute(&mut **tx)
-    .await?;
+            memory_total_bytes, temperature_celsius) ",
+    );
+    query.push_values(rows, |mut row, values| {
+        row.push_bind(values.device_id)
+            .push_bind(values.seq)
+            .push_bind(values.device_time_ms)
+            .push_bind(values.received_ms)
+            .push_bind(values.interval_ms)
+            .push_bind(values.model_name)
+            .push_bind(values.model_version)
+            .push_bind(values.inferences)
+            .push_bind(values.input_errors)
+            .push_bind(values.labeled)
+            .push_bind(values.correct)
+            .push_bind(values.confidence_sum)
+            .push_bind(values.low_confidence)
+            .push_bind(values.latency.as_str())
+            .push_bind(values.latency_p50_us)
+            .push_bind(values.latency_p95_us)
+            .push_bind(values.cpu_percent)
+            .push_bind(values.process_memory_bytes)
+            .push_bind(values.memory_used_bytes)
+            .push_bind(values.memory_total_bytes)
+            .push_bind(values.temperature_celsius);
+    });
+    query.build().execute(&mut **tx).await?;
     Ok(())
 }
 
-/// Creates the device row on first contact and widens its first and last contact times.
-async fn touch_device(
+/// Adds each device's batch totals to its row and applies its latest model and status.
+async fn update_devices(
     tx: &mut Transaction<'_, Sqlite>,
-    device_id: &str,
-    contact: Contact,
+    changes: &[(&str, DeviceChange<'_>)],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO devices (id, first_seen_ms, last_seen_ms) VALUES (?, ?, ?)
-         ON CONFLICT (id) DO UPDATE SET
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "WITH v (id, messages, min_seq, max_seq, inferences, input_errors, labeled, correct,
+            duplicates, model_name, model_version, state, agent_version) AS (",
+    );
+    query.push_values(changes, |mut row, (device_id, change)| {
+        row.push_bind(*device_id)
+            .push_bind(change.messages)
+            .push_bind(change.min_seq)
+            .push_bind(change.max_seq)
+            .push_bind(change.inferences)
+            .push_bind(change.input_errors)
+            .push_bind(change.labeled)
+            .push_bind(change.correct)
+            .push_bind(change.duplicates)
+            .push_bind(change.model.map(|(name, _)| name))
+            .push_bind(change.model.map(|(_, version)| version))
+            .push_bind(change.status.map(|(state, _)| state))
+            .push_bind(change.status.map(|(_, agent_version)| agent_version));
+    });
+    // SQLite's min() and max() with several arguments return NULL when any argument is
+    // NULL, hence the coalesce on both sides.
+    query.push(
+        ")
+         UPDATE devices SET
+            messages = devices.messages + v.messages,
+            min_seq = min(coalesce(devices.min_seq, v.min_seq), coalesce(v.min_seq, devices.min_seq)),
+            max_seq = max(coalesce(devices.max_seq, v.max_seq), coalesce(v.max_seq, devices.max_seq)),
+            inferences = devices.inferences + v.inferences,
+            input_errors = devices.input_errors + v.input_errors,
+            labeled = devices.labeled + v.labeled,
+            correct = devices.correct + v.correct,
+            duplicates = devices.duplicates + v.duplicates,
+            model_name = coalesce(v.model_name, devices.model_name),
+            model_version = coalesce(v.model_version, devices.model_version),
+            state = coalesce(v.state, devices.state),
+            agent_version = CASE WHEN v.state IS NULL THEN devices.agent_version
+                                 ELSE v.agent_version END
+         FROM v WHERE devices.id = v.id",
+    );
+    query.build().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Creates the device rows on first contact and widens their first and last contact
+/// times.
+async fn touch_devices(
+    tx: &mut Transaction<'_, Sqlite>,
+    contacts: &[(&str, Contact)],
+) -> Result<(), sqlx::Error> {
+    let mut query =
+        QueryBuilder::<Sqlite>::new("INSERT INTO devices (id, first_seen_ms, last_seen_ms) ");
+    query.push_values(contacts, |mut row, (device_id, contact)| {
+        row.push_bind(*device_id)
+            .push_bind(contact.first_ms)
+            .push_bind(contact.last_ms);
+    });
+    query.push(
+        " ON CONFLICT (id) DO UPDATE SET
             first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),
             last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
-    )
-    .bind(device_id)
-    .bind(contact.first_ms)
-    .bind(contact.last_ms)
-    .execute(&mut **tx)
-    .await?;
+    );
+    query.build().execute(&mut **tx).await?;
     Ok(())
 }
