@@ -68,14 +68,7 @@ fn two_devices_report_everything(
         labeled += entry["labeled"].as_i64().unwrap();
         correct += entry["correct"].as_i64().unwrap();
 
-        let rows = server.get(&format!("/api/devices/{id}/telemetry?limit=10000"));
-        let mut seqs: Vec<i64> = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["seq"].as_i64().unwrap())
-            .collect();
-        seqs.sort_unstable();
+        let seqs = server.stored_seqs(id);
         let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
         assert_eq!(seqs, expected, "sequence numbers of {id} are not 1..=n");
     }

@@ -175,14 +175,7 @@ fn replicas_split_load_and_survive_a_kill() {
     for id in &ids {
         let device = observer.device(id).unwrap();
         assert_eq!(device["gaps"], 0, "{device}");
-        let rows = observer.get(&format!("/api/devices/{id}/telemetry?limit=10000"));
-        let mut seqs: Vec<i64> = rows
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["seq"].as_i64().unwrap())
-            .collect();
-        seqs.sort_unstable();
+        let seqs = observer.stored_seqs(id);
         let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
         assert_eq!(seqs, expected, "{id} stored a message twice or lost one");
     }

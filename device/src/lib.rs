@@ -2,7 +2,7 @@
 //! source at a set rate, and reports what it did over MQTT.
 //!
 //! Telemetry goes to `fleet/v1/{device}/telemetry` at QoS 1 every interval, with a
-//! per-device sequence number that survives restarts; `fleet/v1/{device}/status` holds a
+//! per-device sequence number that survives restarts; `fleet/v1/{device}/status` contains a
 //! retained online message, replaced by the offline last will when the link dies.
 
 pub mod config;
@@ -33,7 +33,7 @@ use crate::system::SystemSampler;
 /// Telemetry messages kept in memory while the broker is unreachable; the oldest are
 /// dropped first once it is full.
 // TODO: keep unsent telemetry in an on-disk queue so a reboot during an outage loses
-// nothing; until then an outage longer than this many intervals drops the oldest.
+// nothing. Until then an outage longer than this many intervals drops the oldest.
 const MAX_UNSENT_MESSAGES: usize = 10_000;
 
 /// Milliseconds since the Unix epoch by the device clock.

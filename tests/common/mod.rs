@@ -232,6 +232,19 @@ impl Api {
             .unwrap_or_else(|| panic!("{sample} not in /metrics:\n{text}"))
     }
 
+    /// Returns the sequence numbers stored for a device, sorted.
+    pub fn stored_seqs(&self, device_id: &str) -> Vec<i64> {
+        let rows = self.get(&format!("/api/devices/{device_id}/telemetry?limit=10000"));
+        let mut seqs: Vec<i64> = rows
+            .as_array()
+            .expect("telemetry rows")
+            .iter()
+            .map(|row| row["seq"].as_i64().expect("seq is a number"))
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    }
+
     /// Returns the `/api/devices` entry of one device, if the server has one.
     pub fn device(&self, device_id: &str) -> Option<serde_json::Value> {
         self.get("/api/devices")

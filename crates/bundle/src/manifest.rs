@@ -51,7 +51,7 @@ pub struct TensorSpec {
     pub shape: Vec<i64>,
 }
 
-/// How raw inputs become the model's input tensor.
+/// Recipe that turns raw inputs into the model's input tensor.
 ///
 /// Every variant produces `value * scale + offset` per element from pixel values in
 /// 0..=255, laid out as NCHW.
@@ -94,7 +94,7 @@ pub enum ResizeFilter {
     Nearest,
 }
 
-/// What turns the model's output into class confidences.
+/// Step that turns the model's output into class confidences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Postprocessing {
@@ -108,7 +108,7 @@ pub enum Postprocessing {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
-    /// What the accuracy was measured on, such as `MNIST test set (10000 images)`.
+    /// Data set the accuracy was measured on, such as `MNIST test set (10000 images)`.
     pub dataset: String,
     pub samples: u64,
     /// Fraction of samples whose top-1 class matched the label, 0 to 1.

@@ -10,7 +10,7 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// Creates a tensor, checking that `data` has as many elements as `shape` says.
+    /// Creates a tensor, checking that `data` has as many elements as `shape` requires.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor, RuntimeError> {
         let expected: usize = shape.iter().product();
         if expected != data.len() {

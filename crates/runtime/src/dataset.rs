@@ -14,7 +14,7 @@ const IDX_LABELS_MAGIC: u32 = 0x0000_0801;
 /// One input with its ground truth, when known.
 #[derive(Debug, Clone)]
 pub struct Sample {
-    /// Where the sample came from, such as `t10k-images-idx3-ubyte.gz#17` or a file path.
+    /// Origin of the sample, such as `t10k-images-idx3-ubyte.gz#17` or a file path.
     pub id: String,
     pub data: SampleData,
     pub label: Option<usize>,
@@ -141,7 +141,7 @@ impl Dataset {
         }
     }
 
-    /// Whether the data set has no samples.
+    /// Returns whether the data set has no samples.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
