@@ -140,6 +140,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         // The embedded broker lives and dies with the demo, so there is no session
         // worth resuming.
         clean_session: true,
+        mqtt_credentials: None,
         telemetry_retention: None,
     })
     .await?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use fleet_wire::Encoding;
+use fleet_wire::{Encoding, MqttCredentials};
 use serde::Deserialize;
 
 /// Command-line flags of the agent; each one overrides the same key of `--config`.
@@ -52,6 +52,13 @@ pub struct DeviceArgs {
     /// Top-1 confidence under which an inference counts as low-confidence [default: 0.5].
     #[arg(long)]
     pub confidence_threshold: Option<f32>,
+    /// MQTT user name; the broker password is then read from --password-file.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// File whose first line is the MQTT password, kept out of the command line and the
+    /// config file so it does not show in process lists.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
     /// Telemetry payload encoding: postcard or json [default: postcard].
     #[arg(long)]
     pub encoding: Option<String>,
@@ -74,6 +81,8 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     confidence_threshold: Option<f32>,
     encoding: Option<String>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 /// Settings after merging the file and the flags and checking every value.
@@ -95,6 +104,8 @@ pub struct DeviceConfig {
     pub state_dir: PathBuf,
     pub confidence_threshold: f32,
     pub encoding: Encoding,
+    /// MQTT user name and password, when the broker requires them.
+    pub credentials: Option<MqttCredentials>,
 }
 
 impl DeviceConfig {
@@ -129,6 +140,17 @@ impl DeviceConfig {
             .confidence_threshold
             .or(file.confidence_threshold)
             .unwrap_or(0.5);
+        let credentials = match (
+            args.username.or(file.username),
+            args.password_file.or(file.password_file),
+        ) {
+            (Some(username), Some(path)) => {
+                Some(MqttCredentials::read(username, &path).map_err(anyhow::Error::msg)?)
+            }
+            (None, None) => None,
+            (Some(_), None) => bail!("--username needs --password-file"),
+            (None, Some(_)) => bail!("--password-file needs --username"),
+        };
         let encoding = match args.encoding.or(file.encoding).as_deref() {
             None | Some("postcard") => Encoding::Postcard,
             Some("json") => Encoding::Json,
@@ -162,6 +184,7 @@ impl DeviceConfig {
             state_dir,
             confidence_threshold,
             encoding,
+            credentials,
         })
     }
 }
@@ -180,6 +203,7 @@ fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
         &mut config.input,
         &mut config.labels,
         &mut config.state_dir,
+        &mut config.password_file,
     ]
     .into_iter()
     .flatten()

@@ -25,6 +25,9 @@ pub fn connect(config: &DeviceConfig) -> anyhow::Result<(AsyncClient, EventLoop)
         config.broker_port,
     );
     options.set_keep_alive(KEEPALIVE);
+    if let Some(credentials) = &config.credentials {
+        options.set_credentials(credentials.username.clone(), credentials.password.clone());
+    }
     options.set_max_packet_size(
         fleet_wire::MAX_PAYLOAD_BYTES + 1024,
         fleet_wire::MAX_PAYLOAD_BYTES + 1024,

@@ -29,6 +29,13 @@ pub struct ServerArgs {
     /// different ids [default: fleet-server-HOSTNAME-HTTPPORT].
     #[arg(long)]
     pub mqtt_client_id: Option<String>,
+    /// MQTT user name of the ingester, for a broker that requires one; the password is
+    /// read from --mqtt-password-file.
+    #[arg(long, requires = "mqtt_password_file")]
+    pub mqtt_username: Option<String>,
+    /// File whose first line is the ingester's MQTT password.
+    #[arg(long, requires = "mqtt_username")]
+    pub mqtt_password_file: Option<std::path::PathBuf>,
     /// Start a new broker session on every connection instead of resuming the last one.
     /// Meant for short-lived servers such as tests, which would otherwise leave sessions
     /// queueing messages on the broker after they exit.
@@ -70,7 +77,15 @@ impl ServerArgs {
         {
             anyhow::bail!("invalid --shared-group {group:?}: use a name without '/', '+' or '#'");
         }
+        let mqtt_credentials = match (&self.mqtt_username, &self.mqtt_password_file) {
+            (Some(username), Some(path)) => Some(
+                fleet_wire::MqttCredentials::read(username.clone(), path)
+                    .map_err(anyhow::Error::msg)?,
+            ),
+            _ => None,
+        };
         Ok(ServerConfig {
+            mqtt_credentials,
             http_listen: self.http,
             broker,
             database: self.database.clone(),

@@ -41,6 +41,7 @@ pub struct IngestOptions {
     pub shared_group: Option<String>,
     /// Discard the broker session on disconnect instead of resuming it.
     pub clean_session: bool,
+    pub credentials: Option<fleet_wire::MqttCredentials>,
 }
 
 /// Starts the MQTT client and the writer; both run until `shutdown` turns true.
@@ -55,6 +56,9 @@ pub fn spawn(
     options.set_keep_alive(Duration::from_secs(15));
     options.set_manual_acks(true);
     options.set_clean_session(ingest.clean_session);
+    if let Some(credentials) = ingest.credentials {
+        options.set_credentials(credentials.username, credentials.password);
+    }
     options.set_max_packet_size(
         fleet_wire::MAX_PAYLOAD_BYTES + 1024,
         fleet_wire::MAX_PAYLOAD_BYTES + 1024,

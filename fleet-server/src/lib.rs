@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub shared_group: Option<String>,
     /// Discard the broker session on disconnect instead of resuming it.
     pub clean_session: bool,
+    /// User name and password of the ingester on the broker, when it requires them.
+    pub mqtt_credentials: Option<fleet_wire::MqttCredentials>,
     /// Raw telemetry older than this is rolled into hourly rows; `None` keeps it all.
     pub telemetry_retention: Option<Duration>,
 }
@@ -103,6 +105,7 @@ impl Server {
             client_id: config.mqtt_client_id.clone(),
             shared_group: config.shared_group.clone(),
             clean_session: config.clean_session,
+            credentials: config.mqtt_credentials.clone(),
         };
         let mut tasks = ingest::spawn(
             broker,

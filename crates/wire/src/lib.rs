@@ -127,6 +127,44 @@ pub enum DeviceState {
     Offline,
 }
 
+/// MQTT user name and password. `Debug` leaves the password out, so it never reaches a
+/// log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MqttCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl MqttCredentials {
+    /// Takes the password from the first line of `password_file`, which keeps it out of
+    /// command lines and config files.
+    pub fn read(username: String, password_file: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(password_file).map_err(|error| {
+            format!(
+                "failed to read password file {}: {error}",
+                password_file.display()
+            )
+        })?;
+        let password = text.lines().next().unwrap_or_default().to_string();
+        if password.is_empty() {
+            return Err(format!(
+                "password file {} is empty",
+                password_file.display()
+            ));
+        }
+        Ok(MqttCredentials { username, password })
+    }
+}
+
+impl std::fmt::Debug for MqttCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttCredentials")
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
 /// Parses a broker address given as `mqtt://HOST:PORT`, `tcp://HOST:PORT` or
 /// `HOST:PORT` into host and port.
 pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {

@@ -38,6 +38,7 @@ pub async fn start_server(
         mqtt_client_id: client_id.into(),
         shared_group: None,
         clean_session: true,
+        mqtt_credentials: None,
         // Keep raw rows, which the checks read back.
         telemetry_retention: None,
     };
