@@ -165,7 +165,7 @@ fn credentials_are_required_and_used() {
     let started = std::time::Instant::now();
     loop {
         let text = fs::read_to_string(&log).unwrap_or_default();
-        // Mosquitto answers a wrong password with CONNACK code 5, "not authorized".
+        // Mosquitto rejects a wrong password with CONNACK code 5, "not authorized".
         if text.contains("NotAuthorized") {
             break;
         }

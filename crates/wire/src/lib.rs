@@ -71,7 +71,7 @@ pub struct SystemStats {
     pub temperature_celsius: Option<f32>,
 }
 
-/// What a device did during one telemetry interval, published on
+/// Record of what a device did during one telemetry interval, published on
 /// `fleet/v1/{device}/telemetry` at QoS 1.
 ///
 /// Counters cover only this interval, so the server sums messages and must store each
