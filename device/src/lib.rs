@@ -2,7 +2,7 @@
 //! source at a set rate, and reports what it did over MQTT.
 //!
 //! Telemetry goes to `fleet/v1/{device}/telemetry` at QoS 1 every interval, with a
-//! per-device sequence number that survives restarts; `fleet/v1/{device}/status` contains a
+//! per-device sequence number that survives restarts. `fleet/v1/{device}/status` contains a
 //! retained online message, replaced by the offline last will when the link dies.
 
 pub mod config;

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use fleet_wire::LatencyHistogram;
 
-/// What happened since the last telemetry message.
+/// Counters of the inferences since the last telemetry message.
 #[derive(Debug, Default, Clone)]
 pub struct IntervalStats {
     pub inferences: u32,

@@ -176,7 +176,7 @@ pub struct HourlyRow {
 /// is small next to the database round trip that the call waits for.
 ///
 /// Backends return rows as stored. `Store` decodes histograms and derives the figures
-/// the API shows, so both databases give the same answers.
+/// the API shows, so both databases give the same results.
 #[async_trait]
 trait StoreBackend: Send + Sync + fmt::Debug {
     /// Applies a batch in one transaction and in order, as [`Store::apply_batch`]

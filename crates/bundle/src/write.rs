@@ -12,7 +12,7 @@ use crate::{
 /// A file to copy into a bundle.
 #[derive(Debug, Clone)]
 pub struct BundleFile {
-    /// Where the file is now.
+    /// Current location of the file.
     pub source: PathBuf,
     /// Bundle-relative path it gets.
     pub path: String,

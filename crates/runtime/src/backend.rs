@@ -31,7 +31,7 @@ impl Tensor {
 
 /// A loaded model that turns a batch of inputs into a batch of outputs.
 ///
-/// A backend is built for one batch size; [`Backend::batch_size`] says which, and callers
+/// A backend is built for one batch size; [`Backend::batch_size`] returns it, and callers
 /// pad a partial last batch.
 pub trait Backend: Send {
     /// Short name for logs and reports, such as `tract`.

@@ -24,7 +24,7 @@ pub struct Prediction {
 }
 
 impl Prediction {
-    /// The best class.
+    /// Returns the best class.
     pub fn top1(&self) -> &ClassScore {
         &self.top[0]
     }

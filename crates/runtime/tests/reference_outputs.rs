@@ -1,6 +1,6 @@
 //! tract's outputs on the shipped models next to onnxruntime's on the same inputs.
 //!
-//! `models/*/reference/` holds input tensors and the logits onnxruntime computed for them
+//! `models/*/reference/` contains input tensors and the logits onnxruntime computed for them
 //! (written by each model's `build.py`). The largest absolute difference is printed so
 //! the model cards can quote it, and must stay under a tolerance that float32 reordering
 //! explains.

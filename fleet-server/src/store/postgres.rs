@@ -28,8 +28,8 @@ use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
 use super::rollup::{RawRow, Rollup};
 use super::rows::{
-    Contact, DeviceChange, DeviceRow, HourlyRecord, TelemetryValues, WindowRow, device_changes,
-    device_contacts, unique_telemetry,
+    Contact, DEVICE_ROWS_QUERY, DeviceChange, DeviceRow, HourlyRecord, TelemetryValues, WindowRow,
+    batch_outcome, device_changes, device_contacts, unique_telemetry,
 };
 use super::{
     BatchOutcome, DownsampleOutcome, Record, StoreBackend, StoreError, TelemetryRow,
@@ -87,26 +87,13 @@ impl StoreBackend for PostgresBackend {
         let (changes, stored) = device_changes(batch, inserted.into_iter().collect());
         update_devices(&mut tx, &changes).await?;
         tx.commit().await?;
-        let received = batch
-            .iter()
-            .filter(|record| matches!(record, Record::Telemetry(_)))
-            .count();
-        Ok(BatchOutcome {
-            stored,
-            duplicates: received - stored,
-        })
+        Ok(batch_outcome(batch, stored))
     }
 
     async fn device_rows(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        let rows = sqlx::query_as(
-            "SELECT d.*, t.cpu_percent AS last_cpu, t.process_memory_bytes AS last_memory,
-                    t.temperature_celsius AS last_temperature
-             FROM devices d
-             LEFT JOIN telemetry t ON t.device_id = d.id AND t.seq = d.max_seq
-             ORDER BY d.id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query_as(DEVICE_ROWS_QUERY)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows)
     }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use fleet_wire::{DeviceState, LatencyHistogram};
 
-use super::{DeviceSummary, HourlyRow, Received, Record, StoreError, WindowStats};
+use super::{BatchOutcome, DeviceSummary, HourlyRow, Received, Record, StoreError, WindowStats};
 
 /// A `devices` row with the system readings of its highest-seq telemetry row.
 #[derive(Debug, sqlx::FromRow)]
@@ -307,4 +307,25 @@ pub(super) fn parse_hourly_histogram(
 
 fn finite(value: f64) -> Option<f64> {
     value.is_finite().then_some(value)
+}
+
+/// Devices with the readings of their latest stored telemetry message. The SQL is the
+/// same on both databases because it binds no parameters.
+pub(super) const DEVICE_ROWS_QUERY: &str = "SELECT d.*, t.cpu_percent AS last_cpu,
+        t.process_memory_bytes AS last_memory, t.temperature_celsius AS last_temperature
+    FROM devices d
+    LEFT JOIN telemetry t ON t.device_id = d.id AND t.seq = d.max_seq
+    ORDER BY d.id";
+
+/// Counts a batch's telemetry records that were `stored` and those that were not, which
+/// were duplicates.
+pub(super) fn batch_outcome(batch: &[Record], stored: usize) -> BatchOutcome {
+    let received = batch
+        .iter()
+        .filter(|record| matches!(record, Record::Telemetry(_)))
+        .count();
+    BatchOutcome {
+        stored,
+        duplicates: received - stored,
+    }
 }
