@@ -13,6 +13,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use fleet_bundle::SecretKey;
+use fleet_server::access::admin::write_secret;
+use fleet_server::access::{provision, set_operator_password};
+use fleet_server::broker::ClientAccess;
+use fleet_server::store::access::CredentialRole;
 use fleet_server::{BrokerMode, Server, ServerConfig};
 use tokio::process::{Child, Command};
 
@@ -128,6 +132,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         http_listen: free_or_given(args.http).await,
         broker: BrokerMode::Embedded {
             listen: "127.0.0.1:0".parse().expect("literal address"),
+            access: ClientAccess::Credentials,
         },
         // One database per model, so a work folder reused with another model does not
         // mix the two fleets' totals.
@@ -145,14 +150,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     })
     .await?;
 
+    let operator_password = demo_operator(&server, &work_dir).await?;
     let mut agents = Vec::with_capacity(args.devices);
     for index in 0..args.devices {
         let device_id = format!("demo-{}", index + 1);
+        let secret_file = work_dir
+            .join("credentials")
+            .join(format!("{device_id}.secret"));
+        let secret = provision(&server.store, &device_id, CredentialRole::Device, true).await?;
+        write_secret(&secret_file, &secret)?;
         let mut command = Command::new(std::env::current_exe()?);
         command
             .arg("device")
             .args(["--device-id", &device_id])
             .args(["--broker", &format!("mqtt://{}", server.mqtt_addr)])
+            .args(["--username", &device_id])
+            .arg("--password-file")
+            .arg(&secret_file)
             .arg("--bundle")
             .arg(&bundle_dir)
             .arg("--public-key")
@@ -175,8 +189,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         agents.push((device_id, child));
     }
     println!(
-        "{} agents running {}; console: http://{}/  (Ctrl-C stops everything)",
-        args.devices, bundle.manifest.name, server.http_addr
+        "{} agents running {}; console: http://{}/ (log in as {DEMO_OPERATOR}, password {}; \
+         Ctrl-C stops everything)",
+        args.devices, bundle.manifest.name, server.http_addr, operator_password,
     );
 
     let outcome = watch_fleet(&server, &mut agents).await;
@@ -184,6 +199,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     wait_for_offline(&server, args.devices).await;
     server.shutdown().await;
     outcome
+}
+
+/// Console login of the demo's operator.
+const DEMO_OPERATOR: &str = "admin";
+
+/// Creates the demo's operator with the password kept in the work folder, making a
+/// random one on the first run.
+async fn demo_operator(server: &Server, work_dir: &Path) -> anyhow::Result<String> {
+    let path = work_dir.join("credentials").join("operator-password");
+    if !path.exists() {
+        write_secret(&path, &fleet_server::access::new_secret()?)?;
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let password = text.trim().to_owned();
+    set_operator_password(&server.store, DEMO_OPERATOR, &password)
+        .await
+        .with_context(|| format!("invalid demo operator password in {}", path.display()))?;
+    Ok(password)
 }
 
 /// Prints a summary line every few seconds until SIGINT (Ctrl-C) or SIGTERM, or fails

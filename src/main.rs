@@ -20,8 +20,8 @@ enum Command {
     /// Build the bundle of a shipped model, start the fleet server with its embedded
     /// broker and SQLite, and run device agents on shards of real data until Ctrl-C.
     Demo(demo::DemoArgs),
-    /// Run the fleet server.
-    Server(fleet_server::cli::ServerArgs),
+    /// Run the fleet server, or administer its credentials and operators.
+    Server(fleet_server::cli::ServerCommand),
     /// Run one device agent.
     Device(fleet_device::DeviceArgs),
     /// Inspect, evaluate and bundle models.
@@ -36,10 +36,13 @@ fn main() -> anyhow::Result<()> {
     // rumqttd logs routine disconnects at error level, so its log is off unless
     // RUST_LOG enables it.
     let (format, default_filter, otlp_endpoint) = match &cli.command {
-        Command::Server(args) => (
-            args.log_format,
+        Command::Server(command) if command.admin.is_some() => {
+            (LogFormat::Text, "warn,rumqttd=off", None)
+        }
+        Command::Server(command) => (
+            command.args.log_format,
             "info,rumqttd=off",
-            args.otlp_endpoint.clone(),
+            command.args.otlp_endpoint.clone(),
         ),
         Command::Device(_) => (LogFormat::Text, "info", None),
         Command::Compress { .. } | Command::Demo(_) => (LogFormat::Text, "warn,rumqttd=off", None),
@@ -50,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Compress { command } => fleet_compress::cli::run(command),
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
-        Command::Server(args) => runtime()?.block_on(fleet_server::cli::run(args)),
+        Command::Server(command) => runtime()?.block_on(command.run()),
         Command::Device(args) => {
             let config = fleet_device::DeviceConfig::resolve(args)?;
             runtime()?.block_on(fleet_device::run(config))

@@ -4,8 +4,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Process, Workspace, free_port, path_str, unique_device_id, wait_for};
@@ -29,35 +28,13 @@ fn write_password_file(path: &std::path::Path, users: &[(&str, &str)]) {
 
 /// Starts a Mosquitto with password authentication on a free port.
 fn start_mosquitto(dir: &std::path::Path, users: &[(&str, &str)]) -> (Process, u16) {
-    let port = free_port();
     let passwords = dir.join("passwd");
     write_password_file(&passwords, users);
-    let config = dir.join("mosquitto.conf");
-    let text = format!(
-        "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\n",
+    let settings = format!(
+        "allow_anonymous false\npassword_file {}\n",
         passwords.display()
     );
-    fs::write(&config, text).unwrap();
-    // Mosquitto started as root switches to its own user, which must read these files.
-    for path in [dir, passwords.as_path(), config.as_path()] {
-        let mode = if path.is_dir() { 0o755 } else { 0o644 };
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
-    }
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start mosquitto");
-    let process = Process {
-        name: "mosquitto".into(),
-        child,
-    };
-    wait_for(Duration::from_secs(10), "mosquitto to listen", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
-    (process, port)
+    common::start_mosquitto(dir, &settings)
 }
 
 #[test]
@@ -82,6 +59,10 @@ fn credentials_are_required_and_used() {
     }
 
     let http = format!("127.0.0.1:{}", free_port());
+    let token = common::create_api_token(
+        path_str(&workspace.path("fleet.db")),
+        &workspace.path("token"),
+    );
     let server = Command::new(env!("CARGO_BIN_EXE_fleet"))
         .args([
             "server",
@@ -102,6 +83,7 @@ fn credentials_are_required_and_used() {
     };
     let api = common::Api {
         base: format!("http://{http}"),
+        token,
     };
     // /healthz turns 200 only once the ingester has logged in to the broker.
     wait_for(Duration::from_secs(30), "the server to log in", || {

@@ -127,6 +127,9 @@ fn agent_waits_for_an_unreachable_broker() {
     let mqtt_port = free_port();
     let broker = format!("mqtt://127.0.0.1:{mqtt_port}");
     let id = unique_device_id("late-broker");
+    // The server's database is chosen now, so the device can be provisioned in it
+    // before the server starts.
+    workspace.embedded_database(mqtt_port);
     let mut device = workspace.start_device(&id, &broker, &["--rate", "50", "--interval", "0.5"]);
 
     std::thread::sleep(Duration::from_secs(3));
@@ -163,6 +166,7 @@ fn undecodable_image_is_skipped_and_counted() {
     let mqtt_port = free_port();
     let server = workspace.start_server(None, mqtt_port);
     let id = unique_device_id("bad-image");
+    let secret = workspace.provision_device(std::path::Path::new(&server.database), &id);
     let mut device = std::process::Command::new(env!("CARGO_BIN_EXE_fleet"))
         .args([
             "device",
@@ -178,6 +182,8 @@ fn undecodable_image_is_skipped_and_counted() {
         .arg("--input")
         .arg(&photos)
         .args(["--passes", "1", "--rate", "0", "--interval", "0.5"])
+        .args(["--username", &id, "--password-file"])
+        .arg(secret)
         .arg("--state-dir")
         .arg(workspace.path("state"))
         .spawn()

@@ -58,7 +58,8 @@ fn spans_reach_the_otlp_collector() {
         ])
         .args(["--mqtt-listen", &format!("127.0.0.1:{mqtt_port}")])
         .arg("--database")
-        .arg(workspace.path("fleet.db"))
+        // The embedded broker's database, in which start_device provisions the agent.
+        .arg(workspace.embedded_database(mqtt_port))
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

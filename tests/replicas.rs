@@ -86,8 +86,10 @@ fn start_replica(database: &str, group: &str, client_id: &str, http_port: u16) -
 }
 
 fn stored_by(http_port: u16) -> f64 {
+    // /metrics needs no token.
     let api = Api {
         base: format!("http://127.0.0.1:{http_port}"),
+        token: String::new(),
     };
     api.metric("fleet_ingest_messages_total{outcome=\"stored\"}")
 }
@@ -159,8 +161,10 @@ fn replicas_split_load_and_survive_a_kill() {
         })
         .collect();
 
+    let token_dir = tempfile::tempdir().unwrap();
     let observer = Api {
         base: format!("http://127.0.0.1:{port_b}"),
+        token: common::create_api_token(&database, &token_dir.path().join("token")),
     };
     wait_for(
         Duration::from_secs(60),

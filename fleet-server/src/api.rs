@@ -7,10 +7,11 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::access::http::{self as access_http, LoginLimiter};
 use crate::metrics::{Outcome, ServerMetrics};
 use crate::store::{DeviceSummary, Store, StoreError, TelemetryRow};
 
@@ -25,17 +26,29 @@ const MAX_TELEMETRY_ROWS: u32 = 10_000;
 pub struct ApiState {
     pub store: Store,
     pub metrics: Arc<ServerMetrics>,
+    pub login_limiter: LoginLimiter,
 }
 
-/// Builds the router.
+/// Builds the router. The console page, `/healthz`, `/metrics` and the login route are
+/// public (the page asks for a login before it reads the API, and the metrics carry no
+/// device ids); every other `/api` route requires an operator.
 pub fn router(state: ApiState) -> Router {
+    let operator_routes = Router::new()
+        .route("/api/summary", get(summary))
+        .route("/api/devices", get(devices))
+        .route("/api/devices/{id}/telemetry", get(telemetry))
+        .route("/api/whoami", get(access_http::whoami))
+        .route("/api/logout", post(access_http::logout))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access_http::require_operator,
+        ));
     Router::new()
         .route("/", get(console))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
-        .route("/api/summary", get(summary))
-        .route("/api/devices", get(devices))
-        .route("/api/devices/{id}/telemetry", get(telemetry))
+        .route("/api/login", post(access_http::login))
+        .merge(operator_routes)
         .with_state(state)
 }
 
@@ -58,6 +71,15 @@ async fn console() -> Html<&'static str> {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {

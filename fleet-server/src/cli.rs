@@ -5,8 +5,30 @@ use std::net::SocketAddr;
 use anyhow::Context;
 use clap::Args;
 
+use crate::access::admin::AdminCommand;
 use crate::logging::LogFormat;
 use crate::{BrokerMode, Server, ServerConfig};
+
+/// The server's command line: its flags, or one administration command.
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ServerCommand {
+    #[command(subcommand)]
+    pub admin: Option<AdminCommand>,
+    #[command(flatten)]
+    pub args: ServerArgs,
+}
+
+impl ServerCommand {
+    /// Runs the administration command if there is one, else the server until SIGINT or
+    /// SIGTERM.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self.admin {
+            Some(command) => crate::access::admin::run(command).await,
+            None => run(self.args).await,
+        }
+    }
+}
 
 /// Flags of the fleet server.
 #[derive(Debug, Clone, Args)]
@@ -20,6 +42,12 @@ pub struct ServerArgs {
     /// Address the embedded broker listens on when --broker is not given.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
+    /// Let clients without credentials use the embedded broker, with no topic rules.
+    /// Clients that send a user name are still checked. Only for closed test and
+    /// benchmark setups; by default every client needs a credential from
+    /// `provision-device` or `provision-ingester`.
+    #[arg(long, conflicts_with = "broker")]
+    pub allow_anonymous: bool,
     /// Fleet state: a SQLite file (a path or sqlite://PATH, created if missing) or a
     /// PostgreSQL URL (postgres://USER@HOST:PORT/DATABASE).
     #[arg(long, default_value = "fleet.db")]
@@ -70,6 +98,11 @@ impl ServerArgs {
             }
             None => BrokerMode::Embedded {
                 listen: self.mqtt_listen,
+                access: if self.allow_anonymous {
+                    crate::broker::ClientAccess::AllowAnonymous
+                } else {
+                    crate::broker::ClientAccess::Credentials
+                },
             },
         };
         if let Some(group) = &self.shared_group

@@ -4,8 +4,9 @@
 //! By default it embeds an MQTT broker (rumqttd), so one process is the whole back end.
 //! With [`BrokerMode::External`] it subscribes to an existing broker such as Mosquitto.
 
+pub mod access;
 pub mod api;
-mod broker;
+pub mod broker;
 pub mod cli;
 mod ingest;
 pub mod logging;
@@ -25,8 +26,12 @@ pub use store::Store;
 /// Source of device traffic.
 #[derive(Debug, Clone)]
 pub enum BrokerMode {
-    /// Start rumqttd in this process, listening on this address (port 0 picks one).
-    Embedded { listen: SocketAddr },
+    /// Start rumqttd in this process, behind a proxy listening on this address (port 0
+    /// picks one) that authenticates clients and enforces their topic rules.
+    Embedded {
+        listen: SocketAddr,
+        access: broker::ClientAccess,
+    },
     /// Subscribe to an existing broker.
     External { host: String, port: u16 },
 }
@@ -83,29 +88,47 @@ impl Server {
     /// server, and returns once all of them accept work.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
         let store = Store::open(&config.database).await?;
-        let broker = match &config.broker {
-            BrokerMode::Embedded { listen } => {
-                let address =
-                    broker::start_embedded(*listen, fleet_wire::MAX_PAYLOAD_BYTES + 1024)?;
-                ingest::BrokerAddress {
-                    host: address.ip().to_string(),
-                    port: address.port(),
-                }
-            }
-            BrokerMode::External { host, port } => ingest::BrokerAddress {
-                host: host.clone(),
-                port: *port,
-            },
-        };
-        let mqtt_addr = format!("{}:{}", broker.host, broker.port);
-
         let (shutdown, shutdown_rx) = watch::channel(false);
         let metrics = Arc::new(ServerMetrics::new());
+        let mut credentials = config.mqtt_credentials.clone();
+        let (broker, mqtt_addr) = match &config.broker {
+            BrokerMode::Embedded { listen, access } => {
+                let settings = broker::EmbeddedSettings {
+                    listen: *listen,
+                    max_payload_bytes: fleet_wire::MAX_PAYLOAD_BYTES + 1024,
+                    access: *access,
+                };
+                let embedded = broker::start(
+                    settings,
+                    store.clone(),
+                    metrics.clone(),
+                    shutdown_rx.clone(),
+                )
+                .await?;
+                credentials = Some(fleet_wire::MqttCredentials {
+                    username: broker::INTERNAL_INGESTER.into(),
+                    password: embedded.internal_password.to_string(),
+                });
+                let internal = ingest::BrokerAddress {
+                    host: embedded.internal.ip().to_string(),
+                    port: embedded.internal.port(),
+                };
+                (internal, embedded.listen.to_string())
+            }
+            BrokerMode::External { host, port } => (
+                ingest::BrokerAddress {
+                    host: host.clone(),
+                    port: *port,
+                },
+                format!("{host}:{port}"),
+            ),
+        };
+
         let ingest_options = ingest::IngestOptions {
             client_id: config.mqtt_client_id.clone(),
             shared_group: config.shared_group.clone(),
             clean_session: config.clean_session,
-            credentials: config.mqtt_credentials.clone(),
+            credentials,
         };
         let mut tasks = ingest::spawn(
             broker,
@@ -122,6 +145,7 @@ impl Server {
         let app = api::router(api::ApiState {
             store: store.clone(),
             metrics: metrics.clone(),
+            login_limiter: Default::default(),
         });
         if let Some(retention) = config.telemetry_retention {
             tasks.push(tokio::spawn(downsample_periodically(

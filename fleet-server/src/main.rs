@@ -2,17 +2,25 @@
 
 use clap::Parser;
 
-/// Take in device telemetry over MQTT, store it in SQLite and serve the console.
+/// Take in device telemetry over MQTT, store it in SQLite and serve the console; or,
+/// with a subcommand, administer credentials and operators.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    admin: Option<fleet_server::access::admin::AdminCommand>,
     #[command(flatten)]
     args: fleet_server::cli::ServerArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Cli::parse().args;
+    let cli = Cli::parse();
+    let command = fleet_server::cli::ServerCommand {
+        admin: cli.admin,
+        args: cli.args,
+    };
+    let args = &command.args;
     // rumqttd logs routine disconnects at error level, so its log is off unless RUST_LOG
     // enables it.
     let _tracing = fleet_server::logging::init(
@@ -21,5 +29,5 @@ async fn main() -> anyhow::Result<()> {
         args.otlp_endpoint.as_deref(),
         "fleet-server",
     )?;
-    fleet_server::cli::run(args).await
+    command.run().await
 }

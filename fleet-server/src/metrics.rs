@@ -63,6 +63,17 @@ pub struct ServerMetrics {
     pub queue_depth: Gauge<i64, AtomicI64>,
     /// 1 while the ingest client is connected to the broker.
     pub broker_connected: Gauge<i64, AtomicI64>,
+    /// Embedded-broker connections refused for bad or missing credentials.
+    pub broker_logins_refused: Counter,
+    /// Embedded-broker clients disconnected for a publish or subscribe outside their
+    /// topics.
+    pub broker_acl_denied: Counter,
+    /// HTTP requests to operator routes without valid credentials.
+    pub unauthorized_requests: Counter,
+    /// Console logins with a wrong user name or password.
+    pub login_failed: Counter,
+    /// Console logins refused by the per-name rate limit.
+    pub login_throttled: Counter,
 }
 
 impl Default for ServerMetrics {
@@ -76,12 +87,19 @@ impl ServerMetrics {
     pub fn new() -> ServerMetrics {
         let mut registry = Registry::with_prefix("fleet");
         let messages = Family::<OutcomeLabel, Counter>::default();
+        // Every outcome is exported from the start, as 0, so a query or alert on one
+        // that has not happened yet finds a series.
+        for outcome in [Outcome::Stored, Outcome::Duplicate, Outcome::Rejected] {
+            drop(messages.get_or_create(&OutcomeLabel { outcome }));
+        }
         let write_errors = Counter::default();
         let batch_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let ingest_lag_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let clock_skewed = Counter::default();
         let queue_depth = Gauge::default();
         let broker_connected = Gauge::default();
+        let access = AccessMetrics::default();
+        access.register(&mut registry);
         registry.register(
             "ingest_messages",
             "MQTT messages taken in, by outcome",
@@ -126,6 +144,11 @@ impl ServerMetrics {
             clock_skewed,
             queue_depth,
             broker_connected,
+            broker_logins_refused: access.broker_logins_refused,
+            broker_acl_denied: access.broker_acl_denied,
+            unauthorized_requests: access.unauthorized_requests,
+            login_failed: access.login_failed,
+            login_throttled: access.login_throttled,
         }
     }
 
@@ -147,6 +170,51 @@ impl ServerMetrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// Counters of refused logins and requests.
+#[derive(Debug, Default)]
+struct AccessMetrics {
+    broker_logins_refused: Counter,
+    broker_acl_denied: Counter,
+    unauthorized_requests: Counter,
+    login_failed: Counter,
+    login_throttled: Counter,
+}
+
+impl AccessMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "broker_logins_refused",
+                "Embedded-broker connections refused for bad or missing credentials",
+                &self.broker_logins_refused,
+            ),
+            (
+                "broker_acl_denied",
+                "Embedded-broker clients disconnected for using a topic outside their rights",
+                &self.broker_acl_denied,
+            ),
+            (
+                "http_unauthorized_requests",
+                "HTTP requests to operator routes without valid credentials",
+                &self.unauthorized_requests,
+            ),
+            (
+                "login_failed",
+                "Console logins with a wrong user name or password",
+                &self.login_failed,
+            ),
+            (
+                "login_throttled",
+                "Console logins refused by the per-name rate limit",
+                &self.login_throttled,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! (live-window merging, gap and accuracy arithmetic, hourly bucketing) is computed in
 //! this module and its `rows` and `rollup` submodules, once for both backends.
 
+pub mod access;
 mod postgres;
 mod rollup;
 mod rows;
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 use fleet_wire::{LatencyHistogram, Status, Telemetry};
 use serde::Serialize;
 
+use self::access::{AccessBackend, Credential};
 use self::rows::{DeviceRow, HourlyRecord, WindowRow};
 
 /// Errors from the store.
@@ -62,6 +64,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("invalid stored credential role {role:?}; expected \"device\" or \"ingester\"")]
+    InvalidRole { role: String },
 }
 
 /// A telemetry message with the time the server received it.
@@ -215,6 +219,7 @@ trait StoreBackend: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct Store {
     backend: Arc<dyn StoreBackend>,
+    access: Arc<dyn AccessBackend>,
 }
 
 impl Store {
@@ -237,9 +242,10 @@ impl Store {
     /// WAL mode lets the API read while ingestion writes; `synchronous = FULL` makes a
     /// committed batch survive power loss, which the MQTT acknowledgement relies on.
     pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
-        let backend = sqlite::SqliteBackend::open(path).await?;
+        let backend = Arc::new(sqlite::SqliteBackend::open(path).await?);
         Ok(Store {
-            backend: Arc::new(backend),
+            backend: backend.clone(),
+            access: backend,
         })
     }
 
@@ -250,9 +256,10 @@ impl Store {
     /// may share one database: batches, totals and downsampling stay exact under
     /// concurrent writers.
     pub async fn open_postgres(url: &str) -> Result<Store, StoreError> {
-        let backend = postgres::PostgresBackend::open(url).await?;
+        let backend = Arc::new(postgres::PostgresBackend::open(url).await?);
         Ok(Store {
-            backend: Arc::new(backend),
+            backend: backend.clone(),
+            access: backend,
         })
     }
 
@@ -329,6 +336,91 @@ impl Store {
     pub async fn downsample(&self, older_than_ms: u64) -> Result<DownsampleOutcome, StoreError> {
         let cutoff = i64::try_from(older_than_ms).unwrap_or(i64::MAX);
         self.backend.downsample(cutoff).await
+    }
+}
+
+/// Identities: broker credentials, operators, API tokens and sessions. Arguments named
+/// `sha256` are hex SHA-256 digests of secrets, never the secrets.
+impl Store {
+    /// Inserts a broker credential, or replaces the one of the same name when `replace`;
+    /// returns false when one exists and `replace` is false.
+    pub async fn put_credential(
+        &self,
+        credential: &Credential,
+        replace: bool,
+    ) -> Result<bool, StoreError> {
+        self.access.put_credential(credential, replace).await
+    }
+
+    pub async fn credential(&self, name: &str) -> Result<Option<Credential>, StoreError> {
+        self.access.credential(name).await
+    }
+
+    /// Returns the credential whose secret hashes to `sha256`.
+    pub async fn credential_by_secret(
+        &self,
+        sha256: &str,
+    ) -> Result<Option<Credential>, StoreError> {
+        self.access.credential_by_secret(sha256).await
+    }
+
+    /// Lists every broker credential, ordered by name.
+    pub async fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
+        self.access.credentials().await
+    }
+
+    /// Deletes a broker credential; returns false when there was none.
+    pub async fn delete_credential(&self, name: &str) -> Result<bool, StoreError> {
+        self.access.delete_credential(name).await
+    }
+
+    /// Creates an operator or replaces their password hash.
+    pub async fn put_operator(&self, name: &str, password_hash: &str) -> Result<(), StoreError> {
+        let now = crate::unix_millis() as i64;
+        self.access.put_operator(name, password_hash, now).await
+    }
+
+    pub async fn operator_password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.access.operator_password_hash(name).await
+    }
+
+    /// Stores an API token's hash; returns false when a token of that name exists.
+    pub async fn put_api_token(&self, name: &str, sha256: &str) -> Result<bool, StoreError> {
+        let now = crate::unix_millis() as i64;
+        self.access.put_api_token(name, sha256, now).await
+    }
+
+    /// Returns the name of the API token whose hash is `sha256`.
+    pub async fn api_token_name(&self, sha256: &str) -> Result<Option<String>, StoreError> {
+        self.access.api_token_name(sha256).await
+    }
+
+    /// Deletes an API token; returns false when there was none.
+    pub async fn delete_api_token(&self, name: &str) -> Result<bool, StoreError> {
+        self.access.delete_api_token(name).await
+    }
+
+    /// Stores a console session until `expires_ms` and deletes expired ones.
+    pub async fn put_session(
+        &self,
+        sha256: &str,
+        operator: &str,
+        expires_ms: u64,
+    ) -> Result<(), StoreError> {
+        let now = crate::unix_millis() as i64;
+        self.access
+            .put_session(sha256, operator, expires_ms as i64, now)
+            .await
+    }
+
+    /// Returns the operator of an unexpired session.
+    pub async fn session_operator(&self, sha256: &str) -> Result<Option<String>, StoreError> {
+        let now = crate::unix_millis() as i64;
+        self.access.session_operator(sha256, now).await
+    }
+
+    pub async fn delete_session(&self, sha256: &str) -> Result<(), StoreError> {
+        self.access.delete_session(sha256).await
     }
 }
 

@@ -11,6 +11,8 @@ use std::error::Error;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use fleet_server::access::{self, AccessError, Principal};
+use fleet_server::store::access::CredentialRole;
 use fleet_server::store::{DownsampleOutcome, Received, Record, Store};
 use fleet_wire::{DeviceState, LatencyHistogram, ModelRef, Status, SystemStats, Telemetry};
 use sqlx::{Connection, Executor, PgConnection};
@@ -54,6 +56,8 @@ on_each_backend!(
     downsample_preserves_counts,
     downsample_runs_concurrently_once,
     overlapping_batches_from_two_handles,
+    credentials_are_issued_checked_and_revoked,
+    operator_sessions_and_tokens,
 );
 
 #[derive(Debug, Clone, Copy)]
@@ -654,6 +658,130 @@ async fn overlapping_batches_from_two_handles(backend: Backend) {
             .unwrap();
         assert_eq!(rows.len() as i64, unique_per_device, "{}", device.id);
     }
+}
+
+async fn credentials_are_issued_checked_and_revoked(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let store = database.open().await;
+    let secret = access::provision(&store, "cam-1", CredentialRole::Device, false)
+        .await
+        .unwrap();
+    let device = Principal::Device { id: "cam-1".into() };
+    let checked = access::check_broker_login(&store, "cam-1", &secret)
+        .await
+        .unwrap();
+    assert_eq!(checked, Some(device.clone()));
+    let wrong = access::check_broker_login(&store, "cam-1", "guess")
+        .await
+        .unwrap();
+    assert_eq!(wrong, None);
+    let unknown = access::check_broker_login(&store, "cam-9", &secret)
+        .await
+        .unwrap();
+    assert_eq!(unknown, None);
+
+    let again = access::provision(&store, "cam-1", CredentialRole::Device, false).await;
+    assert!(
+        matches!(again, Err(AccessError::AlreadyProvisioned { .. })),
+        "{again:?}"
+    );
+    let rotated = access::provision(&store, "cam-1", CredentialRole::Device, true)
+        .await
+        .unwrap();
+    let old = access::check_broker_login(&store, "cam-1", &secret)
+        .await
+        .unwrap();
+    assert_eq!(old, None, "the old secret still works after rotation");
+    let new = access::check_broker_login(&store, "cam-1", &rotated)
+        .await
+        .unwrap();
+    assert_eq!(new, Some(device.clone()));
+    let by_token = access::principal_for_token(&store, &rotated).await.unwrap();
+    assert_eq!(by_token, Some(device));
+
+    access::provision(&store, "replica-a", CredentialRole::Ingester, false)
+        .await
+        .unwrap();
+    let listed: Vec<(String, CredentialRole)> = store
+        .credentials()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|credential| (credential.name, credential.role))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("cam-1".to_string(), CredentialRole::Device),
+            ("replica-a".to_string(), CredentialRole::Ingester),
+        ]
+    );
+    let invalid = access::provision(&store, "a/b", CredentialRole::Device, false).await;
+    assert!(
+        matches!(invalid, Err(AccessError::InvalidName { .. })),
+        "{invalid:?}"
+    );
+
+    assert!(store.delete_credential("cam-1").await.unwrap());
+    assert!(!store.delete_credential("cam-1").await.unwrap());
+    let revoked = access::check_broker_login(&store, "cam-1", &rotated)
+        .await
+        .unwrap();
+    assert_eq!(revoked, None);
+}
+
+async fn operator_sessions_and_tokens(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let store = database.open().await;
+    let short = access::set_operator_password(&store, "alice", "too short").await;
+    assert!(
+        matches!(short, Err(AccessError::PasswordTooShort { chars: 9 })),
+        "{short:?}"
+    );
+    access::set_operator_password(&store, "alice", "correct horse battery")
+        .await
+        .unwrap();
+    let right = access::check_operator_password(&store, "alice", "correct horse battery");
+    assert!(right.await.unwrap());
+    let wrong = access::check_operator_password(&store, "alice", "wrong horse battery");
+    assert!(!wrong.await.unwrap());
+    let unknown = access::check_operator_password(&store, "mallory", "correct horse battery");
+    assert!(!unknown.await.unwrap());
+
+    let token = access::create_api_token(&store, "grafana").await.unwrap();
+    let principal = access::principal_for_token(&store, &token).await.unwrap();
+    assert_eq!(
+        principal,
+        Some(Principal::Operator {
+            name: "token:grafana".into()
+        })
+    );
+    let duplicate = access::create_api_token(&store, "grafana").await;
+    assert!(
+        matches!(duplicate, Err(AccessError::TokenExists { .. })),
+        "{duplicate:?}"
+    );
+    assert!(store.delete_api_token("grafana").await.unwrap());
+    assert_eq!(
+        access::principal_for_token(&store, &token).await.unwrap(),
+        None
+    );
+
+    let now = fleet_server::unix_millis();
+    let live = access::sha256_hex("live-session");
+    let expired = access::sha256_hex("expired-session");
+    store.put_session(&expired, "alice", now - 1).await.unwrap();
+    store
+        .put_session(&live, "alice", now + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.session_operator(&live).await.unwrap().as_deref(),
+        Some("alice")
+    );
+    assert_eq!(store.session_operator(&expired).await.unwrap(), None);
+    store.delete_session(&live).await.unwrap();
+    assert_eq!(store.session_operator(&live).await.unwrap(), None);
 }
 
 #[tokio::test]

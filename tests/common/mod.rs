@@ -77,6 +77,9 @@ pub fn fleet(args: &[&str]) -> Output {
 #[derive(Debug)]
 pub struct Workspace {
     pub dir: tempfile::TempDir,
+    /// Broker URL and database of each server started with an embedded broker, so
+    /// devices started on that broker get credentials from that database.
+    embedded: std::cell::RefCell<Vec<(String, PathBuf)>>,
 }
 
 impl Workspace {
@@ -106,7 +109,10 @@ impl Workspace {
             "bundle: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        Workspace { dir }
+        Workspace {
+            dir,
+            embedded: Default::default(),
+        }
     }
 
     pub fn path(&self, relative: &str) -> PathBuf {
@@ -127,7 +133,14 @@ impl Workspace {
         let http_port = free_port();
         let http = format!("127.0.0.1:{http_port}");
         let mqtt_listen = format!("127.0.0.1:{mqtt_port}");
-        let database = self.path(&format!("fleet-{http_port}.db"));
+        let database = match broker {
+            Some(_) => self.path(&format!("fleet-{http_port}.db")),
+            None => self.embedded_database(mqtt_port),
+        };
+        let token = create_api_token(
+            path_str(&database),
+            &self.path(&format!("token-{http_port}")),
+        );
         let mut command = Command::new(env!("CARGO_BIN_EXE_fleet"));
         command
             .args([
@@ -159,15 +172,35 @@ impl Workspace {
         });
         Server {
             process,
-            api: Api { base },
+            api: Api { base, token },
+            database: path_str(&database).to_owned(),
         }
     }
 
-    /// Starts `fleet device` on the MNIST test set with the given extra flags.
+    /// Starts `fleet device` on the MNIST test set with the given extra flags. On the
+    /// embedded broker of a server started by [`Workspace::start_server`], the device
+    /// is first provisioned in that server's database and logs in with its secret.
     pub fn start_device(&self, device_id: &str, broker: &str, extra: &[&str]) -> Process {
         let mnist = repo().join("models/mnist");
+        let database = self
+            .embedded
+            .borrow()
+            .iter()
+            .find(|(url, _)| url == broker)
+            .map(|(_, database)| database.clone());
+        let mut login: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(database) = database {
+            let secret = self.provision_device(&database, device_id);
+            login.extend([
+                "--username".into(),
+                device_id.into(),
+                "--password-file".into(),
+            ]);
+            login.push(secret.into());
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_fleet"))
             .args(["device", "--device-id", device_id, "--broker", broker])
+            .args(login)
             .arg("--bundle")
             .arg(self.bundle())
             .arg("--public-key")
@@ -187,6 +220,64 @@ impl Workspace {
             child,
         }
     }
+
+    /// Returns the database of the server with an embedded broker on `mqtt_port`, and
+    /// records it so that [`Workspace::start_device`] provisions devices on that
+    /// broker in it, also before the server starts.
+    pub fn embedded_database(&self, mqtt_port: u16) -> PathBuf {
+        let database = self.path(&format!("fleet-mqtt-{mqtt_port}.db"));
+        let url = format!("mqtt://127.0.0.1:{mqtt_port}");
+        let mut embedded = self.embedded.borrow_mut();
+        if !embedded.iter().any(|(known, _)| *known == url) {
+            embedded.push((url, database.clone()));
+        }
+        database
+    }
+
+    /// Issues a device credential in `database` and returns the path of its secret.
+    pub fn provision_device(&self, database: &Path, device_id: &str) -> PathBuf {
+        let dir = self.path("secrets");
+        let output = fleet(&[
+            "server",
+            "provision-device",
+            device_id,
+            "--rotate",
+            "--database",
+            path_str(database),
+            "--out",
+            path_str(&dir),
+        ]);
+        assert!(
+            output.status.success(),
+            "provision-device {device_id}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        dir.join(format!("{device_id}.secret"))
+    }
+}
+
+/// Creates an API token in `database` (creating the database if needed), writes it to
+/// `path` and returns it.
+pub fn create_api_token(database: &str, path: &Path) -> String {
+    let name = format!("test-{}", path.file_name().unwrap().to_string_lossy());
+    let output = fleet(&[
+        "server",
+        "create-token",
+        &name,
+        "--database",
+        database,
+        "--out",
+        path_str(path),
+    ]);
+    assert!(
+        output.status.success(),
+        "create-token: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::read_to_string(path)
+        .expect("read token file")
+        .trim()
+        .to_string()
 }
 
 /// A running `fleet server`; its API is reachable through `Deref`.
@@ -194,6 +285,8 @@ impl Workspace {
 pub struct Server {
     pub process: Process,
     pub api: Api,
+    /// The server's SQLite file.
+    pub database: String,
 }
 
 impl std::ops::Deref for Server {
@@ -204,15 +297,18 @@ impl std::ops::Deref for Server {
     }
 }
 
-/// The HTTP API of a fleet server at `base`, such as `http://127.0.0.1:8080`.
+/// The HTTP API of a fleet server at `base`, such as `http://127.0.0.1:8080`, called
+/// with an operator's API token.
 #[derive(Debug, Clone)]
 pub struct Api {
     pub base: String,
+    pub token: String,
 }
 
 impl Api {
     pub fn get(&self, path: &str) -> serde_json::Value {
         ureq::get(&format!("{}{path}", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token))
             .call()
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
             .into_json()
@@ -322,4 +418,36 @@ pub fn clear_retained_status(host: &str, port: u16, device_ids: &[String]) {
         }
     }
     let _ = client.disconnect();
+}
+
+/// Starts a Mosquitto on a free loopback port with `settings` added to its
+/// configuration, which is written into `dir`; every file in `dir` is made readable
+/// for the `mosquitto` user that Mosquitto switches to when started as root.
+pub fn start_mosquitto(dir: &Path, settings: &str) -> (Process, u16) {
+    use std::os::unix::fs::PermissionsExt;
+
+    let port = free_port();
+    let config = dir.join("mosquitto.conf");
+    let text = format!("listener {port} 127.0.0.1\npersistence false\n{settings}");
+    std::fs::write(&config, text).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mosquitto");
+    let process = Process {
+        name: "mosquitto".into(),
+        child,
+    };
+    wait_for(Duration::from_secs(10), "mosquitto to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    (process, port)
 }

@@ -77,6 +77,8 @@ impl PostgresBackend {
     }
 }
 
+super::access::access_backend!(PostgresBackend);
+
 #[async_trait]
 impl StoreBackend for PostgresBackend {
     async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError> {

@@ -64,6 +64,8 @@ impl SqliteBackend {
     }
 }
 
+super::access::access_backend!(SqliteBackend);
+
 #[async_trait]
 impl StoreBackend for SqliteBackend {
     async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError> {
