@@ -42,6 +42,11 @@ pub struct ServerArgs {
     /// Address the embedded broker listens on when --broker is not given.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
+    /// Connections to the external broker that receive telemetry, split through a
+    /// shared subscription. More connections allow larger write batches, because the
+    /// broker limits unacknowledged messages per connection.
+    #[arg(long, default_value_t = crate::DEFAULT_INGEST_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64), requires = "broker")]
+    pub ingest_connections: usize,
     /// Let clients without credentials use the embedded broker, with no topic rules.
     /// Clients that send a user name are still checked. Only for closed test and
     /// benchmark setups; by default every client needs a credential from
@@ -94,7 +99,11 @@ impl ServerArgs {
                 let (host, port) = fleet_wire::parse_broker_url(url)
                     .map_err(anyhow::Error::msg)
                     .context("invalid --broker")?;
-                BrokerMode::External { host, port }
+                BrokerMode::External {
+                    host,
+                    port,
+                    connections: self.ingest_connections,
+                }
             }
             None => BrokerMode::Embedded {
                 listen: self.mqtt_listen,

@@ -4,6 +4,7 @@
 //! again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fleet_wire::{Status, Telemetry, topic};
@@ -42,9 +43,15 @@ pub struct IngestOptions {
     /// Discard the broker session on disconnect instead of resuming it.
     pub clean_session: bool,
     pub credentials: Option<fleet_wire::MqttCredentials>,
+    /// Broker connections that receive telemetry, at least 1. A broker sends each
+    /// connection only a few unacknowledged QoS 1 messages at a time (Mosquitto's
+    /// `max_inflight_messages`, 20 by default), and nothing is acknowledged before its
+    /// batch commits, so one connection caps a batch at that many messages. Several
+    /// connections in one shared-subscription group multiply the window.
+    pub connections: usize,
 }
 
-/// Starts the MQTT client and the writer; both run until `shutdown` turns true.
+/// Starts the MQTT connections and the writer; all run until `shutdown` turns true.
 pub fn spawn(
     broker: BrokerAddress,
     ingest: IngestOptions,
@@ -52,30 +59,77 @@ pub fn spawn(
     metrics: Arc<ServerMetrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut options = MqttOptions::new(ingest.client_id.clone(), broker.host, broker.port);
-    options.set_keep_alive(Duration::from_secs(15));
-    options.set_manual_acks(true);
-    options.set_clean_session(ingest.clean_session);
-    if let Some(credentials) = ingest.credentials {
-        options.set_credentials(credentials.username, credentials.password);
-    }
-    options.set_max_packet_size(
-        fleet_wire::MAX_PAYLOAD_BYTES + 1024,
-        fleet_wire::MAX_PAYLOAD_BYTES + 1024,
-    );
-    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let connections = ingest.connections.max(1);
+    // Connections of one server split the telemetry through a shared subscription;
+    // servers in a configured group share it with each other as well.
+    let shared_group = match (&ingest.shared_group, connections) {
+        (Some(group), _) => Some(group.clone()),
+        (None, 1) => None,
+        (None, _) => Some(ingest.client_id.clone()),
+    };
+    let connected: Arc<[AtomicBool]> = (0..connections).map(|_| AtomicBool::new(false)).collect();
     let (queue_tx, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
-    vec![
-        tokio::spawn(read_broker(
+    let mut clients = Vec::with_capacity(connections);
+    let mut tasks = Vec::with_capacity(connections + 1);
+    for index in 0..connections {
+        // The first connection keeps the plain client id, so a server that had one
+        // connection resumes its session after an upgrade.
+        let client_id = match index {
+            0 => ingest.client_id.clone(),
+            _ => format!("{}-{index}", ingest.client_id),
+        };
+        let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+        options.set_keep_alive(Duration::from_secs(15));
+        options.set_manual_acks(true);
+        options.set_clean_session(ingest.clean_session);
+        if let Some(credentials) = &ingest.credentials {
+            options.set_credentials(credentials.username.clone(), credentials.password.clone());
+        }
+        options.set_max_packet_size(
+            fleet_wire::MAX_PAYLOAD_BYTES + 1024,
+            fleet_wire::MAX_PAYLOAD_BYTES + 1024,
+        );
+        let (client, eventloop) = AsyncClient::new(options, 1024);
+        clients.push(client.clone());
+        let connection = Connection {
+            index,
+            client,
+            shared_group: shared_group.clone(),
+            connected: connected.clone(),
+        };
+        tasks.push(tokio::spawn(read_broker(
             eventloop,
-            client.clone(),
-            ingest.shared_group,
-            queue_tx,
+            connection,
+            queue_tx.clone(),
             metrics.clone(),
-            shutdown,
-        )),
-        tokio::spawn(write_batches(queue_rx, client, store, metrics)),
-    ]
+            shutdown.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(write_batches(
+        queue_rx, clients, store, metrics,
+    )));
+    tasks
+}
+
+/// One of the ingester's broker connections.
+struct Connection {
+    /// Position among the connections; only the first subscribes to status.
+    index: usize,
+    client: AsyncClient,
+    shared_group: Option<String>,
+    /// Whether each connection is up; the server counts as connected when all are.
+    connected: Arc<[AtomicBool]>,
+}
+
+impl Connection {
+    fn set_connected(&self, up: bool, metrics: &ServerMetrics) {
+        self.connected[self.index].store(up, Ordering::SeqCst);
+        let all = self
+            .connected
+            .iter()
+            .all(|flag| flag.load(Ordering::SeqCst));
+        metrics.broker_connected.set(i64::from(all));
+    }
 }
 
 /// A received message waiting for its batch, with the packet to acknowledge.
@@ -85,12 +139,13 @@ pub fn spawn(
 struct Pending {
     record: Option<Record>,
     publish: Publish,
+    /// Index of the connection that received it, which must acknowledge it.
+    connection: usize,
 }
 
 async fn read_broker(
     mut eventloop: EventLoop,
-    client: AsyncClient,
-    shared_group: Option<String>,
+    connection: Connection,
     queue: mpsc::Sender<Pending>,
     metrics: Arc<ServerMetrics>,
     mut shutdown: watch::Receiver<bool>,
@@ -105,30 +160,37 @@ async fn read_broker(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(
+                    connection = connection.index,
                     session_present = ack.session_present,
                     "ingest connected to broker"
                 );
-                metrics.broker_connected.set(1);
+                connection.set_connected(true, &metrics);
                 reconnect_delay = RECONNECT_DELAY_MIN;
                 failures = 0;
-                subscribe(&client, shared_group.as_deref()).await;
+                subscribe(&connection).await;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let record = decode(&publish, &metrics);
                 metrics.queue_depth.inc();
-                if queue.send(Pending { record, publish }).await.is_err() {
+                let pending = Pending {
+                    record,
+                    publish,
+                    connection: connection.index,
+                };
+                if queue.send(pending).await.is_err() {
                     tracing::error!("telemetry writer stopped; message left unacknowledged");
                 }
             }
             Ok(_) => {}
             Err(error) => {
-                metrics.broker_connected.set(0);
+                connection.set_connected(false, &metrics);
                 failures += 1;
                 // Log the first failures and then every tenth, so a long outage does not
                 // flood the log.
                 if failures <= 3 || failures.is_multiple_of(10) {
                     tracing::warn!(
                         %error,
+                        connection = connection.index,
                         failures,
                         retry_in_ms = reconnect_delay.as_millis() as u64,
                         "ingest cannot reach the broker, retrying"
@@ -142,21 +204,26 @@ async fn read_broker(
             }
         }
     }
-    let _ = client.try_disconnect();
+    let _ = connection.client.try_disconnect();
 }
 
-/// Subscribes to telemetry, through the shared group when there is one, and to status.
+/// Subscribes to telemetry, through the shared group when there is one, and, on the
+/// first connection only, to status.
 ///
 /// Status stays an ordinary subscription: brokers do not send retained messages to
 /// shared subscriptions, and every replica applying every status change is harmless.
-async fn subscribe(client: &AsyncClient, shared_group: Option<&str>) {
+async fn subscribe(connection: &Connection) {
     let telemetry = topic::all_devices(topic::TopicKind::Telemetry);
-    let telemetry = match shared_group {
+    let telemetry = match &connection.shared_group {
         Some(group) => format!("$share/{group}/{telemetry}"),
         None => telemetry,
     };
-    for filter in [telemetry, topic::all_devices(topic::TopicKind::Status)] {
-        if let Err(error) = client.subscribe(&filter, QoS::AtLeastOnce).await {
+    let mut filters = vec![telemetry];
+    if connection.index == 0 {
+        filters.push(topic::all_devices(topic::TopicKind::Status));
+    }
+    for filter in filters {
+        if let Err(error) = connection.client.subscribe(&filter, QoS::AtLeastOnce).await {
             tracing::error!(%error, %filter, "subscribe failed");
         }
     }
@@ -237,9 +304,11 @@ fn reject(metrics: &ServerMetrics, publish: &Publish, reason: &str) {
     }
 }
 
+/// Writes queued messages in batches and then acknowledges each on the connection that
+/// received it, in arrival order.
 async fn write_batches(
     mut queue: mpsc::Receiver<Pending>,
-    client: AsyncClient,
+    clients: Vec<AsyncClient>,
     store: Store,
     metrics: Arc<ServerMetrics>,
 ) {
@@ -283,7 +352,7 @@ async fn write_batches(
         }
         metrics.queue_depth.dec_by(batch.len() as i64);
         for pending in batch.drain(..) {
-            if let Err(error) = client.ack(&pending.publish).await {
+            if let Err(error) = clients[pending.connection].ack(&pending.publish).await {
                 tracing::warn!(%error, "acknowledgement not sent");
             }
         }

@@ -32,9 +32,20 @@ pub enum BrokerMode {
         listen: SocketAddr,
         access: broker::ClientAccess,
     },
-    /// Subscribe to an existing broker.
-    External { host: String, port: u16 },
+    /// Subscribe to an existing broker over `connections` connections (see
+    /// [`DEFAULT_INGEST_CONNECTIONS`]).
+    External {
+        host: String,
+        port: u16,
+        connections: usize,
+    },
 }
+
+/// Ingest connections to an external broker unless configured otherwise. Mosquitto
+/// sends each connection at most 20 unacknowledged messages by default, and the server
+/// acknowledges a message only after its batch commits, so four connections let a
+/// batch grow to 80 messages.
+pub const DEFAULT_INGEST_CONNECTIONS: usize = 4;
 
 /// How long shutdown waits for each task to finish its work.
 const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -91,7 +102,7 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let metrics = Arc::new(ServerMetrics::new());
         let mut credentials = config.mqtt_credentials.clone();
-        let (broker, mqtt_addr) = match &config.broker {
+        let (broker, mqtt_addr, connections) = match &config.broker {
             BrokerMode::Embedded { listen, access } => {
                 let settings = broker::EmbeddedSettings {
                     listen: *listen,
@@ -113,14 +124,21 @@ impl Server {
                     host: embedded.internal.ip().to_string(),
                     port: embedded.internal.port(),
                 };
-                (internal, embedded.listen.to_string())
+                // rumqttd is configured with a window of 500 messages per
+                // connection, so one connection is enough.
+                (internal, embedded.listen.to_string(), 1)
             }
-            BrokerMode::External { host, port } => (
+            BrokerMode::External {
+                host,
+                port,
+                connections,
+            } => (
                 ingest::BrokerAddress {
                     host: host.clone(),
                     port: *port,
                 },
                 format!("{host}:{port}"),
+                *connections,
             ),
         };
 
@@ -129,6 +147,7 @@ impl Server {
             shared_group: config.shared_group.clone(),
             clean_session: config.clean_session,
             credentials,
+            connections,
         };
         let mut tasks = ingest::spawn(
             broker,

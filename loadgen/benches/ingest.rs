@@ -19,6 +19,9 @@
 //!    against a server on each store. Reports lost messages and the ingest lag, receive
 //!    time minus device time, read back from the store.
 //!
+//! Each server connects to Mosquitto with `FLEET_BENCH_INGEST_CONNECTIONS` ingest
+//! connections (default [`fleet_server::DEFAULT_INGEST_CONNECTIONS`]).
+//!
 //! The stores are a fresh SQLite file and a fresh schema in the PostgreSQL database
 //! `FLEET_BENCH_POSTGRES` (default postgres://postgres@127.0.0.1:5432/test), which is
 //! dropped afterwards. The PostgreSQL rows are left out, with a note, when that database
@@ -209,6 +212,8 @@ struct Settings {
     fleet_devices: usize,
     fleet_seconds: u64,
     postgres_url: String,
+    /// Ingest connections of each measured server to Mosquitto.
+    ingest_connections: usize,
 }
 
 impl Settings {
@@ -219,6 +224,10 @@ impl Settings {
             fleet_seconds: env_number("FLEET_BENCH_SECONDS", 30)?,
             postgres_url: std::env::var("FLEET_BENCH_POSTGRES")
                 .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into()),
+            ingest_connections: env_number(
+                "FLEET_BENCH_INGEST_CONNECTIONS",
+                fleet_server::DEFAULT_INGEST_CONNECTIONS,
+            )?,
         })
     }
 
@@ -525,10 +534,12 @@ async fn start_bench_server(
     database: &BenchDatabase,
     client_id: &str,
     probe_id: &str,
+    settings: &Settings,
 ) -> anyhow::Result<Server> {
     let broker = BrokerMode::External {
         host: BROKER_HOST.into(),
         port: BROKER_PORT,
+        connections: settings.ingest_connections.max(1),
     };
     let server = support::start_server(broker, &database.location(), client_id).await?;
     support::wait_until_ingesting(&server, probe_id).await?;
@@ -546,7 +557,8 @@ async fn server_throughput(
     let tag = format!("{run_id}-tp-{}", store.label().to_lowercase());
     let database = BenchDatabase::create(store, &tag, &settings.postgres_url).await?;
     let client_id = format!("fleet-{tag}");
-    let server = start_bench_server(&database, &client_id, &format!("{tag}-probe")).await?;
+    let server =
+        start_bench_server(&database, &client_id, &format!("{tag}-probe"), settings).await?;
     let baseline = support::stored_total(&server);
     let expected = settings.messages_per_device() * THROUGHPUT_DEVICES as u64;
 
@@ -648,7 +660,8 @@ async fn fleet_scenario(
     let tag = format!("{run_id}-fleet-{}", store.label().to_lowercase());
     let database = BenchDatabase::create(store, &tag, &settings.postgres_url).await?;
     let client_id = format!("fleet-{tag}");
-    let server = start_bench_server(&database, &client_id, &format!("{tag}-probe")).await?;
+    let server =
+        start_bench_server(&database, &client_id, &format!("{tag}-probe"), settings).await?;
     let baseline = support::stored_total(&server);
 
     let mut config = LoadConfig::new(
