@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use fleet_runtime::{Classifier, Dataset};
+use fleet_runtime::Dataset;
 
+use crate::model::{SharedModel, top1};
 use crate::stats::SharedStats;
 
 /// Minimum time between two log lines about unusable inputs.
@@ -15,7 +16,8 @@ const INPUT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Everything the loop needs, moved onto its own thread.
 #[derive(Debug)]
 pub struct InferenceLoop {
-    pub classifier: Classifier,
+    /// The model, shared with the local inference API.
+    pub model: SharedModel,
     pub data: Dataset,
     pub indices: Vec<usize>,
     /// Inferences per second, `None` for unthrottled.
@@ -77,15 +79,16 @@ impl InferenceLoop {
     fn infer_one(&mut self, index: usize) -> Result<(), fleet_runtime::RuntimeError> {
         let sample = self.data.sample(index)?;
         let started = Instant::now();
-        let input = self.classifier.prepare(&sample)?;
-        let prediction = self.classifier.classify_prepared(&[input])?.remove(0);
+        let info = self.model.info();
+        let input = fleet_runtime::preprocess(&sample, &info.preprocessing)?;
+        let scores = self.model.run(1, &input)?.remove(0);
+        let (class, confidence) = top1(&info.confidences(&scores));
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
-        let top1 = prediction.top1();
         self.stats.record_inference(
             micros,
-            top1.confidence,
-            top1.confidence < self.confidence_threshold,
-            sample.label.map(|label| label == top1.class),
+            confidence,
+            confidence < self.confidence_threshold,
+            sample.label.map(|label| label == class),
         );
         Ok(())
     }

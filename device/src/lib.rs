@@ -2,39 +2,52 @@
 //! source at a set rate, and reports what it did over MQTT.
 //!
 //! Telemetry goes to `fleet/v1/{device}/telemetry` at QoS 1 every interval, with a
-//! per-device sequence number that survives restarts. `fleet/v1/{device}/status` contains a
+//! per-device sequence number that survives restarts. Each message is first appended to
+//! an on-disk [`outbox`] and removed only after the broker acknowledged it. Messages built
+//! during a broker outage, or before a crash or reboot, are therefore sent once the broker
+//! is back, oldest first and at a bounded rate. `fleet/v1/{device}/status` contains a
 //! retained online message, replaced by the offline last will when the link dies.
+//!
+//! With `--api-listen` the agent also serves its model over the Open Inference Protocol
+//! ([`api`]), sharing the loaded model with its own inference loop.
 
+pub mod api;
 pub mod config;
+mod forward;
 mod inference;
+pub mod model;
 mod mqtt;
+pub mod outbox;
+mod report;
 mod sequence;
 mod stats;
 mod system;
 
-use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use fleet_bundle::{Bundle, PublicKey};
-use fleet_runtime::{Classifier, Dataset};
-use fleet_wire::{DeviceState, ModelRef, Telemetry, topic};
-use rumqttc::{AsyncClient, QoS};
-use tokio::sync::watch;
+use fleet_runtime::Dataset;
+use fleet_wire::{DeviceState, ModelRef, topic};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 pub use config::{DeviceArgs, DeviceConfig};
 
+use crate::api::ApiState;
+use crate::forward::{Forwarder, ForwarderConfig};
 use crate::inference::InferenceLoop;
+use crate::model::SharedModel;
+use crate::outbox::Outbox;
+use crate::report::Reporter;
 use crate::sequence::SequenceFile;
 use crate::stats::SharedStats;
 use crate::system::SystemSampler;
 
-/// Telemetry messages kept in memory while the broker is unreachable; the oldest are
-/// dropped first once it is full.
-// TODO: keep unsent telemetry in an on-disk queue so a reboot during an outage loses
-// nothing. Until then an outage longer than this many intervals drops the oldest.
-const MAX_UNSENT_MESSAGES: usize = 10_000;
+/// Telemetry records sent and not yet acknowledged at most. It stays under rumqttc's
+/// default of 100 in-flight publishes, which the status messages share.
+const FORWARD_WINDOW: usize = 32;
 
 /// Milliseconds since the Unix epoch by the device clock.
 pub fn unix_millis() -> u64 {
@@ -44,22 +57,10 @@ pub fn unix_millis() -> u64 {
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then sends the last telemetry and an offline
-/// status before returning.
+/// status before returning. Telemetry the broker has not acknowledged by then stays in
+/// the outbox for the next start.
 pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
-    let key = PublicKey::read(&config.public_key)
-        .with_context(|| format!("failed to read public key {}", config.public_key.display()))?;
-    let bundle = Bundle::open_verified(&config.bundle, &key)
-        .with_context(|| format!("rejected bundle {}", config.bundle.display()))?;
-    let model = ModelRef {
-        name: bundle.manifest.name.clone(),
-        version: bundle.manifest.version.clone(),
-    };
-    let classifier = Classifier::load(&bundle, 1).with_context(|| {
-        format!(
-            "failed to load the model of bundle {}",
-            config.bundle.display()
-        )
-    })?;
+    let (model_ref, model) = load_model(&config)?;
     let data = Dataset::open(&config.input, config.labels.as_deref())
         .with_context(|| format!("failed to open input {}", config.input.display()))?;
     let indices = data.shard_indices(config.shard_index, config.shard_count);
@@ -73,36 +74,68 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         );
     }
     let sequence = SequenceFile::open(&config.state_dir)?;
+    let outbox_dir = config.state_dir.join("outbox");
+    let outbox = Outbox::open(&outbox_dir, config.outbox.clone())
+        .with_context(|| format!("failed to open outbox {}", outbox_dir.display()))?;
+    let outbox = Arc::new(Mutex::new(outbox));
     tracing::info!(
         device_id = %config.device_id,
-        model = %model.name,
-        version = %model.version,
+        model = %model_ref.name,
+        version = %model_ref.version,
         samples = indices.len(),
         broker = %format!("{}:{}", config.broker_host, config.broker_port),
         "agent starting"
     );
+    // The rate limit paces every record sent, new ones included, so a limit at or under
+    // the telemetry rate would let the backlog grow forever. Twice the telemetry rate
+    // drains any backlog while still bounding the burst after a reconnect.
+    let telemetry_rate = 1.0 / config.interval.as_secs_f64();
+    let drain_rate = config.drain_rate.max(2.0 * telemetry_rate);
+    if drain_rate > config.drain_rate {
+        tracing::info!(
+            configured = config.drain_rate,
+            drain_rate,
+            telemetry_rate,
+            "drain rate raised to twice the telemetry rate, so a backlog shrinks"
+        );
+    }
+    let api = start_api(&config, &model).await?;
 
-    let (client, eventloop) = mqtt::connect(&config)?;
+    let (publisher, eventloop) = mqtt::connect(&config)?;
     let status = mqtt::StatusMessages {
         broker: format!("{}:{}", config.broker_host, config.broker_port),
         topic: topic::device_topic(&config.device_id, topic::TopicKind::Status),
-        online: mqtt::status_payload(&config, Some(&model), DeviceState::Online)?,
-        offline: mqtt::status_payload(&config, Some(&model), DeviceState::Offline)?,
+        online: mqtt::status_payload(&config, Some(&model_ref), DeviceState::Online)?,
+        offline: mqtt::status_payload(&config, Some(&model_ref), DeviceState::Offline)?,
     };
-    let (connected_tx, _connected_rx) = watch::channel(false);
-    let (mqtt_stop_tx, mqtt_stop_rx) = watch::channel(false);
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (session_stop_tx, session_stop_rx) = watch::channel(false);
     let session = tokio::spawn(mqtt::drive(
         eventloop,
-        client.clone(),
+        publisher.clone(),
         status,
-        connected_tx,
-        mqtt_stop_rx,
+        events_tx,
+        session_stop_rx,
     ));
+    let appended = Arc::new(Notify::new());
+    let forwarder = Forwarder::new(
+        outbox.clone(),
+        publisher,
+        ForwarderConfig {
+            topic: topic::device_topic(&config.device_id, topic::TopicKind::Telemetry),
+            drain_rate,
+            window: FORWARD_WINDOW,
+        },
+        events_rx,
+        appended.clone(),
+    );
+    let (forwarder_stop_tx, forwarder_stop_rx) = watch::channel(false);
+    let forwarding = tokio::spawn(forwarder.run(forwarder_stop_rx, session_stop_tx));
 
     let stats = Arc::new(SharedStats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let inference = InferenceLoop {
-        classifier,
+        model,
         data,
         indices,
         rate: config.rate,
@@ -118,13 +151,15 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
 
     let mut reporter = Reporter {
         config: &config,
-        model,
-        client,
+        model: model_ref,
         sequence,
         stats,
         system: SystemSampler::new(),
-        unsent: VecDeque::new(),
+        outbox,
+        appended,
         last_report_ms: unix_millis(),
+        last_outbox_stats: Default::default(),
+        append_failures: 0,
     };
     let mut ticker = tokio::time::interval(config.interval);
     ticker.tick().await;
@@ -132,7 +167,7 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
     tokio::pin!(signal);
     loop {
         tokio::select! {
-            _ = ticker.tick() => reporter.report()?,
+            _ = ticker.tick() => reporter.report().await?,
             result = &mut signal => {
                 result?;
                 break;
@@ -141,90 +176,85 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
     }
 
     tracing::info!(device_id = %config.device_id, "agent stopping");
+    let api = api.map(RunningApi::begin_stop);
     stop.store(true, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || inference_thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the inference thread panicked"))?;
-    reporter.report()?;
-    mqtt_stop_tx.send_replace(true);
+    reporter.report().await?;
+    forwarder_stop_tx.send_replace(true);
+    let outbox_stats = forwarding.await?;
     session.await?;
-    if !reporter.unsent.is_empty() {
-        tracing::warn!(
-            messages = reporter.unsent.len(),
-            "telemetry not sent before shutdown"
-        );
+    if let Some(api) = api {
+        api.await??;
     }
+    tracing::info!(
+        pending_records = outbox_stats.pending_records,
+        dropped_records = outbox_stats.dropped_records,
+        damaged_records = outbox_stats.damaged_records,
+        "agent stopped; pending telemetry is sent at the next start"
+    );
     Ok(())
 }
 
-/// Builds and queues one telemetry message per interval.
-struct Reporter<'a> {
-    config: &'a DeviceConfig,
-    model: ModelRef,
-    client: AsyncClient,
-    sequence: SequenceFile,
-    stats: Arc<SharedStats>,
-    system: SystemSampler,
-    /// Encoded messages not yet accepted by the MQTT client, oldest first.
-    unsent: VecDeque<Vec<u8>>,
-    last_report_ms: u64,
+/// Verifies the bundle and loads its model.
+fn load_model(config: &DeviceConfig) -> anyhow::Result<(ModelRef, SharedModel)> {
+    let key = PublicKey::read(&config.public_key)
+        .with_context(|| format!("failed to read public key {}", config.public_key.display()))?;
+    let bundle = Bundle::open_verified(&config.bundle, &key)
+        .with_context(|| format!("rejected bundle {}", config.bundle.display()))?;
+    let model_ref = ModelRef {
+        name: bundle.manifest.name.clone(),
+        version: bundle.manifest.version.clone(),
+    };
+    let model = SharedModel::load(&bundle).with_context(|| {
+        format!(
+            "failed to load the model of bundle {}",
+            config.bundle.display()
+        )
+    })?;
+    Ok((model_ref, model))
 }
 
-impl Reporter<'_> {
-    fn report(&mut self) -> anyhow::Result<()> {
-        let interval = self.stats.take();
-        let now = unix_millis();
-        let telemetry = Telemetry {
-            device_id: self.config.device_id.clone(),
-            seq: self.sequence.next()?,
-            device_time_ms: now,
-            interval_ms: now
-                .saturating_sub(self.last_report_ms)
-                .min(u64::from(u32::MAX)) as u32,
-            model: self.model.clone(),
-            inferences: interval.inferences,
-            input_errors: interval.input_errors,
-            labeled: interval.labeled,
-            correct: interval.correct,
-            confidence_sum: interval.confidence_sum,
-            low_confidence: interval.low_confidence,
-            latency: interval.latency,
-            system: self.system.sample(),
-        };
-        self.last_report_ms = now;
-        let payload = fleet_wire::encode(&telemetry, self.config.encoding)?;
-        if self.unsent.len() == MAX_UNSENT_MESSAGES {
-            self.unsent.pop_front();
-            tracing::warn!(
-                limit = MAX_UNSENT_MESSAGES,
-                "telemetry buffer full, oldest message dropped"
-            );
-        }
-        self.unsent.push_back(payload);
-        self.send_unsent();
-        tracing::debug!(
-            seq = telemetry.seq,
-            inferences = telemetry.inferences,
-            "telemetry queued"
-        );
-        Ok(())
-    }
+/// The local inference API while it serves.
+struct RunningApi {
+    state: ApiState,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
 
-    /// Hands buffered messages to the MQTT client in order until its queue is full.
-    fn send_unsent(&mut self) {
-        let topic = topic::device_topic(&self.config.device_id, topic::TopicKind::Telemetry);
-        while let Some(payload) = self.unsent.front() {
-            match self
-                .client
-                .try_publish(&topic, QoS::AtLeastOnce, false, payload.clone())
-            {
-                Ok(()) => {
-                    self.unsent.pop_front();
-                }
-                Err(_) => break,
-            }
-        }
+impl RunningApi {
+    /// Fails readiness checks and stops accepting connections; the returned task ends
+    /// when the requests in progress are done.
+    fn begin_stop(self) -> JoinHandle<std::io::Result<()>> {
+        self.state.set_ready(false);
+        let _ = self.stop.send(());
+        self.task
     }
+}
+
+/// Binds and starts the local inference API when `--api-listen` is set.
+async fn start_api(
+    config: &DeviceConfig,
+    model: &SharedModel,
+) -> anyhow::Result<Option<RunningApi>> {
+    let Some(address) = config.api_listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("failed to listen on --api-listen {address}"))?;
+    let address = listener.local_addr()?;
+    if !address.ip().is_loopback() {
+        tracing::warn!(%address, "inference API listens beyond localhost and has no authentication");
+    }
+    tracing::info!(%address, model = %model.info().name, "inference API listening");
+    let state = ApiState::new(model.clone());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(api::serve(listener, state.clone(), async {
+        let _ = stopped.await;
+    }));
+    Ok(Some(RunningApi { state, stop, task }))
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

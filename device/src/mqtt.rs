@@ -1,11 +1,23 @@
-//! The MQTT session: connects with a last will, keeps reconnecting with backoff, and
-//! publishes the retained online status after every connection.
+//! The MQTT session: connects with a last will, keeps reconnecting with backoff,
+//! publishes the retained online status after every connection, and traces each PUBACK
+//! back to the outbox record it acknowledges.
+//!
+//! rumqttc reports a publish only by its packet id, which the event loop assigns when it
+//! sends the packet. [`Publisher`] therefore records the kind of each request in request
+//! order, and the session pairs that list with the `Outgoing::Publish(pkid)` events,
+//! which come in the same order. After a connection error the session discards rumqttc's own retransmit
+//! queue together with that list (under one lock, so no request slips between them), and
+//! the forwarder sends the unacknowledged records again from the outbox.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use fleet_wire::{DeviceState, ModelRef, Status, topic};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS};
-use tokio::sync::watch;
+use rumqttc::{
+    AsyncClient, ClientError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+};
+use tokio::sync::{mpsc, watch};
 
 use crate::config::DeviceConfig;
 
@@ -16,9 +28,11 @@ const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// Requests the client buffers while the event loop is busy or disconnected.
 const REQUEST_CAPACITY: usize = 256;
+/// How long a clean shutdown waits for the offline status and the disconnect to go out.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the client and its event loop; nothing connects until the loop is polled.
-pub fn connect(config: &DeviceConfig) -> anyhow::Result<(AsyncClient, EventLoop)> {
+pub fn connect(config: &DeviceConfig) -> anyhow::Result<(Publisher, EventLoop)> {
     let mut options = MqttOptions::new(
         format!("fleet-device-{}", config.device_id),
         config.broker_host.clone(),
@@ -39,7 +53,8 @@ pub fn connect(config: &DeviceConfig) -> anyhow::Result<(AsyncClient, EventLoop)
         QoS::AtLeastOnce,
         true,
     ));
-    Ok(AsyncClient::new(options, REQUEST_CAPACITY))
+    let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    Ok((Publisher::new(client), eventloop))
 }
 
 /// Encodes a status message for this device.
@@ -69,18 +84,127 @@ pub struct StatusMessages {
     pub offline: Vec<u8>,
 }
 
-/// How long a clean shutdown waits for queued messages to reach the broker.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Content of a QoS 1 publish, kept so its PUBACK can be traced back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishKind {
+    /// A telemetry record at this outbox position.
+    Telemetry { position: u64 },
+    /// A retained status message.
+    Status,
+}
+
+/// Connection change or acknowledgement, sent by the session to the forwarder in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The broker accepted the connection.
+    Connected,
+    /// The connection was lost; publishes not acknowledged by then were discarded.
+    Disconnected,
+    /// The broker acknowledged the telemetry record at this outbox position.
+    Acked { position: u64 },
+}
+
+/// Publishes handed to the client and not yet acknowledged.
+#[derive(Debug, Default)]
+struct Tracker {
+    /// Requests in the client's channel, oldest first, not yet sent.
+    requested: VecDeque<PublishKind>,
+    /// Sent publishes by packet id.
+    sent: HashMap<u16, PublishKind>,
+    /// A publish whose packet id was still in use; rumqttc sends it after that id's ack.
+    collided: Option<(u16, PublishKind)>,
+}
+
+/// The MQTT client with the bookkeeping that traces acknowledgements back.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    client: AsyncClient,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl Publisher {
+    fn new(client: AsyncClient) -> Publisher {
+        Publisher {
+            client,
+            tracker: Arc::default(),
+        }
+    }
+
+    /// Queues a QoS 1 publish without waiting; fails when the client's queue is full.
+    pub fn publish(
+        &self,
+        topic: &str,
+        kind: PublishKind,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), ClientError> {
+        let mut tracker = self.lock();
+        self.client
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
+        tracker.requested.push_back(kind);
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tracker> {
+        // The tracker contains plain collections that no panic leaves half-updated.
+        self.tracker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records that the event loop sent the oldest requested publish with `pkid`.
+    fn sent(&self, pkid: u16) {
+        let mut tracker = self.lock();
+        let kind = match tracker.collided {
+            Some((collided, kind)) if collided == pkid => {
+                tracker.collided = None;
+                Some(kind)
+            }
+            _ => tracker.requested.pop_front(),
+        };
+        match kind {
+            Some(kind) => {
+                tracker.sent.insert(pkid, kind);
+            }
+            None => tracing::debug!(pkid, "publish sent that the agent did not request"),
+        }
+    }
+
+    /// Records that the oldest requested publish waits for `pkid` to be acknowledged.
+    fn collided(&self, pkid: u16) {
+        let mut tracker = self.lock();
+        if let Some(kind) = tracker.requested.pop_front() {
+            tracker.collided = Some((pkid, kind));
+        }
+    }
+
+    /// Returns what the publish acknowledged with `pkid` carried.
+    fn acked(&self, pkid: u16) -> Option<PublishKind> {
+        self.lock().sent.remove(&pkid)
+    }
+
+    /// Discards every publish not yet acknowledged, in the tracker and in the event loop,
+    /// so nothing is sent again behind the forwarder's back.
+    fn discard_unacknowledged(&self, eventloop: &mut EventLoop) {
+        let mut tracker = self.lock();
+        // `clean` moves requests still in the channel into `pending`, so clearing
+        // `pending` removes them too; holding the lock keeps new ones out meanwhile.
+        eventloop.clean();
+        eventloop.pending.clear();
+        // `clean` keeps a publish that waits on a packet id in use. That id's ack never
+        // comes on a new connection, and rumqttc sends nothing new while one waits.
+        eventloop.state.collision = None;
+        *tracker = Tracker::default();
+    }
+}
 
 /// Polls the event loop until `shutdown` turns true, reconnecting with exponential
 /// backoff and jitter, and sends the online status retained after each connection.
-/// On shutdown it sends the offline status and a clean disconnect after everything
-/// already queued.
+/// Connections, losses and telemetry acknowledgements go to `events`. On shutdown it
+/// sends the offline status and a clean disconnect after everything already queued.
 pub async fn drive(
     mut eventloop: EventLoop,
-    client: AsyncClient,
+    publisher: Publisher,
     status: StatusMessages,
-    connected: watch::Sender<bool>,
+    events: mpsc::UnboundedSender<SessionEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -95,20 +219,18 @@ pub async fn drive(
                 tracing::info!(code = ?ack.code, after_failures = failures, "connected to broker");
                 backoff = BACKOFF_MIN;
                 failures = 0;
-                connected.send_replace(true);
-                let publish = client.try_publish(
-                    &status.topic,
-                    QoS::AtLeastOnce,
-                    true,
-                    status.online.clone(),
-                );
-                if let Err(error) = publish {
+                let _ = events.send(SessionEvent::Connected);
+                let online = status.online.clone();
+                if let Err(error) =
+                    publisher.publish(&status.topic, PublishKind::Status, true, online)
+                {
                     tracing::warn!(%error, "online status not queued");
                 }
             }
-            Ok(_) => {}
+            Ok(event) => trace_event(&publisher, &events, event),
             Err(error) => {
-                connected.send_replace(false);
+                publisher.discard_unacknowledged(&mut eventloop);
+                let _ = events.send(SessionEvent::Disconnected);
                 failures += 1;
                 // Log the first failures and then every tenth, so a long outage does not
                 // flood the log.
@@ -124,23 +246,33 @@ pub async fn drive(
             }
         }
     }
-    flush_and_disconnect(&mut eventloop, &client, &status).await;
-    connected.send_replace(false);
+    flush_and_disconnect(&mut eventloop, &publisher, &status, &events).await;
+}
+
+/// Pairs sent publishes with packet ids and reports telemetry acknowledgements.
+fn trace_event(publisher: &Publisher, events: &mpsc::UnboundedSender<SessionEvent>, event: Event) {
+    match event {
+        Event::Outgoing(Outgoing::Publish(pkid)) => publisher.sent(pkid),
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => publisher.collided(pkid),
+        Event::Incoming(Packet::PubAck(ack)) => {
+            if let Some(PublishKind::Telemetry { position }) = publisher.acked(ack.pkid) {
+                let _ = events.send(SessionEvent::Acked { position });
+            }
+        }
+        _ => {}
+    }
 }
 
 async fn flush_and_disconnect(
     eventloop: &mut EventLoop,
-    client: &AsyncClient,
+    publisher: &Publisher,
     status: &StatusMessages,
+    events: &mpsc::UnboundedSender<SessionEvent>,
 ) {
-    let queued = client
-        .try_publish(
-            &status.topic,
-            QoS::AtLeastOnce,
-            true,
-            status.offline.clone(),
-        )
-        .and_then(|()| client.try_disconnect());
+    let offline = status.offline.clone();
+    let queued = publisher
+        .publish(&status.topic, PublishKind::Status, true, offline)
+        .and_then(|()| publisher.client.try_disconnect());
     if let Err(error) = queued {
         tracing::warn!(%error, "offline status not queued; the broker will publish the last will");
     }
@@ -150,7 +282,7 @@ async fn flush_and_disconnect(
         tokio::select! {
             event = eventloop.poll() => match event {
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                Ok(_) => {}
+                Ok(event) => trace_event(publisher, events, event),
                 Err(error) => {
                     tracing::debug!(%error, "connection closed while flushing");
                     break;

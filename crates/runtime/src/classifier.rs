@@ -214,7 +214,7 @@ fn check_declared_input(inputs: &[TensorSpec], input_shape: &[usize]) -> Result<
 }
 
 /// Softmax that subtracts the maximum first, so large logits cannot overflow.
-fn softmax(logits: &[f32]) -> Vec<f32> {
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f32> = logits.iter().map(|&x| (x - max).exp()).collect();
     let sum: f32 = exps.iter().sum();

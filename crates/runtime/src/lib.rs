@@ -24,7 +24,7 @@ mod preprocess;
 mod tract_backend;
 
 pub use backend::{Backend, Tensor};
-pub use classifier::{ClassScore, Classifier, ClassifierConfig, Prediction};
+pub use classifier::{ClassScore, Classifier, ClassifierConfig, Prediction, softmax};
 pub use dataset::{Dataset, Sample, SampleData};
 pub use preprocess::preprocess;
 pub use tract_backend::TractBackend;
