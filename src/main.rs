@@ -24,6 +24,9 @@ enum Command {
     Server(fleet_server::cli::ServerCommand),
     /// Run one device agent.
     Device(fleet_device::DeviceArgs),
+    /// Serve one signed bundle over Open Inference Protocol v2 REST with dynamic
+    /// batching; the inference gateway starts these as its local replicas.
+    Replica(fleet_server::replica::ReplicaArgs),
     /// Inspect, evaluate and bundle models.
     Compress {
         #[command(subcommand)]
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
             command.args.otlp_endpoint.clone(),
         ),
         Command::Device(_) => (LogFormat::Text, "info", None),
+        Command::Replica(args) => (args.log_format, "info", None),
         Command::Compress { .. } | Command::Demo(_) => (LogFormat::Text, "warn,rumqttd=off", None),
     };
     let _tracing =
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Command::Compress { command } => fleet_compress::cli::run(command),
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
         Command::Server(command) => runtime()?.block_on(command.run()),
+        Command::Replica(args) => runtime()?.block_on(fleet_server::replica::run(args)),
         Command::Device(args) => {
             let config = fleet_device::DeviceConfig::resolve(args)?;
             runtime()?.block_on(fleet_device::run(config))

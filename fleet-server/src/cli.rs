@@ -89,6 +89,11 @@ pub struct ServerArgs {
     /// http://127.0.0.1:4318/v1/traces; off when not given.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// Serve the inference gateway with the models, limits and replica settings in this
+    /// TOML file. It speaks Open Inference Protocol v2 under /v2 on the --http listener
+    /// (docs/gateway.md).
+    #[arg(long)]
+    pub gateway_config: Option<std::path::PathBuf>,
 }
 
 impl ServerArgs {
@@ -146,7 +151,11 @@ impl ServerArgs {
 
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let server = Server::start(args.to_config()?).await?;
+    let gateway = match &args.gateway_config {
+        Some(path) => Some(crate::gateway::GatewayConfig::from_file(path)?),
+        None => None,
+    };
+    let server = Server::start_with_gateway(args.to_config()?, gateway).await?;
     tracing::info!(console = %format!("http://{}/", server.http_addr), "console ready");
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

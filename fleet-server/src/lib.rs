@@ -8,9 +8,11 @@ pub mod access;
 pub mod api;
 pub mod broker;
 pub mod cli;
+pub mod gateway;
 mod ingest;
 pub mod logging;
 pub mod metrics;
+pub mod replica;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -91,12 +93,34 @@ pub struct Server {
     pub metrics: Arc<ServerMetrics>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    gateway: Option<gateway::Gateway>,
 }
 
 impl Server {
+    /// Starts the server as [`Server::start`] does, with the inference gateway's routes
+    /// on the same HTTP listener when `gateway` is given.
+    pub async fn start_with_gateway(
+        config: ServerConfig,
+        gateway: Option<gateway::GatewayConfig>,
+    ) -> anyhow::Result<Server> {
+        Server::start_inner(config, gateway).await
+    }
+
+    /// Returns the inference gateway, when the server runs one.
+    pub fn gateway(&self) -> Option<&gateway::Gateway> {
+        self.gateway.as_ref()
+    }
+
     /// Opens the database, starts the broker when embedded, the ingester and the HTTP
     /// server, and returns once all of them accept work.
     pub async fn start(config: ServerConfig) -> anyhow::Result<Server> {
+        Server::start_inner(config, None).await
+    }
+
+    async fn start_inner(
+        config: ServerConfig,
+        gateway: Option<gateway::GatewayConfig>,
+    ) -> anyhow::Result<Server> {
         let store = Store::open(&config.database).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let metrics = Arc::new(ServerMetrics::new());
@@ -160,11 +184,22 @@ impl Server {
             .await
             .with_context(|| format!("failed to listen for HTTP on {}", config.http_listen))?;
         let http_addr = listener.local_addr()?;
-        let app = api::router(api::ApiState {
+        let mut app = api::router(api::ApiState {
             store: store.clone(),
             metrics: metrics.clone(),
             login_limiter: Default::default(),
         });
+        let gateway = match gateway {
+            Some(gateway) => {
+                let started =
+                    gateway::Gateway::start(gateway, store.clone(), metrics.gateway.clone())
+                        .await
+                        .context("failed to start the inference gateway")?;
+                app = app.merge(started.router());
+                Some(started)
+            }
+            None => None,
+        };
         if let Some(retention) = config.telemetry_retention {
             tasks.push(tokio::spawn(downsample_periodically(
                 store.clone(),
@@ -191,6 +226,7 @@ impl Server {
             metrics,
             shutdown,
             tasks,
+            gateway,
         })
     }
 
@@ -206,6 +242,9 @@ impl Server {
                 tracing::warn!("a server task did not stop in time and was aborted");
                 task.abort();
             }
+        }
+        if let Some(gateway) = self.gateway {
+            gateway.shutdown().await;
         }
         tracing::info!("fleet server stopped");
     }

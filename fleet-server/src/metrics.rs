@@ -74,6 +74,8 @@ pub struct ServerMetrics {
     pub login_failed: Counter,
     /// Console logins refused by the per-name rate limit.
     pub login_throttled: Counter,
+    /// Metrics of the inference gateway, exported empty when it does not run.
+    pub gateway: crate::gateway::GatewayMetrics,
 }
 
 impl Default for ServerMetrics {
@@ -90,7 +92,7 @@ impl ServerMetrics {
         // Every outcome is exported from the start, as 0, so a query or alert on one
         // that has not happened yet finds a series.
         for outcome in [Outcome::Stored, Outcome::Duplicate, Outcome::Rejected] {
-            drop(messages.get_or_create(&OutcomeLabel { outcome }));
+            let _ = messages.get_or_create(&OutcomeLabel { outcome });
         }
         let write_errors = Counter::default();
         let batch_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
@@ -100,6 +102,8 @@ impl ServerMetrics {
         let broker_connected = Gauge::default();
         let access = AccessMetrics::default();
         access.register(&mut registry);
+        let gateway = crate::gateway::GatewayMetrics::default();
+        gateway.register(&mut registry);
         registry.register(
             "ingest_messages",
             "MQTT messages taken in, by outcome",
@@ -149,6 +153,7 @@ impl ServerMetrics {
             unauthorized_requests: access.unauthorized_requests,
             login_failed: access.login_failed,
             login_throttled: access.login_throttled,
+            gateway,
         }
     }
 

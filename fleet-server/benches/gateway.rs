@@ -1,0 +1,320 @@
+//! Load benchmark of the inference gateway on loopback with the digit CNN.
+//!
+//! 1. Overhead: the same fixed request rate sent straight to a replica and through the
+//!    gateway (to a gateway with one replica), with latency percentiles side by side.
+//! 2. Steps: an open-loop load of 10, then 500, then 10 requests per second through an
+//!    autoscaled gateway, reporting throughput, latency percentiles, the replica count
+//!    and the time until the p95 over the last second is back under the SLO.
+//!
+//! Run with `cargo bench -p fleet-server --bench gateway`; `GATEWAY_BENCH_SCALE=0.3`
+//! shortens every phase to 30 %.
+
+#[path = "../tests/gateway_support/mod.rs"]
+mod gateway_support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway_support::{Reference, ReplicaProcess, TestBundle, TestGateway};
+
+/// The latency objective configured for the step benchmark, in milliseconds.
+const SLO_MS: f64 = 50.0;
+
+/// One finished request: when it was sent (since the phase start), its latency and
+/// whether it succeeded.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    sent: Duration,
+    latency: Duration,
+    ok: bool,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let scale: f64 = std::env::var("GATEWAY_BENCH_SCALE")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(1.0);
+    let bundle = TestBundle::new();
+    let reference = Arc::new(Reference::load());
+    overhead(&bundle, &reference, scale).await;
+    steps(&bundle, &reference, scale).await;
+}
+
+/// Compares a replica called directly with the same replica behind the gateway.
+async fn overhead(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
+    let rate = 100.0;
+    let duration = Duration::from_secs_f64(10.0 * scale);
+    let replica = ReplicaProcess::start(bundle, &[]).await;
+    let limits = "[limits]\nrate_per_second = 100000\nburst = 100000\n";
+    let extra = format!(
+        "external = [{:?}]\n[models.replicas]\nmin = 0\nmax = 0\n",
+        replica.url
+    );
+    let gateway = Arc::new(TestGateway::start(&bundle.config(limits, &extra)).await);
+    gateway
+        .wait_ready_backends(1, Duration::from_secs(60))
+        .await;
+
+    let direct_url = format!("{}/v2/models/digit-cnn/infer", replica.url);
+    let gateway_url = format!("{}/v2/models/digit-cnn/infer", gateway.base);
+    // Warm up connections and the model.
+    run_load(
+        &gateway,
+        reference,
+        &direct_url,
+        &[(20.0, Duration::from_secs(1))],
+    )
+    .await;
+    run_load(
+        &gateway,
+        reference,
+        &gateway_url,
+        &[(20.0, Duration::from_secs(1))],
+    )
+    .await;
+    let direct = run_load(&gateway, reference, &direct_url, &[(rate, duration)]).await;
+    let through = run_load(&gateway, reference, &gateway_url, &[(rate, duration)]).await;
+
+    println!("\n## Gateway overhead at {rate} requests/s, one replica, one sample per request\n");
+    println!("| path | requests | errors | p50 ms | p95 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
+    let direct_stats = summarize(&direct);
+    let gateway_stats = summarize(&through);
+    print_row("replica directly", &direct_stats);
+    print_row("through the gateway", &gateway_stats);
+    println!(
+        "| gateway overhead | | | {:+.2} | {:+.2} | {:+.2} |",
+        gateway_stats.p50 - direct_stats.p50,
+        gateway_stats.p95 - direct_stats.p95,
+        gateway_stats.p99 - direct_stats.p99
+    );
+    Arc::into_inner(gateway).unwrap().server.shutdown().await;
+}
+
+/// Drives 10, 500 and 10 requests per second through an autoscaled gateway.
+async fn steps(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
+    let limits = "[limits]\nrate_per_second = 100000\nburst = 100000\n";
+    let extra = format!(
+        "[models.replicas]\nmin = 1\nmax = 4\n\
+         [models.slo]\np95_ms = {SLO_MS}\n\
+         [models.autoscaler]\ninterval_ms = 250\ntarget_in_flight = 4\n\
+         stable_window_secs = 6\npanic_window_secs = 1\nscale_down_cooldown_secs = 5\n"
+    );
+    let gateway = Arc::new(TestGateway::start(&bundle.config(limits, &extra)).await);
+    gateway
+        .wait_ready_backends(1, Duration::from_secs(60))
+        .await;
+    let model = gateway
+        .server
+        .gateway()
+        .unwrap()
+        .model("digit-cnn")
+        .unwrap()
+        .clone();
+    let url = format!("{}/v2/models/digit-cnn/infer", gateway.base);
+
+    let phases = [
+        (10.0, Duration::from_secs_f64(15.0 * scale)),
+        (500.0, Duration::from_secs_f64(20.0 * scale)),
+        (10.0, Duration::from_secs_f64(25.0 * scale)),
+    ];
+    let replicas = Arc::new(Mutex::new(Vec::new()));
+    let sampler = {
+        let replicas = replicas.clone();
+        let model = model.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                let count = model.local_replicas();
+                replicas.lock().unwrap().push((started.elapsed(), count));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let samples = run_load(&gateway, reference, &url, &phases).await;
+    sampler.abort();
+    let replicas = replicas.lock().unwrap().clone();
+
+    println!("\n## Steps through the autoscaled gateway (SLO p95 {SLO_MS} ms, 1 to 4 replicas)\n");
+    println!(
+        "| phase | offered/s | achieved/s | errors | p50 ms | p95 ms | p99 ms | replicas (min-max) | p95 back under SLO after |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut start = Duration::ZERO;
+    for (rate, duration) in phases {
+        let end = start + duration;
+        let phase: Vec<Sample> = samples
+            .iter()
+            .copied()
+            .filter(|s| s.sent >= start && s.sent < end)
+            .collect();
+        let stats = summarize(&phase);
+        let counts: Vec<usize> = replicas
+            .iter()
+            .filter(|(at, _)| *at >= start && *at < end)
+            .map(|(_, count)| *count)
+            .collect();
+        let (low, high) = (
+            counts.iter().min().copied().unwrap_or(0),
+            counts.iter().max().copied().unwrap_or(0),
+        );
+        let recovery = recovery_time(&phase, start, end)
+            .map_or("not within the phase".to_owned(), |d| {
+                format!("{:.1} s", d.as_secs_f64())
+            });
+        println!(
+            "| {rate}/s for {:.0} s | {rate} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {low}-{high} | {recovery} |",
+            duration.as_secs_f64(),
+            stats.ok as f64 / duration.as_secs_f64(),
+            stats.errors,
+            stats.p50,
+            stats.p95,
+            stats.p99,
+        );
+        start = end;
+    }
+    println!(
+        "\nReplica count over time (s: replicas): {}",
+        timeline(&replicas)
+    );
+    println!("\nScale decisions by direction and reason:");
+    for line in gateway.metrics().await.lines() {
+        if line.starts_with("fleet_gateway_scale_decisions_total") {
+            println!("    {line}");
+        }
+    }
+    Arc::into_inner(gateway).unwrap().server.shutdown().await;
+}
+
+/// Sends requests open-loop at each phase's rate for its duration and returns every
+/// finished request.
+async fn run_load(
+    gateway: &Arc<TestGateway>,
+    reference: &Arc<Reference>,
+    url: &str,
+    phases: &[(f64, Duration)],
+) -> Vec<Sample> {
+    let started = Instant::now();
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut phase_start = Duration::ZERO;
+    let mut sent = 0usize;
+    for &(rate, duration) in phases {
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let mut next = phase_start;
+        while next < phase_start + duration {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(started + next)).await;
+            let request = gateway
+                .http
+                .post(url)
+                .bearer_auth(&gateway.token)
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&reference.body(&[sent % 16])).unwrap());
+            let results = results.clone();
+            let offset = started.elapsed();
+            tasks.spawn(async move {
+                let begin = Instant::now();
+                let ok = match request.send().await {
+                    Ok(response) => {
+                        let success = response.status().is_success();
+                        success && response.bytes().await.is_ok()
+                    }
+                    Err(_) => false,
+                };
+                let sample = Sample {
+                    sent: offset,
+                    latency: begin.elapsed(),
+                    ok,
+                };
+                results.lock().unwrap().push(sample);
+            });
+            sent += 1;
+            next += interval;
+        }
+        phase_start += duration;
+    }
+    while tasks.join_next().await.is_some() {}
+    let mut samples = results.lock().unwrap().clone();
+    samples.sort_by_key(|s| s.sent);
+    samples
+}
+
+#[derive(Debug)]
+struct Stats {
+    ok: usize,
+    errors: usize,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+}
+
+fn summarize(samples: &[Sample]) -> Stats {
+    let mut latencies: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.ok)
+        .map(|s| s.latency.as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if latencies.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+        latencies[rank - 1]
+    };
+    Stats {
+        ok: latencies.len(),
+        errors: samples.len() - latencies.len(),
+        p50: at(0.5),
+        p95: at(0.95),
+        p99: at(0.99),
+    }
+}
+
+fn print_row(name: &str, stats: &Stats) {
+    println!(
+        "| {name} | {} | {} | {:.2} | {:.2} | {:.2} |",
+        stats.ok + stats.errors,
+        stats.errors,
+        stats.p50,
+        stats.p95,
+        stats.p99
+    );
+}
+
+/// Returns the time from the phase start until the p95 of requests sent in a
+/// one-second window is under the SLO and stays there for the rest of the phase.
+fn recovery_time(samples: &[Sample], start: Duration, end: Duration) -> Option<Duration> {
+    let window = Duration::from_secs(1);
+    let mut recovered_at = None;
+    let mut at = start;
+    while at + window <= end {
+        let in_window: Vec<Sample> = samples
+            .iter()
+            .copied()
+            .filter(|s| s.sent >= at && s.sent < at + window)
+            .collect();
+        let stats = summarize(&in_window);
+        let good = stats.errors == 0 && (in_window.is_empty() || stats.p95 <= SLO_MS);
+        match (good, recovered_at) {
+            (true, None) => recovered_at = Some(at + window - start),
+            (false, _) => recovered_at = None,
+            _ => {}
+        }
+        at += Duration::from_millis(250);
+    }
+    recovered_at
+}
+
+fn timeline(replicas: &[(Duration, usize)]) -> String {
+    let mut changes = Vec::new();
+    let mut last = None;
+    for &(at, count) in replicas {
+        if last != Some(count) {
+            changes.push(format!("{:.1}: {count}", at.as_secs_f64()));
+            last = Some(count);
+        }
+    }
+    changes.join(", ")
+}
