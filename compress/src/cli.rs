@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use fleet_bundle::{Bundle, PublicKey, SecretKey, generate_key_pair};
 
+use crate::distill::{DistillOptions, DistillRecipe, distill};
 use crate::{Recipe, build_bundle, evaluate, inspect};
 
 /// Compressor commands.
@@ -41,6 +42,25 @@ pub enum Command {
         /// Recipe file, such as models/digit-cnn/bundle.toml.
         recipe: PathBuf,
     },
+    /// Train a small student from a teacher model (distillation), export it as ONNX
+    /// and check the export in tract.
+    Distill(DistillArgs),
+}
+
+/// Arguments of `distill`.
+#[derive(Debug, Args)]
+pub struct DistillArgs {
+    /// Recipe file, such as models/digit-student/distill.toml.
+    pub recipe: PathBuf,
+    /// Continue from the latest checkpoint in the recipe's work folder.
+    #[arg(long)]
+    pub resume: bool,
+    /// Number of epochs, replacing the recipe's training.epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Arguments of `bundle`.
@@ -117,7 +137,63 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 result.measured_with
             );
         }
+        Command::Distill(args) => run_distill(&args)?,
     }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn run_distill(args: &DistillArgs) -> anyhow::Result<()> {
+    let recipe = DistillRecipe::read(&args.recipe)?;
+    let options = DistillOptions {
+        resume: args.resume,
+        epochs: args.epochs,
+        show_progress: !args.no_progress,
+    };
+    let outcome = distill(&recipe, &options)?;
+    let report = &outcome.report;
+    if let Some(path) = &report.resumed_from {
+        println!("resumed from {}", path.display());
+    }
+    if report.epochs.is_empty() {
+        println!(
+            "no epochs left to train: the latest checkpoint has reached the {} epochs requested",
+            args.epochs.unwrap_or(recipe.training.epochs)
+        );
+    } else {
+        println!("epoch  step    loss    train    test     lr        elapsed");
+    }
+    for epoch in &report.epochs {
+        println!(
+            "{:>5} {:>6} {:>7.4} {:>7.2}% {:>7.2}% {:>9.2e} {:>8.1} s",
+            epoch.epoch,
+            epoch.step,
+            epoch.loss,
+            100.0 * epoch.train_accuracy,
+            100.0 * epoch.test_accuracy,
+            epoch.learning_rate,
+            epoch.elapsed_seconds
+        );
+    }
+    println!(
+        "student {}: {} parameters, top-1 {:.2}% on {} test images, trained in {:.1} s",
+        recipe.name,
+        outcome.model.parameter_count(),
+        100.0 * report.test_accuracy,
+        recipe
+            .data
+            .test_limit
+            .map_or("all".to_string(), |n| n.to_string()),
+        report.elapsed_seconds
+    );
+    println!(
+        "wrote {} ({} bytes); tract agrees with candle within {:.2e} on {} images",
+        outcome.export.path.display(),
+        outcome.export.bytes,
+        outcome.export.max_abs_diff,
+        outcome.export.checked_images
+    );
+    println!("training log {}", outcome.log_path.display());
     Ok(())
 }
 

@@ -4,8 +4,10 @@
 //! A recipe (`bundle.toml` beside each shipped model) names the model, its labels, its
 //! preprocessing and the data set to measure it on; [`build_bundle`] turns a recipe into
 //! a bundle whose manifest carries the measured accuracy, size and latency.
+//! [`distill::distill`] trains a smaller student from a model before it is bundled.
 
 pub mod cli;
+pub mod distill;
 mod evaluate;
 mod inspect;
 mod recipe;

@@ -2,7 +2,8 @@
 
 use clap::Parser;
 
-/// Inspect ONNX models, measure them and write signed bundles for the fleet.
+/// Inspect ONNX models, measure them, distil smaller students and write signed bundles
+/// for the fleet.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
