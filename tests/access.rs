@@ -370,7 +370,7 @@ fn api_requires_an_operator() {
     std::fs::write(&password_file, "a long enough password\n").unwrap();
     assert!(set_password("bob").status.success());
 
-    // Boxed: ureq's error is large, and clippy asks for small error variants.
+    // Boxed: ureq's error is large, and clippy requires small error variants.
     let login = |password: &str| {
         ureq::post(&format!("{}/api/login", server.base))
             .send_json(serde_json::json!({

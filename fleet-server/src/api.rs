@@ -30,7 +30,7 @@ pub struct ApiState {
 }
 
 /// Builds the router. The console page, `/healthz`, `/metrics` and the login route are
-/// public (the page asks for a login before it reads the API, and the metrics carry no
+/// public (the page requests a login before it reads the API, and the metrics carry no
 /// device ids); every other `/api` route requires an operator.
 pub fn router(state: ApiState) -> Router {
     let operator_routes = Router::new()

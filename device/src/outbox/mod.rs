@@ -300,7 +300,7 @@ impl Outbox {
     }
 
     /// Flushes appended records and the acknowledged position when the fsync policy makes
-    /// them due. The agent calls this on a timer, so an interval policy holds even
+    /// them due. The agent calls this on a timer, so an interval policy is kept even
     /// when no further record is appended.
     pub fn sync_if_due(&mut self) -> Result<(), OutboxError> {
         match self.options.fsync {

@@ -3,7 +3,7 @@
 //!
 //! A request is authenticated by `Authorization: Bearer TOKEN` (an API token, a session
 //! token, or a device secret) or by the console's `fleet_session` cookie. Operator
-//! routes answer 401 without either and 403 to a device.
+//! routes return 401 without either and 403 to a device.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;

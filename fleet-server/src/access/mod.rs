@@ -42,7 +42,7 @@ pub enum AccessError {
     Hash(argon2::password_hash::Error),
 }
 
-/// Who made a request or opened a broker connection.
+/// Identity behind a request or a broker connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     /// A person logged in to the console, or a script holding an API token.
@@ -204,7 +204,7 @@ pub async fn create_api_token(store: &Store, name: &str) -> Result<String, Acces
     Ok(token)
 }
 
-/// Returns who holds `token`: an API token or console session names an operator, and
+/// Returns the principal that owns `token`: an API token or console session names an operator, and
 /// a broker credential's secret names a device or ingester.
 pub async fn principal_for_token(
     store: &Store,

@@ -139,7 +139,7 @@ fn start_rumqttd(
         .flat_map(|servers| servers.values_mut())
     {
         let expected = expected.clone();
-        // Compared as digests, so the comparison's timing says nothing about the secret.
+        // Compared as digests, so the comparison's timing reveals nothing about the secret.
         server.set_auth_handler(move |_client_id, _username, password: String| {
             let matches = crate::access::sha256_hex(&password) == expected;
             async move { matches }

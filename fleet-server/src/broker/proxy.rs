@@ -34,7 +34,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Prefix the device agent puts before its device id in the MQTT client id.
 pub const AGENT_CLIENT_ID_PREFIX: &str = "fleet-device-";
 
-/// Who may connect through the proxy.
+/// Access rule for clients of the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientAccess {
     /// Every client needs a provisioned credential and stays within its topics.
@@ -44,7 +44,7 @@ pub enum ClientAccess {
     AllowAnonymous,
 }
 
-/// What the proxy needs for every connection.
+/// Settings shared by every proxied connection.
 #[derive(Debug, Clone)]
 pub struct ProxyContext {
     pub upstream: SocketAddr,
@@ -56,7 +56,7 @@ pub struct ProxyContext {
     pub metrics: Arc<ServerMetrics>,
 }
 
-/// Why a connection was closed before or after it reached the broker.
+/// Reason a connection was closed before or after it reached the broker.
 #[derive(Debug, thiserror::Error)]
 enum ProxyError {
     #[error("network error")]

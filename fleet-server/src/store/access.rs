@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::StoreError;
 
-/// What a broker credential lets its holder do.
+/// Role of a broker credential, which sets what its holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CredentialRole {
