@@ -7,7 +7,10 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use fleet_bundle::{Bundle, PublicKey, SecretKey, generate_key_pair};
 
+use crate::calibrate::CalibrationMethod;
 use crate::distill::{DistillOptions, DistillRecipe, distill};
+use crate::quantize::LayerMode;
+use crate::variants::{Budget, Compute, Measured, QuantizeOptions, Workbench, write_checked};
 use crate::{Recipe, build_bundle, evaluate, inspect};
 
 /// Compressor commands.
@@ -42,6 +45,8 @@ pub enum Command {
         /// Recipe file, such as models/digit-cnn/bundle.toml.
         recipe: PathBuf,
     },
+    /// Quantize a recipe's model to int8, compare it with the float model and write it.
+    Quantize(QuantizeArgs),
     /// Train a small student from a teacher model (distillation), export it as ONNX
     /// and check the export in tract.
     Distill(DistillArgs),
@@ -58,6 +63,45 @@ pub struct DistillArgs {
     /// Number of epochs, replacing the recipe's training.epochs.
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Arguments of `quantize`.
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Recipe file with [calibration] data, such as models/digit-cnn/bundle.toml.
+    pub recipe: PathBuf,
+    /// ONNX file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Activation range method: min-max, entropy or percentile-P (such as percentile-99.99).
+    #[arg(long, default_value = "min-max")]
+    pub method: CalibrationMethod,
+    /// Where the layers compute: float (i8 weights dequantized at load, the fast form
+    /// in tract on x86-64) or integer (QLinearConv, MatMulInteger).
+    #[arg(long, value_enum, default_value = "float")]
+    pub compute: Compute,
+    /// Leave this Conv or Gemm node in float; repeatable.
+    #[arg(long = "keep-float", value_name = "NODE")]
+    pub keep_float: Vec<String>,
+    /// Accuracy budget: largest top-1 drop on the evaluation set, in points. Layers are
+    /// returned to float, most sensitive first, until it holds.
+    #[arg(long)]
+    pub max_accuracy_drop: Option<f64>,
+    /// Accuracy budget: smallest top-1 agreement with fp32 on the comparison set, 0 to 1.
+    #[arg(long)]
+    pub min_agreement: Option<f64>,
+    /// Comparison samples each layer's sensitivity is measured on.
+    #[arg(long, default_value_t = 100)]
+    pub sensitivity_samples: usize,
+    /// Single-sample runs for the latency figure.
+    #[arg(long, default_value_t = 50)]
+    pub latency_runs: usize,
+    /// Write the measurements and layer choices as JSON to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -138,6 +182,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Distill(args) => run_distill(&args)?,
+        Command::Quantize(args) => run_quantize(&args)?,
     }
     Ok(())
 }
@@ -195,6 +240,105 @@ fn run_distill(args: &DistillArgs) -> anyhow::Result<()> {
     );
     println!("training log {}", outcome.log_path.display());
     Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn run_quantize(args: &QuantizeArgs) -> anyhow::Result<()> {
+    let recipe = Recipe::read(&args.recipe)?;
+    let workbench = Workbench::open(&recipe, !args.no_progress)?;
+    let options = QuantizeOptions {
+        method: args.method,
+        compute: args.compute,
+        keep_float: args.keep_float.clone(),
+    };
+    let budget = Budget {
+        max_accuracy_drop: args.max_accuracy_drop,
+        min_agreement: args.min_agreement,
+    };
+    let float = workbench.measure("fp32", &workbench.float, args.latency_runs)?;
+    let outcome = workbench.mixed_precision(
+        &options,
+        &budget,
+        &float,
+        args.sensitivity_samples,
+        args.latency_runs,
+    )?;
+    let bytes = write_checked(&workbench, &outcome.model, &args.out)?;
+    println!("{}", measurement_header());
+    println!("{}", measurement_row(&float, &float));
+    println!("{}", measurement_row(&outcome.fully_quantized, &float));
+    if let Some(violation) = &outcome.fully_quantized_violation {
+        println!("{}", measurement_row(&outcome.result, &float));
+        println!("int8 everywhere misses the budget: {violation}");
+        println!("layer sensitivity (only that layer quantized), most sensitive first:");
+        for sensitivity in &outcome.sensitivities {
+            let kept = if outcome.kept_float.contains(&sensitivity.layer) {
+                "kept float"
+            } else {
+                ""
+            };
+            println!(
+                "  {:<28} mean KL {:>9.2e}  agreement {:>7.2}%  {kept}",
+                sensitivity.layer,
+                sensitivity.mean_kl,
+                100.0 * sensitivity.top1_agreement
+            );
+        }
+    }
+    let report = &outcome.report;
+    let count = |mode| report.layers.values().filter(|m| **m == mode).count();
+    println!(
+        "{} layers with int8 compute, {} with int8 weights and float compute, {} float; \
+         calibrated with {} on {} samples ({}); {} degenerate weight channels, \
+         {} bias-limited channels, {} constant activations",
+        count(LayerMode::Int8),
+        count(LayerMode::WeightOnly),
+        count(LayerMode::Float),
+        args.method,
+        workbench.calibration.len(),
+        workbench.calibration.description,
+        report.degenerate_weight_channels,
+        report.bias_limited_channels,
+        report.degenerate_activations
+    );
+    if let Some(path) = &args.report {
+        let json = serde_json::json!({
+            "method": args.method.to_string(),
+            "compute": options.compute,
+            "calibration": workbench.calibration.description,
+            "comparison": workbench.comparison.description,
+            "float": float,
+            "outcome": outcome,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("failed to write report {}", path.display()))?;
+    }
+    println!("wrote {} ({bytes} bytes)", args.out.display());
+    Ok(())
+}
+
+fn measurement_header() -> String {
+    format!(
+        "{:<10} {:>10} {:>7} {:>9} {:>10} {:>10} {:>11}",
+        "variant", "bytes", "size", "accuracy", "agreement", "mean KL", "p50 ms"
+    )
+}
+
+fn measurement_row(measured: &Measured, float: &Measured) -> String {
+    let accuracy = measured
+        .evaluation
+        .and_then(|e| e.accuracy)
+        .map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
+    format!(
+        "{:<10} {:>10} {:>6.3}x {:>9} {:>9.2}% {:>10.2e} {:>11.3}",
+        measured.variant,
+        measured.bytes,
+        measured.bytes as f64 / float.bytes as f64,
+        accuracy,
+        100.0 * measured.comparison.top1_agreement,
+        measured.comparison.mean_kl,
+        measured.latency_ms_p50
+    )
 }
 
 /// Writes `fleet.key` and `fleet.pub` into `dir`, refusing to replace an existing key.

@@ -6,15 +6,22 @@
 //! a bundle whose manifest carries the measured accuracy, size and latency.
 //! [`distill::distill`] trains a smaller student from a model before it is bundled.
 
+pub mod assess;
+pub mod calibrate;
 pub mod cli;
 pub mod distill;
 mod evaluate;
+pub mod graph;
 mod inspect;
+pub mod quantize;
 mod recipe;
+pub mod samples;
+pub mod variants;
 
 pub use evaluate::{Evaluation, evaluate};
 pub use inspect::{ModelSummary, inspect};
 pub use recipe::{EvaluationSet, Recipe};
+pub use samples::{SampleSpec, Samples, Selection};
 
 use std::path::Path;
 

@@ -7,6 +7,8 @@ use anyhow::Context;
 use fleet_bundle::{Postprocessing, Preprocessing};
 use serde::Deserialize;
 
+use crate::samples::SampleSpec;
+
 /// A parsed `bundle.toml`, with every path made relative to the working directory.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +24,12 @@ pub struct Recipe {
     pub preprocessing: Preprocessing,
     pub postprocessing: Postprocessing,
     pub evaluation: Option<EvaluationSet>,
+    /// Inputs the quantizer calibrates activation ranges on; keep them apart from the
+    /// evaluation and comparison data.
+    pub calibration: Option<SampleSpec>,
+    /// Inputs on which compressed variants are compared with the float model; the
+    /// evaluation set when absent.
+    pub comparison: Option<SampleSpec>,
 }
 
 /// Labelled data the compressor measures a model on.
@@ -57,6 +65,12 @@ impl Recipe {
         let base = path.parent().unwrap_or(Path::new("."));
         recipe.model = base.join(&recipe.model);
         recipe.labels = recipe.labels.map(|labels| base.join(labels));
+        for spec in [&mut recipe.calibration, &mut recipe.comparison]
+            .into_iter()
+            .flatten()
+        {
+            spec.resolve(base);
+        }
         if let Some(set) = &mut recipe.evaluation {
             if set.latency_runs == 0 {
                 anyhow::bail!(

@@ -1,0 +1,739 @@
+//! Post-training int8 quantization: rewriting a float ONNX graph into the operator
+//! form tract runs with integer kernels.
+//!
+//! Measured in tract 0.23 on x86-64 (see `compress/benches/compress.rs`), the QDQ form
+//! that onnxruntime's quantizer writes (`DequantizeLinear -> Conv -> QuantizeLinear`)
+//! runs slower than float: tract folds the weight dequantization into a float
+//! convolution and then executes the activation quantize/dequantize pairs as extra
+//! element-wise work. `QLinearConv` is loaded as tract's own quantized convolution,
+//! which multiplies i8 by u8 with i32 accumulators. So the rewrite produces:
+//!
+//! * `Conv` (optionally followed by `Relu`, or `Clip` with a lower bound of 0) becomes
+//!   one `QLinearConv` with u8 activations, i8 weights per output channel and an i32
+//!   bias. The activation is fused into the output's quantization: with a zero point of
+//!   0, saturation at 0 is exactly `Relu`, and an output range capped at the `Clip`
+//!   bound is exactly `Clip`.
+//! * `Gemm` becomes `MatMulInteger` (u8 x i8 -> i32) followed by a float rescale and
+//!   bias: the result stays float, so a classifier's logits lose no resolution.
+//! * Depthwise convolutions are stored as i8 weights and dequantized at load
+//!   ([`LayerMode::WeightOnly`]) by default: tract has a dedicated float depthwise
+//!   kernel but runs a quantized depthwise convolution as one small matrix product per
+//!   channel, which measured slower than float.
+//! * Shape-only and order-preserving operators (`MaxPool`, `Flatten`, `Reshape`, ...)
+//!   stay in u8 between quantized layers; everything else runs in float, with
+//!   `DequantizeLinear` and `QuantizeLinear` inserted where the two meet.
+//!
+//! Every scale written is finite, positive and normal: a weight channel that is all
+//! zero (pruning makes these), a tensor that calibration saw constant, or a bias too
+//! large for i32 at the natural scale are all given a safe scale, and counted in the
+//! report.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::prelude::tract_ndarray::{ArrayD, Axis};
+
+use crate::calibrate::Range;
+use crate::graph::{
+    self, GraphError, OnnxModel, attribute_float, attribute_int, f32_tensor, i8_tensor, i32_tensor,
+    int_attribute, u8_tensor,
+};
+
+/// Smallest width an activation range is given; a narrower one (a tensor calibration
+/// saw constant) would produce a scale so small that biases overflow i32.
+const MIN_ACTIVATION_SPAN: f32 = 1e-6;
+/// Smallest weight scale written; keeps scales and their products with activation
+/// scales far from the subnormal range.
+const MIN_WEIGHT_SCALE: f32 = 1e-12;
+/// Largest magnitude an i32 bias is allowed, leaving headroom for the accumulator.
+const MAX_BIAS: f64 = (1u64 << 30) as f64;
+/// Operators that move or select values without changing them, so u8 data with its
+/// scale and zero point passes through them unchanged.
+const PASS_THROUGH: &[&str] = &[
+    "MaxPool",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+];
+
+/// How one layer is rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum LayerMode {
+    /// Integer compute: u8 activations, i8 weights.
+    Int8,
+    /// i8 weights in the file, dequantized to float when the model loads; float compute.
+    WeightOnly,
+    /// Left as it is.
+    Float,
+}
+
+/// A layer the quantizer can render in int8: a `Conv` or `Gemm` with constant weights.
+#[derive(Debug, Clone, Serialize)]
+pub struct Layer {
+    /// Name of the `Conv` or `Gemm` node.
+    pub name: String,
+    pub op: String,
+    pub depthwise: bool,
+    pub parameters: usize,
+    /// Tensor the layer reads.
+    pub input: String,
+    /// Tensor the layer writes, after a fused `Relu`/`Clip`.
+    pub output: String,
+    /// Index of the fused activation node, if any.
+    #[serde(skip)]
+    fused_activation: Option<usize>,
+    /// Upper bound of a fused `Clip`.
+    #[serde(skip)]
+    clip_max: Option<f32>,
+}
+
+impl Layer {
+    /// The mode a layer gets when the caller asks for int8 everywhere it pays off.
+    pub fn default_mode(&self) -> LayerMode {
+        if self.depthwise {
+            LayerMode::WeightOnly
+        } else {
+            LayerMode::Int8
+        }
+    }
+}
+
+/// The `Conv` and `Gemm` nodes of `model` whose weights are initializers, in graph
+/// order, with the activation each can absorb.
+pub fn layers(model: &OnnxModel) -> Result<Vec<Layer>, GraphError> {
+    let consumers = model.consumers();
+    let outputs: HashSet<String> = model.output_names().into_iter().collect();
+    let nodes = model.nodes();
+    let mut found = Vec::new();
+    for node in nodes {
+        if !matches!(node.op_type.as_str(), "Conv" | "Gemm") || node.input.len() < 2 {
+            continue;
+        }
+        let Some(weight) = model.initializer(&node.input[1]) else {
+            continue;
+        };
+        let parameters = weight.dims.iter().product::<i64>().max(0) as usize;
+        let group = attribute_int(node, "group", 1);
+        let depthwise = node.op_type == "Conv" && group > 1 && weight.dims.get(1) == Some(&1);
+        let mut layer = Layer {
+            name: node.name.clone(),
+            op: node.op_type.clone(),
+            depthwise,
+            parameters,
+            input: node.input[0].clone(),
+            output: node.output[0].clone(),
+            fused_activation: None,
+            clip_max: None,
+        };
+        let single_consumer = consumers
+            .get(&node.output[0])
+            .filter(|c| c.len() == 1 && !outputs.contains(&node.output[0]))
+            .map(|c| c[0]);
+        if let (Some(next), "Conv") = (single_consumer, node.op_type.as_str()) {
+            let activation = &nodes[next];
+            let fusable = match activation.op_type.as_str() {
+                "Relu" => Some(None),
+                "Clip" => clip_bounds(model, activation)?
+                    .filter(|(min, max)| *min == 0.0 && max.is_finite() && *max > 0.0)
+                    .map(|(_, max)| Some(max)),
+                _ => None,
+            };
+            if let Some(clip_max) = fusable {
+                layer.fused_activation = Some(next);
+                layer.clip_max = clip_max;
+                layer.output = activation.output[0].clone();
+            }
+        }
+        found.push(layer);
+    }
+    Ok(found)
+}
+
+/// Bounds of a `Clip` node whose bounds are constants; `None` when either is computed.
+fn clip_bounds(model: &OnnxModel, node: &NodeProto) -> Result<Option<(f32, f32)>, GraphError> {
+    let bound = |index: usize, default: f32| -> Result<Option<f32>, GraphError> {
+        match node.input.get(index).filter(|name| !name.is_empty()) {
+            None => Ok(Some(default)),
+            Some(name) => match model.initializer(name) {
+                None => Ok(None),
+                Some(_) => Ok(model.float_initializer(name)?.iter().next().copied()),
+            },
+        }
+    };
+    let opset_attributes = model.opset() < 11;
+    if opset_attributes {
+        return Ok(Some((
+            attribute_float(node, "min", f32::NEG_INFINITY),
+            attribute_float(node, "max", f32::INFINITY),
+        )));
+    }
+    Ok(bound(1, f32::NEG_INFINITY)?.zip(bound(2, f32::INFINITY)?))
+}
+
+/// Tensors whose ranges calibration must measure for the given layers.
+pub fn calibration_tensors(layers: &[Layer]) -> Vec<String> {
+    let mut names = Vec::new();
+    for layer in layers {
+        for name in [&layer.input, &layer.output] {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    names
+}
+
+/// What the rewrite did, for the compressor's report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QuantizeReport {
+    /// Mode of every candidate layer.
+    pub layers: BTreeMap<String, LayerMode>,
+    /// Weight channels that were all zero or nearly so and got the minimum scale.
+    pub degenerate_weight_channels: usize,
+    /// Channels whose scale was raised so the bias fits in i32.
+    pub bias_limited_channels: usize,
+    /// Activations calibration saw constant, given the minimum span.
+    pub degenerate_activations: usize,
+}
+
+/// Scale and zero point of a u8 activation.
+#[derive(Debug, Clone, Copy)]
+struct ActivationParams {
+    scale: f32,
+    zero_point: u8,
+}
+
+fn activation_params(
+    range: Range,
+    clip_max: Option<f32>,
+    report: &mut QuantizeReport,
+) -> ActivationParams {
+    let min = range.min.min(0.0);
+    let mut max = range.max.max(0.0);
+    if let Some(bound) = clip_max {
+        max = max.min(bound);
+    }
+    let (min, max) = if (max - min).is_finite() && max - min >= MIN_ACTIVATION_SPAN {
+        (min, max)
+    } else {
+        report.degenerate_activations += 1;
+        let low = if min.is_finite() {
+            min.clamp(-MIN_ACTIVATION_SPAN, 0.0)
+        } else {
+            0.0
+        };
+        (low, low + MIN_ACTIVATION_SPAN)
+    };
+    let scale = checked_scale((max - min) / 255.0);
+    let zero_point = (-min / scale).round().clamp(0.0, 255.0) as u8;
+    ActivationParams { scale, zero_point }
+}
+
+/// A scale that is finite, positive and normal, or the smallest weight scale.
+fn checked_scale(scale: f32) -> f32 {
+    if scale.is_normal() && scale > 0.0 {
+        scale.max(MIN_WEIGHT_SCALE)
+    } else {
+        MIN_WEIGHT_SCALE
+    }
+}
+
+/// Symmetric i8 weights per slice along `axis`, with scales chosen so that
+/// `bias[c] / (input_scale * scale[c])` fits in i32 when a bias is given.
+fn quantize_weights(
+    weights: &ArrayD<f32>,
+    axis: usize,
+    bias: Option<(&[f32], f32)>,
+    report: &mut QuantizeReport,
+) -> (ArrayD<i8>, Vec<f32>) {
+    let mut scales = Vec::with_capacity(weights.shape()[axis]);
+    for (channel, slice) in weights.axis_iter(Axis(axis)).enumerate() {
+        let max_abs = slice.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+        let mut scale = max_abs / 127.0;
+        if !(scale.is_normal() && scale >= MIN_WEIGHT_SCALE) {
+            report.degenerate_weight_channels += 1;
+            scale = MIN_WEIGHT_SCALE;
+        }
+        if let Some((bias, input_scale)) = bias {
+            let needed = (bias[channel].abs() as f64 / (input_scale as f64 * MAX_BIAS)) as f32;
+            if needed > scale {
+                report.bias_limited_channels += 1;
+                scale = checked_scale(needed * 1.001);
+            }
+        }
+        scales.push(scale);
+    }
+    let mut quantized = ArrayD::<i8>::zeros(weights.shape());
+    for (channel, (mut target, source)) in quantized
+        .axis_iter_mut(Axis(axis))
+        .zip(weights.axis_iter(Axis(axis)))
+        .enumerate()
+    {
+        let scale = scales[channel];
+        target.zip_mut_with(&source, |q, w| {
+            *q = (w / scale).round().clamp(-127.0, 127.0) as i8;
+        });
+    }
+    (quantized, scales)
+}
+
+/// Rewrites `model` with each layer in the mode `modes` gives (layers absent from
+/// `modes` stay float). `ranges` must hold every tensor [`calibration_tensors`] named
+/// for the int8 layers.
+pub fn quantize(
+    model: &OnnxModel,
+    layers: &[Layer],
+    modes: &HashMap<String, LayerMode>,
+    ranges: &HashMap<String, Range>,
+) -> Result<(OnnxModel, QuantizeReport), GraphError> {
+    let mut rewrite = Rewrite::new(model, ranges);
+    let by_name: HashMap<&str, &Layer> = layers.iter().map(|l| (l.name.as_str(), l)).collect();
+    let mut skipped = HashSet::new();
+    for layer in layers {
+        let mode = modes.get(&layer.name).copied().unwrap_or(LayerMode::Float);
+        rewrite.report.layers.insert(layer.name.clone(), mode);
+        if mode == LayerMode::Int8 {
+            skipped.extend(layer.fused_activation);
+        }
+    }
+    for (index, node) in model.nodes().iter().enumerate() {
+        if skipped.contains(&index) {
+            continue;
+        }
+        let layer = by_name.get(node.name.as_str()).copied();
+        let mode = layer
+            .and_then(|l| modes.get(&l.name).copied())
+            .unwrap_or(LayerMode::Float);
+        match (layer, mode) {
+            (Some(layer), LayerMode::Int8) if node.op_type == "Conv" => {
+                rewrite.int8_conv(node, layer)?
+            }
+            (Some(_), LayerMode::Int8) => rewrite.int8_gemm(node)?,
+            (Some(_), LayerMode::WeightOnly) => rewrite.weight_only(node)?,
+            _ => rewrite.float_node(node)?,
+        }
+    }
+    rewrite.finish()
+}
+
+/// State of one rewrite: the nodes written so far and which form each tensor has.
+struct Rewrite<'a> {
+    source: &'a OnnxModel,
+    ranges: &'a HashMap<String, Range>,
+    model: OnnxModel,
+    nodes: Vec<NodeProto>,
+    /// Tensors available in float under their own name.
+    float: HashSet<String>,
+    /// Tensors available as u8, with the quantized tensor's name and parameters.
+    quantized: HashMap<String, (String, ActivationParams)>,
+    report: QuantizeReport,
+}
+
+impl<'a> Rewrite<'a> {
+    fn new(source: &'a OnnxModel, ranges: &'a HashMap<String, Range>) -> Rewrite<'a> {
+        let mut float: HashSet<String> = source.data_inputs().into_iter().collect();
+        float.extend(source.graph().initializer.iter().map(|t| t.name.clone()));
+        let mut model = source.clone();
+        model.nodes_mut().clear();
+        Rewrite {
+            source,
+            ranges,
+            model,
+            nodes: Vec::new(),
+            float,
+            quantized: HashMap::new(),
+            report: QuantizeReport::default(),
+        }
+    }
+
+    fn range(&self, tensor: &str, node: &NodeProto) -> Result<Range, GraphError> {
+        self.ranges.get(tensor).copied().ok_or_else(|| {
+            GraphError::node(node, format!("no calibrated range for tensor {tensor}"))
+        })
+    }
+
+    /// Name of the u8 version of `tensor`, inserting a `QuantizeLinear` if needed.
+    fn quantized_input(
+        &mut self,
+        tensor: &str,
+        node: &NodeProto,
+    ) -> Result<(String, ActivationParams), GraphError> {
+        if let Some(found) = self.quantized.get(tensor) {
+            return Ok(found.clone());
+        }
+        let range = self.range(tensor, node)?;
+        let params = activation_params(range, None, &mut self.report);
+        let (scale, zero_point) = self.activation_initializers(tensor, params);
+        let name = format!("{tensor}_quantized");
+        self.nodes.push(graph::node(
+            "QuantizeLinear",
+            &format!("{tensor}_quantize"),
+            &[tensor, &scale, &zero_point],
+            &[&name],
+        ));
+        self.quantized
+            .insert(tensor.to_string(), (name.clone(), params));
+        Ok((name, params))
+    }
+
+    /// Makes `tensor` available in float, inserting a `DequantizeLinear` if it exists
+    /// only as u8.
+    fn float_input(&mut self, tensor: &str) {
+        if tensor.is_empty() || self.float.contains(tensor) {
+            return;
+        }
+        if let Some((name, params)) = self.quantized.get(tensor).cloned() {
+            let (scale, zero_point) = self.activation_initializers(tensor, params);
+            self.nodes.push(graph::node(
+                "DequantizeLinear",
+                &format!("{tensor}_dequantize"),
+                &[&name, &scale, &zero_point],
+                &[tensor],
+            ));
+            self.float.insert(tensor.to_string());
+        }
+    }
+
+    fn activation_initializers(
+        &mut self,
+        tensor: &str,
+        params: ActivationParams,
+    ) -> (String, String) {
+        let scale = format!("{tensor}_scale");
+        let zero_point = format!("{tensor}_zero_point");
+        self.model
+            .set_initializer(f32_tensor(&scale, &[], &[params.scale]));
+        self.model
+            .set_initializer(u8_tensor(&zero_point, &[], &[params.zero_point]));
+        (scale, zero_point)
+    }
+
+    /// Adds a layer's i8 weights, per-channel scales and zero zero points; returns
+    /// their names.
+    fn weight_initializers(
+        &mut self,
+        prefix: &str,
+        quantized: &ArrayD<i8>,
+        scales: &[f32],
+    ) -> (String, String, String) {
+        let weight = format!("{prefix}_weight_quantized");
+        let scale = format!("{prefix}_weight_scale");
+        let zero_point = format!("{prefix}_weight_zero_point");
+        let channels = scales.len();
+        self.model.set_initializer(i8_tensor(
+            &weight,
+            quantized.shape(),
+            quantized.as_slice().expect("standard layout"),
+        ));
+        self.model
+            .set_initializer(f32_tensor(&scale, &[channels], scales));
+        self.model
+            .set_initializer(i8_tensor(&zero_point, &[channels], &vec![0; channels]));
+        (weight, scale, zero_point)
+    }
+
+    fn weight_and_bias(
+        &self,
+        node: &NodeProto,
+    ) -> Result<(ArrayD<f32>, Option<Vec<f32>>), GraphError> {
+        let weights = self.source.float_initializer(&node.input[1])?;
+        let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
+            None => None,
+            Some(name) => {
+                let bias = self.source.initializer(name).ok_or_else(|| {
+                    GraphError::node(node, format!("bias {name} is computed, not a constant"))
+                })?;
+                Some(graph::tensor_to_f32(bias)?.iter().copied().collect())
+            }
+        };
+        Ok((weights, bias))
+    }
+
+    fn int8_conv(&mut self, node: &NodeProto, layer: &Layer) -> Result<(), GraphError> {
+        let (input, input_params) = self.quantized_input(&layer.input, node)?;
+        let (weights, bias) = self.weight_and_bias(node)?;
+        let channels = weights.shape()[0];
+        let bias = bias.unwrap_or_else(|| vec![0.0; channels]);
+        if bias.len() != channels {
+            return Err(GraphError::node(
+                node,
+                format!(
+                    "bias has {} values for {channels} output channels",
+                    bias.len()
+                ),
+            ));
+        }
+        let (quantized, scales) = quantize_weights(
+            &weights,
+            0,
+            Some((&bias, input_params.scale)),
+            &mut self.report,
+        );
+        let bias_q: Vec<i32> = bias
+            .iter()
+            .zip(&scales)
+            .map(|(b, s)| (*b as f64 / (input_params.scale as f64 * *s as f64)).round() as i32)
+            .collect();
+        let output_range = self.range(&layer.output, node)?;
+        let output_params = activation_params(output_range, layer.clip_max, &mut self.report);
+        let (weight_name, weight_scale, weight_zero) =
+            self.weight_initializers(&node.name, &quantized, &scales);
+        let bias_name = format!("{}_bias_quantized", node.name);
+        self.model
+            .set_initializer(i32_tensor(&bias_name, &[channels], &bias_q));
+        let (input_scale, input_zero) = self.activation_initializers(&layer.input, input_params);
+        let (output_scale, output_zero) =
+            self.activation_initializers(&layer.output, output_params);
+        let output = format!("{}_quantized", layer.output);
+        let mut conv = graph::node(
+            "QLinearConv",
+            &node.name,
+            &[
+                &input,
+                &input_scale,
+                &input_zero,
+                &weight_name,
+                &weight_scale,
+                &weight_zero,
+                &output_scale,
+                &output_zero,
+                &bias_name,
+            ],
+            &[&output],
+        );
+        conv.attribute = node.attribute.clone();
+        self.nodes.push(conv);
+        self.quantized
+            .insert(layer.output.clone(), (output, output_params));
+        Ok(())
+    }
+
+    fn int8_gemm(&mut self, node: &NodeProto) -> Result<(), GraphError> {
+        if attribute_int(node, "transA", 0) != 0 {
+            return Err(GraphError::node(
+                node,
+                "transA = 1 is not supported in int8",
+            ));
+        }
+        let alpha = attribute_float(node, "alpha", 1.0);
+        let beta = attribute_float(node, "beta", 1.0);
+        let (input, input_params) = self.quantized_input(&node.input[0], node)?;
+        let (weights, bias) = self.weight_and_bias(node)?;
+        if weights.ndim() != 2 {
+            return Err(GraphError::node(node, "weight is not a matrix"));
+        }
+        // MatMulInteger wants B as [K, N]; Gemm's transB = 1 stores it as [N, K].
+        let weights = if attribute_int(node, "transB", 0) != 0 {
+            weights.t().as_standard_layout().to_owned()
+        } else {
+            weights
+        };
+        let columns = weights.shape()[1];
+        let (quantized, scales) = quantize_weights(&weights, 1, None, &mut self.report);
+        let prefix = &node.name;
+        let weight_name = format!("{prefix}_weight_quantized");
+        let weight_zero = format!("{prefix}_weight_zero_point");
+        let rescale_name = format!("{prefix}_output_scale");
+        self.model.set_initializer(i8_tensor(
+            &weight_name,
+            weights.shape(),
+            quantized.as_slice().expect("standard layout"),
+        ));
+        self.model
+            .set_initializer(i8_tensor(&weight_zero, &[columns], &vec![0; columns]));
+        let rescale: Vec<f32> = scales
+            .iter()
+            .map(|s| s * input_params.scale * alpha)
+            .collect();
+        self.model
+            .set_initializer(f32_tensor(&rescale_name, &[columns], &rescale));
+        let (_, input_zero) = self.activation_initializers(&node.input[0], input_params);
+        let accumulator = format!("{prefix}_accumulator");
+        let as_float = format!("{prefix}_accumulator_float");
+        let scaled = format!("{prefix}_scaled");
+        self.nodes.push(graph::node(
+            "MatMulInteger",
+            &format!("{prefix}_matmul"),
+            &[&input, &weight_name, &input_zero, &weight_zero],
+            &[&accumulator],
+        ));
+        let mut cast = graph::node(
+            "Cast",
+            &format!("{prefix}_cast"),
+            &[&accumulator],
+            &[&as_float],
+        );
+        cast.attribute.push(int_attribute("to", 1));
+        self.nodes.push(cast);
+        let output = &node.output[0];
+        match bias {
+            Some(bias) => {
+                let bias_name = format!("{prefix}_bias");
+                let bias: Vec<f32> = bias.iter().map(|b| b * beta).collect();
+                let dims = if bias.len() == columns {
+                    vec![columns]
+                } else {
+                    vec![bias.len()]
+                };
+                self.model
+                    .set_initializer(f32_tensor(&bias_name, &dims, &bias));
+                self.nodes.push(graph::node(
+                    "Mul",
+                    &format!("{prefix}_rescale"),
+                    &[&as_float, &rescale_name],
+                    &[&scaled],
+                ));
+                self.nodes.push(graph::node(
+                    "Add",
+                    &format!("{prefix}_add_bias"),
+                    &[&scaled, &bias_name],
+                    &[output],
+                ));
+            }
+            None => self.nodes.push(graph::node(
+                "Mul",
+                &format!("{prefix}_rescale"),
+                &[&as_float, &rescale_name],
+                &[output],
+            )),
+        }
+        self.float.insert(output.clone());
+        Ok(())
+    }
+
+    /// Stores the weight as i8 with a per-output-channel `DequantizeLinear` that tract
+    /// folds into a float constant when the model loads.
+    fn weight_only(&mut self, node: &NodeProto) -> Result<(), GraphError> {
+        let (weights, _) = self.weight_and_bias(node)?;
+        let axis = if node.op_type == "Gemm" && attribute_int(node, "transB", 0) == 0 {
+            1
+        } else {
+            0
+        };
+        let (quantized, scales) = quantize_weights(&weights, axis, None, &mut self.report);
+        let prefix = &node.name;
+        let (weight_name, weight_scale, weight_zero) =
+            self.weight_initializers(prefix, &quantized, &scales);
+        let dequantized = format!("{prefix}_weight_dequantized");
+        let mut dequantize = graph::node(
+            "DequantizeLinear",
+            &format!("{prefix}_weight_dequantize"),
+            &[&weight_name, &weight_scale, &weight_zero],
+            &[&dequantized],
+        );
+        dequantize
+            .attribute
+            .push(int_attribute("axis", axis as i64));
+        self.nodes.push(dequantize);
+        let mut rewritten = node.clone();
+        rewritten.input[1] = dequantized;
+        self.float_node(&rewritten)
+    }
+
+    fn float_node(&mut self, node: &NodeProto) -> Result<(), GraphError> {
+        let first = node.input.first().cloned().unwrap_or_default();
+        let stays_quantized = PASS_THROUGH.contains(&node.op_type.as_str())
+            && node.output.len() == 1
+            && !self.float.contains(&first)
+            && self.quantized.contains_key(&first);
+        if stays_quantized {
+            let (input, params) = self.quantized[&first].clone();
+            let output = format!("{}_quantized", node.output[0]);
+            let mut rewritten = node.clone();
+            rewritten.input[0] = input;
+            rewritten.output[0] = output.clone();
+            for other in node.input.iter().skip(1) {
+                self.float_input(other);
+            }
+            self.nodes.push(rewritten);
+            self.quantized
+                .insert(node.output[0].clone(), (output, params));
+            return Ok(());
+        }
+        for input in &node.input {
+            self.float_input(input);
+        }
+        self.nodes.push(node.clone());
+        self.float.extend(node.output.iter().cloned());
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(OnnxModel, QuantizeReport), GraphError> {
+        for output in self.source.output_names() {
+            self.float_input(&output);
+        }
+        *self.model.nodes_mut() = self.nodes;
+        self.model.require_opset(13);
+        self.model.remove_unused_initializers();
+        Ok((self.model, self.report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::prelude::tract_ndarray::arr2;
+
+    #[test]
+    fn weight_scale_of_an_all_zero_channel_is_normal() {
+        let weights = arr2(&[[0.0f32, 0.0], [0.5, -1.0]]).into_dyn();
+        let mut report = QuantizeReport::default();
+        let (quantized, scales) = quantize_weights(&weights, 0, None, &mut report);
+        assert!(
+            scales.iter().all(|s| s.is_normal() && *s > 0.0),
+            "{scales:?}"
+        );
+        assert_eq!(report.degenerate_weight_channels, 1);
+        assert_eq!(quantized.as_slice().unwrap(), &[0, 0, 64, -127]);
+    }
+
+    #[test]
+    fn weight_scale_rises_until_the_bias_fits_in_i32() {
+        let weights = arr2(&[[1e-9f32, -1e-9]]).into_dyn();
+        let bias = [1000.0f32];
+        let input_scale = 1e-3;
+        let mut report = QuantizeReport::default();
+        let (_, scales) = quantize_weights(&weights, 0, Some((&bias, input_scale)), &mut report);
+        let bias_q = bias[0] as f64 / (input_scale as f64 * scales[0] as f64);
+        assert!(bias_q.abs() <= MAX_BIAS, "bias {bias_q} overflows");
+        assert_eq!(report.bias_limited_channels, 1);
+    }
+
+    #[test]
+    fn activation_params_of_a_constant_tensor_have_a_usable_scale() {
+        let mut report = QuantizeReport::default();
+        let params = activation_params(Range { min: 0.0, max: 0.0 }, None, &mut report);
+        assert!(params.scale.is_normal());
+        assert_eq!(params.zero_point, 0);
+        assert_eq!(report.degenerate_activations, 1);
+    }
+
+    #[test]
+    fn activation_params_cap_the_range_at_a_fused_clip() {
+        let mut report = QuantizeReport::default();
+        let params = activation_params(Range { min: 0.0, max: 9.0 }, Some(6.0), &mut report);
+        assert!((params.scale * 255.0 - 6.0).abs() < 1e-5);
+        assert_eq!(params.zero_point, 0);
+    }
+
+    #[test]
+    fn activation_params_represent_zero_exactly() {
+        let mut report = QuantizeReport::default();
+        let params = activation_params(
+            Range {
+                min: -1.3,
+                max: 2.9,
+            },
+            None,
+            &mut report,
+        );
+        let zero = (0.0 - params.zero_point as f32) * params.scale;
+        assert_eq!(zero, 0.0);
+        assert!(params.zero_point > 0);
+    }
+}

@@ -1,0 +1,329 @@
+//! Quantization end to end: the shipped digit model keeps its accuracy in int8, numbers
+//! stay sane on degenerate weights, and bad input is refused with a clear error.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use fleet_compress::Recipe;
+use fleet_compress::calibrate::{CalibrationMethod, Range};
+use fleet_compress::graph::{
+    self, GraphError, OnnxModel, f32_tensor, ints_attribute, tensor_to_f32,
+};
+use fleet_compress::quantize::{self, LayerMode};
+use fleet_compress::variants::{Compute, QuantizeOptions, Workbench, write_checked};
+use prost::Message;
+use tract_onnx::pb::{
+    GraphProto, ModelProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, tensor_shape_proto::Dimension, tensor_shape_proto::dimension,
+    type_proto,
+};
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
+}
+
+fn float_value(name: &str, shape: &[usize]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: Some(TensorShapeProto {
+                    dim: shape
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(dimension::Value::DimValue(d as i64)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A 1x2x4x4 input through Conv(3x3, 3 channels) -> Relu -> Flatten -> Gemm(2 classes).
+/// Output channel 0 of the convolution is all zero and channel 1 nearly so with a large
+/// bias, as pruning leaves them.
+fn degenerate_model(opset: i64) -> ModelProto {
+    let mut conv_weight = vec![0.0f32; 3 * 2 * 3 * 3];
+    for (i, w) in conv_weight.iter_mut().enumerate().skip(18) {
+        *w = if i < 36 {
+            1e-20
+        } else {
+            ((i % 7) as f32 - 3.0) * 0.1
+        };
+    }
+    let gemm_weight: Vec<f32> = (0..2 * 48).map(|i| ((i % 5) as f32 - 2.0) * 0.05).collect();
+    let mut conv = graph::node(
+        "Conv",
+        "conv",
+        &["input", "conv.weight", "conv.bias"],
+        &["conv"],
+    );
+    conv.attribute.push(ints_attribute("pads", &[1, 1, 1, 1]));
+    let mut gemm = graph::node("Gemm", "fc", &["flat", "fc.weight", "fc.bias"], &["logits"]);
+    gemm.attribute.push(graph::int_attribute("transB", 1));
+    ModelProto {
+        ir_version: 7,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: opset,
+        }],
+        graph: Some(GraphProto {
+            name: "degenerate".into(),
+            node: vec![
+                conv,
+                graph::node("Relu", "relu", &["conv"], &["relu"]),
+                graph::node("Flatten", "flatten", &["relu"], &["flat"]),
+                gemm,
+            ],
+            initializer: vec![
+                f32_tensor("conv.weight", &[3, 2, 3, 3], &conv_weight),
+                f32_tensor("conv.bias", &[3], &[0.0, 5000.0, 0.1]),
+                f32_tensor("fc.weight", &[2, 48], &gemm_weight),
+                f32_tensor("fc.bias", &[2], &[0.1, -0.1]),
+            ],
+            input: vec![float_value("input", &[1, 2, 4, 4])],
+            output: vec![float_value("logits", &[1, 2])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn write_model(dir: &Path, name: &str, proto: &ModelProto) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, proto.encode_to_vec()).unwrap();
+    path
+}
+
+/// Every scale initializer of a quantized model is finite, positive and normal.
+fn assert_scales_are_normal(model: &OnnxModel) {
+    let mut checked = 0;
+    for tensor in &model.graph().initializer {
+        if tensor.name.ends_with("_scale") {
+            for scale in tensor_to_f32(tensor).unwrap().iter() {
+                assert!(
+                    scale.is_normal() && *scale > 0.0,
+                    "{} holds scale {scale}",
+                    tensor.name
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no scale initializer found");
+}
+
+#[test]
+fn quantize_keeps_the_digit_model_accuracy_on_mnist_test() {
+    let recipe = Recipe::read(&repo_path("models/digit-cnn/bundle.toml")).unwrap();
+    let workbench = Workbench::open(&recipe, false).unwrap();
+    let float = workbench.measure("fp32", &workbench.float, 5).unwrap();
+    let float_accuracy = float.evaluation.unwrap().accuracy.unwrap();
+    for compute in [Compute::Integer, Compute::Float] {
+        let options = QuantizeOptions {
+            method: CalibrationMethod::MinMax,
+            compute,
+            keep_float: Vec::new(),
+        };
+        let (model, report) = workbench.quantize(&options).unwrap();
+        let expected = if compute == Compute::Integer {
+            LayerMode::Int8
+        } else {
+            LayerMode::WeightOnly
+        };
+        assert!(
+            report.layers.values().all(|mode| *mode == expected),
+            "{report:?}"
+        );
+        assert_scales_are_normal(&model);
+        let measured = workbench.measure("int8", &model, 5).unwrap();
+        let accuracy = measured.evaluation.unwrap().accuracy.unwrap();
+        assert_eq!(measured.evaluation.unwrap().samples, 10_000);
+        assert!(
+            accuracy >= float_accuracy - 0.0005,
+            "{compute:?}: int8 top-1 {accuracy} against fp32 {float_accuracy}"
+        );
+        assert!(
+            measured.bytes as f64 <= 0.26 * float.bytes as f64,
+            "{compute:?}: int8 is {} bytes, fp32 {}",
+            measured.bytes,
+            float.bytes
+        );
+    }
+}
+
+#[test]
+fn quantize_gives_degenerate_channels_safe_scales_and_tracks_float() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "degenerate.onnx", &degenerate_model(13));
+    let model = OnnxModel::read(&path).unwrap();
+    let layers = quantize::layers(&model).unwrap();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(
+        layers[0].output, "relu",
+        "the Relu is fused into the convolution"
+    );
+    let modes: HashMap<String, LayerMode> = layers
+        .iter()
+        .map(|layer| (layer.name.clone(), LayerMode::Int8))
+        .collect();
+    // Ranges as calibration would measure them on inputs in [-1, 1].
+    let ranges: HashMap<String, Range> = [
+        (
+            "input",
+            Range {
+                min: -1.0,
+                max: 1.0,
+            },
+        ),
+        (
+            "relu",
+            Range {
+                min: 0.0,
+                max: 5001.0,
+            },
+        ),
+        (
+            "flat",
+            Range {
+                min: 0.0,
+                max: 5001.0,
+            },
+        ),
+    ]
+    .into_iter()
+    .map(|(name, range)| (name.to_string(), range))
+    .collect();
+    let (quantized, report) = quantize::quantize(&model, &layers, &modes, &ranges).unwrap();
+    assert_scales_are_normal(&quantized);
+    assert_eq!(report.degenerate_weight_channels, 2, "{report:?}");
+
+    let shape = [1, 2, 4, 4];
+    let float_runner = fleet_compress::assess::Runner::new(&model, &shape).unwrap();
+    let int8_runner = fleet_compress::assess::Runner::new(&quantized, &shape).unwrap();
+    for seed in 0..8 {
+        let input: Vec<f32> = (0..32)
+            .map(|i| (((i * 7 + seed * 13) % 17) as f32 / 8.0) - 1.0)
+            .collect();
+        let expected = float_runner.run(&input).unwrap();
+        let actual = int8_runner.run(&input).unwrap();
+        let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (e, a) in expected.iter().zip(&actual) {
+            // One output step of the 5001-wide activation range, spread over the Gemm.
+            assert!(
+                (e - a).abs() <= 0.02 * scale,
+                "sample {seed}: int8 {actual:?} against float {expected:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn read_refuses_a_truncated_model_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = degenerate_model(13).encode_to_vec();
+    let path = dir.path().join("truncated.onnx");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let error = OnnxModel::read(&path).unwrap_err();
+    assert!(matches!(error, GraphError::Decode { .. }), "{error}");
+    assert!(error.to_string().contains("truncated.onnx"), "{error}");
+}
+
+#[test]
+fn read_refuses_an_unknown_opset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "old.onnx", &degenerate_model(9));
+    let error = OnnxModel::read(&path).unwrap_err();
+    assert!(
+        matches!(error, GraphError::UnsupportedOpset { opset: 9, .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn read_refuses_external_data_outside_the_model_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    std::fs::write(dir.path().join("secret.bin"), [0u8; 72]).unwrap();
+    let mut proto = degenerate_model(13);
+    let weight = &mut proto.graph.as_mut().unwrap().initializer[0];
+    weight.raw_data.clear();
+    weight.data_location = Some(1);
+    weight.external_data = vec![tract_onnx::pb::StringStringEntryProto {
+        key: "location".into(),
+        value: "../secret.bin".into(),
+    }];
+    let path = write_model(&models, "escaping.onnx", &proto);
+    let error = OnnxModel::read(&path).unwrap_err();
+    match &error {
+        GraphError::ExternalData { tensor, .. } => assert_eq!(tensor, "conv.weight"),
+        other => panic!("unexpected error: {other}"),
+    }
+}
+
+#[test]
+fn read_refuses_a_dangling_node_input_naming_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut proto = degenerate_model(13);
+    proto.graph.as_mut().unwrap().node[1].input[0] = "missing".into();
+    let path = write_model(dir.path(), "dangling.onnx", &proto);
+    let error = OnnxModel::read(&path).unwrap_err().to_string();
+    assert!(
+        error.contains("relu") && error.contains("missing"),
+        "{error}"
+    );
+}
+
+#[test]
+fn write_checked_never_writes_an_unsupported_operator() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = Recipe::read(&repo_path("models/digit-cnn/bundle.toml")).unwrap();
+    let workbench = Workbench::open(&recipe, false).unwrap();
+    let mut model = workbench.float.clone();
+    let relu = model
+        .nodes_mut()
+        .iter_mut()
+        .find(|node| node.op_type == "Relu")
+        .unwrap();
+    relu.op_type = "NotAnOperator".into();
+    let out = dir.path().join("out.onnx");
+    std::fs::write(&out, b"previous model").unwrap();
+    let error = format!("{:#}", write_checked(&workbench, &model, &out).unwrap_err());
+    assert!(error.contains("NotAnOperator"), "{error}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous model");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "a temporary file was left"
+    );
+}
+
+#[test]
+fn calibrate_refuses_data_of_the_wrong_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "degenerate.onnx", &degenerate_model(13));
+    let model = OnnxModel::read(&path).unwrap();
+    let sample = tract_onnx::prelude::Tensor::zero::<f32>(&[1, 3, 4, 4]).unwrap();
+    let error = fleet_compress::calibrate::calibrate(
+        &model,
+        &[1, 2, 4, 4],
+        &["input".to_string()],
+        &[sample],
+        CalibrationMethod::MinMax,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("[1, 3, 4, 4]") && error.contains("[1, 2, 4, 4]"),
+        "{error}"
+    );
+}
