@@ -9,6 +9,8 @@ use fleet_bundle::{Bundle, PublicKey, SecretKey, generate_key_pair};
 
 use crate::calibrate::CalibrationMethod;
 use crate::distill::{DistillOptions, DistillRecipe, distill};
+use crate::fp16::{self, Fp16Mode};
+use crate::prune;
 use crate::quantize::LayerMode;
 use crate::variants::{Budget, Compute, Measured, QuantizeOptions, Workbench, write_checked};
 use crate::{Recipe, build_bundle, evaluate, inspect};
@@ -47,6 +49,10 @@ pub enum Command {
     },
     /// Quantize a recipe's model to int8, compare it with the float model and write it.
     Quantize(QuantizeArgs),
+    /// Prune a recipe's model, compare it with the float model and write it.
+    Prune(PruneArgs),
+    /// Convert a recipe's model to float16, compare it with the float32 model and write it.
+    Fp16(Fp16Args),
     /// Train a small student from a teacher model (distillation), export it as ONNX
     /// and check the export in tract.
     Distill(DistillArgs),
@@ -102,6 +108,47 @@ pub struct QuantizeArgs {
     /// Write the measurements and layer choices as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Arguments of `prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Recipe file, such as models/digit-cnn/bundle.toml.
+    pub recipe: PathBuf,
+    /// ONNX file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Remove this fraction of each prunable layer's output channels (structured).
+    #[arg(long, conflicts_with = "sparsity", required_unless_present = "sparsity")]
+    pub channels: Option<f64>,
+    /// Zero this fraction of each layer's smallest weights (unstructured).
+    #[arg(long)]
+    pub sparsity: Option<f64>,
+    /// Single-sample runs for the latency figure.
+    #[arg(long, default_value_t = 50)]
+    pub latency_runs: usize,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Arguments of `fp16`.
+#[derive(Debug, Args)]
+pub struct Fp16Args {
+    /// Recipe file, such as models/efficientnet-lite0/bundle.toml.
+    pub recipe: PathBuf,
+    /// ONNX file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// weights: float16 storage, float32 arithmetic; compute: float16 throughout.
+    #[arg(long, value_enum, default_value = "weights")]
+    pub mode: Fp16Mode,
+    /// Single-sample runs for the latency figure.
+    #[arg(long, default_value_t = 50)]
+    pub latency_runs: usize,
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -183,6 +230,8 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Distill(args) => run_distill(&args)?,
         Command::Quantize(args) => run_quantize(&args)?,
+        Command::Prune(args) => run_prune(&args)?,
+        Command::Fp16(args) => run_fp16(&args)?,
     }
     Ok(())
 }
@@ -313,6 +362,55 @@ fn run_quantize(args: &QuantizeArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("failed to write report {}", path.display()))?;
     }
+    println!("wrote {} ({bytes} bytes)", args.out.display());
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn run_prune(args: &PruneArgs) -> anyhow::Result<()> {
+    let recipe = Recipe::read(&args.recipe)?;
+    let workbench = Workbench::open(&recipe, !args.no_progress)?;
+    let (model, layers) = match (args.channels, args.sparsity) {
+        (Some(fraction), _) => prune::prune_channels(&workbench.float, fraction)?,
+        (None, Some(sparsity)) => prune::prune_unstructured(&workbench.float, sparsity)?,
+        (None, None) => anyhow::bail!("give --channels or --sparsity"),
+    };
+    let float = workbench.measure("fp32", &workbench.float, args.latency_runs)?;
+    let pruned = workbench.measure("pruned", &model, args.latency_runs)?;
+    let bytes = write_checked(&workbench, &model, &args.out)?;
+    println!("{}", measurement_header());
+    println!("{}", measurement_row(&float, &float));
+    println!("{}", measurement_row(&pruned, &float));
+    let unit = if args.channels.is_some() {
+        "output channels"
+    } else {
+        "non-zero weights"
+    };
+    for layer in &layers {
+        println!("  {:<28} {} -> {} {unit}", layer.layer, layer.before, layer.after);
+    }
+    if layers.is_empty() {
+        println!("no layer could be pruned");
+    }
+    println!("wrote {} ({bytes} bytes)", args.out.display());
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn run_fp16(args: &Fp16Args) -> anyhow::Result<()> {
+    let recipe = Recipe::read(&args.recipe)?;
+    let workbench = Workbench::open(&recipe, !args.no_progress)?;
+    let (model, report) = fp16::convert(&workbench.float, args.mode)?;
+    let float = workbench.measure("fp32", &workbench.float, args.latency_runs)?;
+    let half = workbench.measure("fp16", &model, args.latency_runs)?;
+    let bytes = write_checked(&workbench, &model, &args.out)?;
+    println!("{}", measurement_header());
+    println!("{}", measurement_row(&float, &float));
+    println!("{}", measurement_row(&half, &float));
+    println!(
+        "{} tensors converted; values clamped to +-65504: {:?}; non-zero values flushed to 0: {:?}",
+        report.converted_tensors, report.clamped, report.flushed
+    );
     println!("wrote {} ({bytes} bytes)", args.out.display());
     Ok(())
 }

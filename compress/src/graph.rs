@@ -64,6 +64,8 @@ pub enum GraphError {
         op: String,
         reason: String,
     },
+    #[error("{0}")]
+    Option(String),
     #[error("failed to write {path}: {source}")]
     Write {
         path: PathBuf,
