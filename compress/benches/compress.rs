@@ -17,6 +17,7 @@ use std::process::Command;
 use anyhow::Context;
 use fleet_compress::Recipe;
 use fleet_compress::calibrate::CalibrationMethod;
+use fleet_compress::fp16::Fp16Mode;
 use fleet_compress::graph::OnnxModel;
 use fleet_compress::samples::Samples;
 use fleet_compress::variants::{Budget, Compute, Measured, QuantizeOptions, Workbench};
@@ -76,10 +77,16 @@ fn variants(workbench: &Workbench, dir: &Path, with_mixed: bool) -> anyhow::Resu
         compute,
         keep_float: Vec::new(),
     };
-    let (weights, _) = workbench.quantize(&options(Compute::Float))?;
+    let (weights, _) = workbench.quantize(&workbench.float, &options(Compute::Float))?;
     add("int8-weights", &weights)?;
-    let (integer, _) = workbench.quantize(&options(Compute::Integer))?;
+    let (integer, _) = workbench.quantize(&workbench.float, &options(Compute::Integer))?;
     add("int8-integer", &integer)?;
+    let (pruned, _) = fleet_compress::prune::prune_channels(&workbench.float, 0.25)?;
+    add("pruned-25%", &pruned)?;
+    let (pruned_int8, _) = workbench.quantize(&pruned, &options(Compute::Float))?;
+    add("pruned+int8", &pruned_int8)?;
+    let (half, _) = fleet_compress::fp16::convert(&workbench.float, Fp16Mode::Weights)?;
+    add("fp16-weights", &half)?;
     if with_mixed {
         // Entropy calibration loses a point on the digit model; the search returns the
         // most sensitive layers to float until accuracy is back within 0.05 points.
@@ -90,7 +97,14 @@ fn variants(workbench: &Workbench, dir: &Path, with_mixed: bool) -> anyhow::Resu
         };
         let mut entropy = options(Compute::Integer);
         entropy.method = CalibrationMethod::Entropy;
-        let mixed = workbench.mixed_precision(&entropy, &budget, &float, 200, LATENCY_RUNS)?;
+        let mixed = workbench.mixed_precision(
+            &workbench.float,
+            &entropy,
+            &budget,
+            &float,
+            200,
+            LATENCY_RUNS,
+        )?;
         let measured = Measured {
             variant: "mixed-entropy".into(),
             ..mixed.result

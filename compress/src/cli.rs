@@ -10,10 +10,10 @@ use fleet_bundle::{Bundle, PublicKey, SecretKey, generate_key_pair};
 use crate::calibrate::CalibrationMethod;
 use crate::distill::{DistillOptions, DistillRecipe, distill};
 use crate::fp16::{self, Fp16Mode};
-use crate::prune;
 use crate::quantize::LayerMode;
 use crate::variants::{Budget, Compute, Measured, QuantizeOptions, Workbench, write_checked};
 use crate::{Recipe, build_bundle, evaluate, inspect};
+use crate::{pipeline, prune};
 
 /// Compressor commands.
 #[derive(Debug, Subcommand)]
@@ -53,6 +53,9 @@ pub enum Command {
     Prune(PruneArgs),
     /// Convert a recipe's model to float16, compare it with the float32 model and write it.
     Fp16(Fp16Args),
+    /// Run a recipe's [pipeline] (prune, quantize, fp16), check its budget and write a
+    /// signed bundle with the measurements.
+    Pipeline(PipelineArgs),
     /// Train a small student from a teacher model (distillation), export it as ONNX
     /// and check the export in tract.
     Distill(DistillArgs),
@@ -122,7 +125,11 @@ pub struct PruneArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Remove this fraction of each prunable layer's output channels (structured).
-    #[arg(long, conflicts_with = "sparsity", required_unless_present = "sparsity")]
+    #[arg(
+        long,
+        conflicts_with = "sparsity",
+        required_unless_present = "sparsity"
+    )]
     pub channels: Option<f64>,
     /// Zero this fraction of each layer's smallest weights (unstructured).
     #[arg(long)]
@@ -147,6 +154,26 @@ pub struct Fp16Args {
     #[arg(long, value_enum, default_value = "weights")]
     pub mode: Fp16Mode,
     /// Single-sample runs for the latency figure.
+    #[arg(long, default_value_t = 50)]
+    pub latency_runs: usize,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Arguments of `pipeline`.
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// Recipe file with a [pipeline] section, such as models/digit-cnn/bundle.toml.
+    pub recipe: PathBuf,
+    /// Secret key file written by `keygen`.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Bundle folder to write; replaced if it exists. The report goes beside it as
+    /// FOLDER.report.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Single-sample runs for each latency figure.
     #[arg(long, default_value_t = 50)]
     pub latency_runs: usize,
     /// Do not draw progress bars.
@@ -232,6 +259,24 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Quantize(args) => run_quantize(&args)?,
         Command::Prune(args) => run_prune(&args)?,
         Command::Fp16(args) => run_fp16(&args)?,
+        Command::Pipeline(args) => {
+            let recipe = Recipe::read(&args.recipe)?;
+            let key = SecretKey::read(&args.key)
+                .with_context(|| format!("failed to read secret key {}", args.key.display()))?;
+            let (bundle, report) = pipeline::run_pipeline(
+                &recipe,
+                &key,
+                &args.out,
+                args.latency_runs,
+                !args.no_progress,
+            )?;
+            println!("{}", measurement_header());
+            let float = &report.measurements[0];
+            for measured in &report.measurements {
+                println!("{}", measurement_row(measured, float));
+            }
+            print_bundle(&bundle);
+        }
     }
     Ok(())
 }
@@ -306,6 +351,7 @@ fn run_quantize(args: &QuantizeArgs) -> anyhow::Result<()> {
     };
     let float = workbench.measure("fp32", &workbench.float, args.latency_runs)?;
     let outcome = workbench.mixed_precision(
+        &workbench.float,
         &options,
         &budget,
         &float,
@@ -387,7 +433,10 @@ fn run_prune(args: &PruneArgs) -> anyhow::Result<()> {
         "non-zero weights"
     };
     for layer in &layers {
-        println!("  {:<28} {} -> {} {unit}", layer.layer, layer.before, layer.after);
+        println!(
+            "  {:<28} {} -> {} {unit}",
+            layer.layer, layer.before, layer.after
+        );
     }
     if layers.is_empty() {
         println!("no layer could be pruned");

@@ -31,7 +31,7 @@ const FLOAT32_INPUTS: &[(&str, usize)] = &[
 ];
 
 /// Which float16 form to write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Fp16Mode {
     /// float16 storage, float32 arithmetic.
@@ -118,9 +118,14 @@ pub fn convert(model: &OnnxModel, mode: Fp16Mode) -> Result<(OnnxModel, Fp16Repo
             let casts: Vec<_> = float_initializers
                 .iter()
                 .map(|name| {
-                    let mut cast =
-                        graph::node("Cast", &format!("{name}_to_fp32"), &[&format!("{name}_fp16")], &[name]);
-                    cast.attribute.push(int_attribute("to", DataType::Float as i64));
+                    let mut cast = graph::node(
+                        "Cast",
+                        &format!("{name}_to_fp32"),
+                        &[&format!("{name}_fp16")],
+                        &[name],
+                    );
+                    cast.attribute
+                        .push(int_attribute("to", DataType::Float as i64));
                     cast
                 })
                 .collect();
@@ -139,8 +144,14 @@ pub fn convert(model: &OnnxModel, mode: Fp16Mode) -> Result<(OnnxModel, Fp16Repo
                         *name = half_name.clone();
                     }
                 }
-                let mut cast = graph::node("Cast", &format!("{input}_to_fp16"), &[&input], &[&half_name]);
-                cast.attribute.push(int_attribute("to", DataType::Float16 as i64));
+                let mut cast = graph::node(
+                    "Cast",
+                    &format!("{input}_to_fp16"),
+                    &[&input],
+                    &[&half_name],
+                );
+                cast.attribute
+                    .push(int_attribute("to", DataType::Float16 as i64));
                 converted.nodes_mut().insert(0, cast);
             }
             for output in model.output_names() {
@@ -153,8 +164,14 @@ pub fn convert(model: &OnnxModel, mode: Fp16Mode) -> Result<(OnnxModel, Fp16Repo
                         *name = half_name.clone();
                     }
                 }
-                let mut cast = graph::node("Cast", &format!("{output}_to_fp32"), &[&half_name], &[&output]);
-                cast.attribute.push(int_attribute("to", DataType::Float as i64));
+                let mut cast = graph::node(
+                    "Cast",
+                    &format!("{output}_to_fp32"),
+                    &[&half_name],
+                    &[&output],
+                );
+                cast.attribute
+                    .push(int_attribute("to", DataType::Float as i64));
                 converted.nodes_mut().push(cast);
             }
             // Recorded intermediate types are float32 and no longer hold.

@@ -14,6 +14,7 @@ mod evaluate;
 pub mod fp16;
 pub mod graph;
 mod inspect;
+pub mod pipeline;
 pub mod prune;
 pub mod quantize;
 mod recipe;

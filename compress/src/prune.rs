@@ -263,7 +263,11 @@ fn apply_sink(
                 0
             };
             let features = pruned.float_initializer(&node.input[1])?.shape()[axis];
-            let width = if width == 0 { features / channels } else { width };
+            let width = if width == 0 {
+                features / channels
+            } else {
+                width
+            };
             if width * channels != features {
                 return Err(GraphError::node(
                     node,
@@ -310,7 +314,10 @@ fn slice_initializer(
     if indices.iter().any(|&i| i >= values.shape()[axis]) {
         return Err(GraphError::tensor(
             name,
-            format!("has {} entries on axis {axis}, fewer than pruning expects", values.shape()[axis]),
+            format!(
+                "has {} entries on axis {axis}, fewer than pruning expects",
+                values.shape()[axis]
+            ),
         ));
     }
     let sliced = values.select(Axis(axis), &indices);
@@ -320,7 +327,11 @@ fn slice_initializer(
 
 fn to_tensor(name: &str, values: &ArrayD<f32>) -> tract_onnx::pb::TensorProto {
     let standard = values.as_standard_layout();
-    f32_tensor(name, values.shape(), standard.as_slice().expect("standard layout"))
+    f32_tensor(
+        name,
+        values.shape(),
+        standard.as_slice().expect("standard layout"),
+    )
 }
 
 fn check_fraction(name: &str, value: f64) -> Result<(), GraphError> {

@@ -7,6 +7,7 @@ use anyhow::Context;
 use fleet_bundle::{Postprocessing, Preprocessing};
 use serde::Deserialize;
 
+use crate::pipeline::PipelineSpec;
 use crate::samples::SampleSpec;
 
 /// A parsed `bundle.toml`, with every path made relative to the working directory.
@@ -30,6 +31,8 @@ pub struct Recipe {
     /// Inputs on which compressed variants are compared with the float model; the
     /// evaluation set when absent.
     pub comparison: Option<SampleSpec>,
+    /// Compression steps and budget for `compress pipeline`.
+    pub pipeline: Option<PipelineSpec>,
 }
 
 /// Labelled data the compressor measures a model on.

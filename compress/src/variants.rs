@@ -16,7 +16,7 @@ use crate::samples::{Samples, load_samples};
 use crate::{Recipe, SampleSpec};
 
 /// Where a quantized model's layers compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Compute {
     /// i8 weights in the file, float arithmetic in tract. On x86-64 with tract 0.23 this
@@ -173,9 +173,10 @@ impl Workbench {
     /// Layer modes for `options`, before any mixed-precision choice.
     pub fn modes(
         &self,
+        base: &OnnxModel,
         options: &QuantizeOptions,
     ) -> anyhow::Result<(Vec<Layer>, HashMap<String, LayerMode>)> {
-        let layers = quantize::layers(&self.float)?;
+        let layers = quantize::layers(base)?;
         for name in &options.keep_float {
             anyhow::ensure!(
                 layers.iter().any(|layer| &layer.name == name),
@@ -201,6 +202,7 @@ impl Workbench {
     /// Calibrated ranges of every tensor the int8 layers among `layers` read or write.
     pub fn ranges(
         &self,
+        base: &OnnxModel,
         layers: &[Layer],
         modes: &HashMap<String, LayerMode>,
         method: CalibrationMethod,
@@ -224,26 +226,20 @@ impl Workbench {
             })
             .collect::<anyhow::Result<_>>()?;
         let bar = progress_bar(self.show_progress, "calibrating");
-        let ranges = calibrate(
-            &self.float,
-            &self.input_shape,
-            &tensors,
-            &inputs,
-            method,
-            &bar,
-        )?;
+        let ranges = calibrate(base, &self.input_shape, &tensors, &inputs, method, &bar)?;
         bar.finish_and_clear();
         Ok(ranges)
     }
 
-    /// Quantizes the float model with `options`.
+    /// Quantizes `base` (the float model, or one derived from it) with `options`.
     pub fn quantize(
         &self,
+        base: &OnnxModel,
         options: &QuantizeOptions,
     ) -> anyhow::Result<(OnnxModel, QuantizeReport)> {
-        let (layers, modes) = self.modes(options)?;
-        let ranges = self.ranges(&layers, &modes, options.method)?;
-        Ok(quantize::quantize(&self.float, &layers, &modes, &ranges)?)
+        let (layers, modes) = self.modes(base, options)?;
+        let ranges = self.ranges(base, &layers, &modes, options.method)?;
+        Ok(quantize::quantize(base, &layers, &modes, &ranges)?)
     }
 
     /// Loads `model` in tract and measures it; fails if tract cannot load or run it.
@@ -330,15 +326,16 @@ impl Workbench {
     /// every layer restored misses the budget.
     pub fn mixed_precision(
         &self,
+        base: &OnnxModel,
         options: &QuantizeOptions,
         budget: &Budget,
         float: &Measured,
         sensitivity_samples: usize,
         latency_runs: usize,
     ) -> anyhow::Result<MixedPrecision> {
-        let (layers, mut modes) = self.modes(options)?;
-        let ranges = self.ranges(&layers, &modes, options.method)?;
-        let (model, report) = quantize::quantize(&self.float, &layers, &modes, &ranges)?;
+        let (layers, mut modes) = self.modes(base, options)?;
+        let ranges = self.ranges(base, &layers, &modes, options.method)?;
+        let (model, report) = quantize::quantize(base, &layers, &modes, &ranges)?;
         let fully_quantized = self.measure("int8", &model, latency_runs)?;
         let violation = budget.violation(&fully_quantized, float);
         let mut outcome = MixedPrecision {
@@ -367,7 +364,7 @@ impl Workbench {
         for layer in layers.iter().filter(|l| modes[&l.name] != LayerMode::Float) {
             let alone: HashMap<String, LayerMode> =
                 [(layer.name.clone(), modes[&layer.name])].into();
-            let (single, _) = quantize::quantize(&self.float, &layers, &alone, &ranges)?;
+            let (single, _) = quantize::quantize(base, &layers, &alone, &ranges)?;
             let runner = Runner::new(&single, &self.input_shape).with_context(|| {
                 format!("the model with only {} quantized does not load", layer.name)
             })?;
@@ -387,7 +384,7 @@ impl Workbench {
         for sensitivity in outcome.sensitivities.clone() {
             modes.insert(sensitivity.layer.clone(), LayerMode::Float);
             outcome.kept_float.push(sensitivity.layer.clone());
-            let (model, report) = quantize::quantize(&self.float, &layers, &modes, &ranges)?;
+            let (model, report) = quantize::quantize(base, &layers, &modes, &ranges)?;
             let measured = self.measure("mixed", &model, latency_runs)?;
             let holds = budget.violation(&measured, float).is_none();
             outcome.model = model;

@@ -132,7 +132,7 @@ fn quantize_keeps_the_digit_model_accuracy_on_mnist_test() {
             compute,
             keep_float: Vec::new(),
         };
-        let (model, report) = workbench.quantize(&options).unwrap();
+        let (model, report) = workbench.quantize(&workbench.float, &options).unwrap();
         let expected = if compute == Compute::Integer {
             LayerMode::Int8
         } else {
@@ -326,4 +326,178 @@ fn calibrate_refuses_data_of_the_wrong_shape() {
         error.contains("[1, 3, 4, 4]") && error.contains("[1, 2, 4, 4]"),
         "{error}"
     );
+}
+
+fn digit_recipe_with_pipeline(dir: &Path, pipeline: &str) -> Recipe {
+    let text = std::fs::read_to_string(repo_path("models/digit-cnn/bundle.toml")).unwrap();
+    let without = text.split("\n[pipeline]").next().unwrap();
+    let models = repo_path("models/digit-cnn");
+    let recipe_text = without
+        .replace(
+            "\"digit-cnn.onnx\"",
+            &format!("{:?}", models.join("digit-cnn.onnx")),
+        )
+        .replace(
+            "\"labels.txt\"",
+            &format!("{:?}", models.join("labels.txt")),
+        )
+        .replace(
+            "\"../mnist/",
+            &format!("\"{}/", repo_path("models/mnist").display()),
+        );
+    let path = dir.join("recipe.toml");
+    std::fs::write(&path, format!("{recipe_text}\n[pipeline]\n{pipeline}\n")).unwrap();
+    Recipe::read(&path).unwrap()
+}
+
+#[test]
+fn pipeline_writes_a_bundle_the_device_runtime_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = digit_recipe_with_pipeline(
+        dir.path(),
+        "steps = [{ kind = \"quantize\", method = \"min-max\", compute = \"integer\" }]\n\
+         budget = { max_accuracy_drop = 0.05 }",
+    );
+    let (secret, public) = fleet_bundle::generate_key_pair().unwrap();
+    let out = dir.path().join("bundle");
+    let (_, report) =
+        fleet_compress::pipeline::run_pipeline(&recipe, &secret, &out, 3, false).unwrap();
+    assert_eq!(report.measurements.len(), 2);
+    let bundle = fleet_bundle::Bundle::open_verified(&out, &public).unwrap();
+    let metrics = bundle.manifest.metrics.clone().unwrap();
+    assert!(metrics.top1_accuracy >= 0.9901, "{metrics:?}");
+    assert_eq!(metrics.samples, 10_000);
+    assert!(dir.path().join("bundle.report.json").exists());
+    assert!(
+        bundle
+            .manifest
+            .files
+            .iter()
+            .any(|f| f.path == "compression.json")
+    );
+
+    let mut classifier = fleet_runtime::Classifier::load(&bundle, 1).unwrap();
+    let data = fleet_runtime::Dataset::open(
+        &repo_path("models/mnist/t10k-images-idx3-ubyte.gz"),
+        Some(&repo_path("models/mnist/t10k-labels-idx1-ubyte.gz")),
+    )
+    .unwrap();
+    let samples: Vec<_> = (0..20).map(|i| data.sample(i).unwrap()).collect();
+    let predictions = classifier.classify(&samples).unwrap();
+    let correct = predictions
+        .iter()
+        .zip(&samples)
+        .filter(|(p, s)| Some(p.top1().class) == s.label)
+        .count();
+    assert!(correct >= 19, "{correct} of 20 correct");
+}
+
+#[test]
+fn pipeline_that_misses_its_budget_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = digit_recipe_with_pipeline(
+        dir.path(),
+        "steps = [{ kind = \"prune-channels\", fraction = 0.75 }]\n\
+         budget = { max_accuracy_drop = 0.01 }",
+    );
+    let (secret, _) = fleet_bundle::generate_key_pair().unwrap();
+    let out = dir.path().join("bundle");
+    let error = fleet_compress::pipeline::run_pipeline(&recipe, &secret, &out, 3, false)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("misses the budget"), "{error}");
+    assert!(!out.exists());
+    assert!(!dir.path().join("bundle.report.json").exists());
+}
+
+#[test]
+fn prune_channels_shrinks_every_chained_layer_and_keeps_the_output_shape() {
+    let model = OnnxModel::read(&repo_path("models/digit-cnn/digit-cnn.onnx")).unwrap();
+    let (pruned, layers) = fleet_compress::prune::prune_channels(&model, 0.5).unwrap();
+    let names: Vec<&str> = layers.iter().map(|l| l.layer.as_str()).collect();
+    assert_eq!(names, ["conv1", "conv2", "conv3", "fc1"]);
+    for layer in &layers {
+        assert_eq!(layer.after, layer.before / 2, "{layer:?}");
+    }
+    let conv2 = pruned.float_initializer("conv2.weight").unwrap();
+    assert_eq!(conv2.shape(), &[32, 16, 3, 3]);
+    let fc1 = pruned.float_initializer("fc1.weight").unwrap();
+    assert_eq!(fc1.shape()[0], 128);
+    assert_eq!(
+        fc1.shape()[1],
+        64 * 9,
+        "Flatten columns follow the kept channels"
+    );
+    assert!(pruned.encoded_len() * 3 < model.encoded_len());
+    let runner = fleet_compress::assess::Runner::new(&pruned, &[1, 1, 28, 28]).unwrap();
+    assert_eq!(runner.run(&[0.5; 784]).unwrap().len(), 10);
+}
+
+#[test]
+fn prune_channels_leaves_layers_feeding_a_residual_add() {
+    let mut proto = degenerate_model(13);
+    let graph = proto.graph.as_mut().unwrap();
+    // relu + relu: the convolution's channels meet another operand.
+    graph.node.insert(
+        2,
+        graph::node("Add", "residual", &["relu", "relu"], &["sum"]),
+    );
+    graph.node[3].input[0] = "sum".into();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "residual.onnx", &proto);
+    let model = OnnxModel::read(&path).unwrap();
+    let (_, layers) = fleet_compress::prune::prune_channels(&model, 0.5).unwrap();
+    assert!(layers.iter().all(|l| l.layer != "conv"), "{layers:?}");
+}
+
+#[test]
+fn fp16_tracks_float_and_reports_clamped_and_flushed_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "degenerate.onnx", &degenerate_model(13));
+    let model = OnnxModel::read(&path).unwrap();
+    let mut wide_proto = degenerate_model(13);
+    wide_proto.graph.as_mut().unwrap().initializer[1] =
+        f32_tensor("conv.bias", &[3], &[0.0, 1e6, 0.1]);
+    let wide_path = write_model(dir.path(), "wide.onnx", &wide_proto);
+    let wide = OnnxModel::read(&wide_path).unwrap();
+    let shape = [1, 2, 4, 4];
+    let input: Vec<f32> = (0..32).map(|i| (i as f32 / 16.0) - 1.0).collect();
+    let expected = fleet_compress::assess::Runner::new(&model, &shape)
+        .unwrap()
+        .run(&input)
+        .unwrap();
+    let largest = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for mode in [
+        fleet_compress::fp16::Fp16Mode::Weights,
+        fleet_compress::fp16::Fp16Mode::Compute,
+    ] {
+        let (half, report) = fleet_compress::fp16::convert(&model, mode).unwrap();
+        // The 1e-20 weights of channel 1 are below float16's smallest value.
+        assert_eq!(
+            report.flushed.get("conv.weight"),
+            Some(&18),
+            "{mode:?}: {report:?}"
+        );
+        assert!(report.clamped.is_empty(), "{mode:?}: {report:?}");
+        let data_bytes = |m: &OnnxModel| -> usize {
+            m.graph().initializer.iter().map(|t| t.raw_data.len()).sum()
+        };
+        assert_eq!(data_bytes(&half) * 2, data_bytes(&model), "{mode:?}");
+        let actual = fleet_compress::assess::Runner::new(&half, &shape)
+            .unwrap()
+            .run(&input)
+            .unwrap();
+        for (e, a) in expected.iter().zip(&actual) {
+            assert!(
+                (e - a).abs() <= 2e-3 * largest,
+                "{mode:?}: fp16 {actual:?} against fp32 {expected:?}"
+            );
+        }
+        let (_, wide_report) = fleet_compress::fp16::convert(&wide, mode).unwrap();
+        assert_eq!(
+            wide_report.clamped.get("conv.bias"),
+            Some(&1),
+            "{wide_report:?}"
+        );
+    }
 }

@@ -1,0 +1,288 @@
+//! One command from a float model to a signed bundle: the recipe's `[pipeline]` names
+//! the compression steps and the accuracy budget, and the result ships only if it loads
+//! in tract and meets the budget.
+//!
+//! ```toml
+//! [pipeline]
+//! steps = [
+//!     { kind = "prune-channels", fraction = 0.25 },
+//!     { kind = "quantize", method = "min-max", compute = "float" },
+//! ]
+//! budget = { max_accuracy_drop = 0.5 }
+//! ```
+//!
+//! Every intermediate model is measured. A `quantize` step under a budget returns the
+//! most sensitive layers to float until the budget holds (see
+//! [`Workbench::mixed_precision`]). The bundle's manifest carries the final model's
+//! accuracy, size and latency, and `compression.json` inside the bundle (so covered by
+//! the signature) and beside it records every step.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use fleet_bundle::{Bundle, BundleFile, MANIFEST_FORMAT, Manifest, Metrics, ModelFile, SecretKey};
+use serde::{Deserialize, Serialize};
+
+use crate::calibrate::CalibrationMethod;
+use crate::fp16::{self, Fp16Mode};
+use crate::graph::OnnxModel;
+use crate::prune;
+use crate::variants::{Budget, Compute, Measured, QuantizeOptions, Workbench};
+use crate::{Recipe, inspect};
+
+/// The `[pipeline]` section of a recipe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub steps: Vec<Step>,
+    #[serde(default)]
+    pub budget: Budget,
+    /// Comparison samples each layer's sensitivity is measured on.
+    #[serde(default = "default_sensitivity_samples")]
+    pub sensitivity_samples: usize,
+}
+
+fn default_sensitivity_samples() -> usize {
+    100
+}
+
+/// One compression step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Step {
+    /// Remove this fraction of output channels from every prunable layer.
+    PruneChannels {
+        fraction: f64,
+    },
+    /// Zero this fraction of each layer's smallest weights.
+    PruneWeights {
+        sparsity: f64,
+    },
+    Quantize {
+        #[serde(default = "default_method", with = "method_name")]
+        method: CalibrationMethod,
+        #[serde(default = "default_compute")]
+        compute: Compute,
+        #[serde(default)]
+        keep_float: Vec<String>,
+    },
+    Fp16 {
+        mode: Fp16Mode,
+    },
+}
+
+fn default_method() -> CalibrationMethod {
+    CalibrationMethod::MinMax
+}
+
+fn default_compute() -> Compute {
+    Compute::Float
+}
+
+/// Calibration methods as their command-line names (`min-max`, `percentile-99.99`).
+mod method_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::calibrate::CalibrationMethod;
+
+    pub fn serialize<S: Serializer>(method: &CalibrationMethod, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(method)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CalibrationMethod, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What the pipeline measured, as written to `compression.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineReport {
+    pub recipe: String,
+    pub calibration: String,
+    pub comparison: String,
+    pub budget: Budget,
+    /// The float model first, then the model after each step.
+    pub measurements: Vec<Measured>,
+    pub steps: Vec<StepReport>,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: Step,
+    pub details: serde_json::Value,
+}
+
+/// Runs the recipe's pipeline and writes the signed bundle to `out_dir`, with the
+/// report as `compression.json` inside and `<out_dir>.report.json` beside it.
+pub fn run_pipeline(
+    recipe: &Recipe,
+    key: &SecretKey,
+    out_dir: &Path,
+    latency_runs: usize,
+    show_progress: bool,
+) -> anyhow::Result<(Bundle, PipelineReport)> {
+    let spec = recipe
+        .pipeline
+        .as_ref()
+        .with_context(|| format!("recipe {} has no [pipeline] section", recipe.name))?;
+    anyhow::ensure!(!spec.steps.is_empty(), "the pipeline has no steps");
+    let workbench = Workbench::open(recipe, show_progress)?;
+    let float = workbench.measure("fp32", &workbench.float, latency_runs)?;
+    let mut report = PipelineReport {
+        recipe: recipe.name.clone(),
+        calibration: workbench.calibration.description.clone(),
+        comparison: workbench.comparison.description.clone(),
+        budget: spec.budget,
+        measurements: vec![float.clone()],
+        steps: Vec::new(),
+    };
+    let mut model = workbench.float.clone();
+    for (index, step) in spec.steps.iter().enumerate() {
+        let label = format!("{}:{}", index + 1, step_name(step));
+        let (next, details, measured) = match step {
+            Step::PruneChannels { fraction } => {
+                let (next, layers) = prune::prune_channels(&model, *fraction)?;
+                let measured = workbench.measure(&label, &next, latency_runs)?;
+                (next, serde_json::to_value(layers)?, measured)
+            }
+            Step::PruneWeights { sparsity } => {
+                let (next, layers) = prune::prune_unstructured(&model, *sparsity)?;
+                let measured = workbench.measure(&label, &next, latency_runs)?;
+                (next, serde_json::to_value(layers)?, measured)
+            }
+            Step::Quantize {
+                method,
+                compute,
+                keep_float,
+            } => {
+                let options = QuantizeOptions {
+                    method: *method,
+                    compute: *compute,
+                    keep_float: keep_float.clone(),
+                };
+                let outcome = workbench.mixed_precision(
+                    &model,
+                    &options,
+                    &spec.budget,
+                    &float,
+                    spec.sensitivity_samples,
+                    latency_runs,
+                )?;
+                let measured = Measured {
+                    variant: label.clone(),
+                    ..outcome.result.clone()
+                };
+                let details = serde_json::to_value(&outcome)?;
+                (outcome.model, details, measured)
+            }
+            Step::Fp16 { mode } => {
+                let (next, fp16_report) = fp16::convert(&model, *mode)?;
+                let measured = workbench.measure(&label, &next, latency_runs)?;
+                (next, serde_json::to_value(fp16_report)?, measured)
+            }
+        };
+        report.measurements.push(measured);
+        report.steps.push(StepReport {
+            step: step.clone(),
+            details,
+        });
+        model = next;
+    }
+    let last = report.measurements.last().expect("at least one step");
+    if let Some(violation) = spec.budget.violation(last, &float) {
+        anyhow::bail!(
+            "the compressed model misses the budget, so no bundle was written: {violation}"
+        );
+    }
+    let bundle = write_pipeline_bundle(recipe, &workbench, &model, last, &report, key, out_dir)?;
+    let beside = PathBuf::from(format!("{}.report.json", out_dir.display()));
+    std::fs::write(&beside, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("failed to write {}", beside.display()))?;
+    Ok((bundle, report))
+}
+
+fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::PruneChannels { .. } => "prune-channels",
+        Step::PruneWeights { .. } => "prune-weights",
+        Step::Quantize { .. } => "quantize",
+        Step::Fp16 { .. } => "fp16",
+    }
+}
+
+fn write_pipeline_bundle(
+    recipe: &Recipe,
+    workbench: &Workbench,
+    model: &OnnxModel,
+    measured: &Measured,
+    report: &PipelineReport,
+    key: &SecretKey,
+    out_dir: &Path,
+) -> anyhow::Result<Bundle> {
+    let parent = out_dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("failed to create {}", parent.display()))?;
+    let staging = tempfile::tempdir_in(parent)?;
+    let model_path = staging.path().join("model.onnx");
+    crate::variants::write_checked(workbench, model, &model_path)?;
+    let report_path = staging.path().join("compression.json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(report)?)?;
+    let summary = inspect(&model_path)?;
+    let metrics = measured.evaluation.and_then(|evaluation| {
+        let set = recipe.evaluation.as_ref()?;
+        Some(Metrics {
+            dataset: set.description.clone(),
+            samples: evaluation.samples as u64,
+            top1_accuracy: evaluation.accuracy?,
+            model_bytes: summary.file_bytes,
+            latency_ms_p50: measured.latency_ms_p50,
+            measured_with: format!(
+                "tract 0.23, {}, 1 thread",
+                if cfg!(debug_assertions) {
+                    "debug build"
+                } else {
+                    "release build"
+                }
+            ),
+        })
+    });
+    let mut files = vec![
+        BundleFile {
+            source: model_path,
+            path: "model.onnx".into(),
+        },
+        BundleFile {
+            source: report_path,
+            path: "compression.json".into(),
+        },
+    ];
+    let labels = recipe.labels.as_ref().map(|source| {
+        files.push(BundleFile {
+            source: source.clone(),
+            path: "labels.txt".into(),
+        });
+        "labels.txt".to_string()
+    });
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        name: recipe.name.clone(),
+        version: recipe.version.clone(),
+        target: recipe.target.clone(),
+        created_by: format!("fleet-compress {}", env!("CARGO_PKG_VERSION")),
+        model: ModelFile {
+            path: "model.onnx".into(),
+            format: "onnx".into(),
+        },
+        inputs: summary.inputs.clone(),
+        outputs: summary.outputs.clone(),
+        preprocessing: recipe.preprocessing.clone(),
+        postprocessing: recipe.postprocessing,
+        labels,
+        metrics,
+        files: Vec::new(),
+    };
+    fleet_bundle::write_bundle(out_dir, manifest, &files, key)
+        .with_context(|| format!("failed to write bundle {}", out_dir.display()))
+}
