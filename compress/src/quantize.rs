@@ -722,7 +722,7 @@ mod tests {
     }
 
     #[test]
-    fn activation_params_represent_zero_exactly() {
+    fn activation_params_span_the_calibrated_range() {
         let mut report = QuantizeReport::default();
         let params = activation_params(
             Range {
@@ -732,8 +732,10 @@ mod tests {
             None,
             &mut report,
         );
-        let zero = (0.0 - params.zero_point as f32) * params.scale;
-        assert_eq!(zero, 0.0);
+        let lowest = (0.0 - params.zero_point as f32) * params.scale;
+        let highest = (255.0 - params.zero_point as f32) * params.scale;
         assert!(params.zero_point > 0);
+        assert!((lowest + 1.3).abs() <= params.scale, "lowest {lowest}");
+        assert!((highest - 2.9).abs() <= params.scale, "highest {highest}");
     }
 }

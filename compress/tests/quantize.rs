@@ -121,7 +121,7 @@ fn assert_scales_are_normal(model: &OnnxModel) {
 }
 
 #[test]
-fn quantize_keeps_the_digit_model_accuracy_on_mnist_test() {
+fn quantize_keeps_digit_accuracy_on_mnist() {
     let recipe = Recipe::read(&repo_path("models/digit-cnn/bundle.toml")).unwrap();
     let workbench = Workbench::open(&recipe, false).unwrap();
     let float = workbench.measure("fp32", &workbench.float, 5).unwrap();
@@ -160,7 +160,7 @@ fn quantize_keeps_the_digit_model_accuracy_on_mnist_test() {
 }
 
 #[test]
-fn quantize_gives_degenerate_channels_safe_scales_and_tracks_float() {
+fn quantize_degenerate_channels_stay_safe() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "degenerate.onnx", &degenerate_model(13));
     let model = OnnxModel::read(&path).unwrap();
@@ -226,7 +226,7 @@ fn quantize_gives_degenerate_channels_safe_scales_and_tracks_float() {
 }
 
 #[test]
-fn read_refuses_a_truncated_model_naming_the_file() {
+fn read_rejects_truncated_file() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = degenerate_model(13).encode_to_vec();
     let path = dir.path().join("truncated.onnx");
@@ -237,7 +237,7 @@ fn read_refuses_a_truncated_model_naming_the_file() {
 }
 
 #[test]
-fn read_refuses_an_unknown_opset() {
+fn read_rejects_unknown_opset() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "old.onnx", &degenerate_model(9));
     let error = OnnxModel::read(&path).unwrap_err();
@@ -248,7 +248,7 @@ fn read_refuses_an_unknown_opset() {
 }
 
 #[test]
-fn read_refuses_external_data_outside_the_model_folder() {
+fn read_rejects_escaping_external_data() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     std::fs::create_dir(&models).unwrap();
@@ -270,7 +270,7 @@ fn read_refuses_external_data_outside_the_model_folder() {
 }
 
 #[test]
-fn read_refuses_a_dangling_node_input_naming_the_node() {
+fn read_rejects_dangling_node_input() {
     let dir = tempfile::tempdir().unwrap();
     let mut proto = degenerate_model(13);
     proto.graph.as_mut().unwrap().node[1].input[0] = "missing".into();
@@ -283,7 +283,7 @@ fn read_refuses_a_dangling_node_input_naming_the_node() {
 }
 
 #[test]
-fn write_checked_never_writes_an_unsupported_operator() {
+fn write_checked_rejects_unknown_operator() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = Recipe::read(&repo_path("models/digit-cnn/bundle.toml")).unwrap();
     let workbench = Workbench::open(&recipe, false).unwrap();
@@ -307,7 +307,7 @@ fn write_checked_never_writes_an_unsupported_operator() {
 }
 
 #[test]
-fn calibrate_refuses_data_of_the_wrong_shape() {
+fn calibrate_rejects_wrong_input_shape() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "degenerate.onnx", &degenerate_model(13));
     let model = OnnxModel::read(&path).unwrap();
@@ -351,7 +351,7 @@ fn digit_recipe_with_pipeline(dir: &Path, pipeline: &str) -> Recipe {
 }
 
 #[test]
-fn pipeline_writes_a_bundle_the_device_runtime_runs() {
+fn pipeline_bundle_runs_in_device_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = digit_recipe_with_pipeline(
         dir.path(),
@@ -393,7 +393,7 @@ fn pipeline_writes_a_bundle_the_device_runtime_runs() {
 }
 
 #[test]
-fn pipeline_that_misses_its_budget_writes_nothing() {
+fn pipeline_over_budget_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = digit_recipe_with_pipeline(
         dir.path(),
@@ -411,7 +411,7 @@ fn pipeline_that_misses_its_budget_writes_nothing() {
 }
 
 #[test]
-fn prune_channels_shrinks_every_chained_layer_and_keeps_the_output_shape() {
+fn prune_channels_shrinks_chained_layers() {
     let model = OnnxModel::read(&repo_path("models/digit-cnn/digit-cnn.onnx")).unwrap();
     let (pruned, layers) = fleet_compress::prune::prune_channels(&model, 0.5).unwrap();
     let names: Vec<&str> = layers.iter().map(|l| l.layer.as_str()).collect();
@@ -434,7 +434,7 @@ fn prune_channels_shrinks_every_chained_layer_and_keeps_the_output_shape() {
 }
 
 #[test]
-fn prune_channels_leaves_layers_feeding_a_residual_add() {
+fn prune_channels_skips_residual_add() {
     let mut proto = degenerate_model(13);
     let graph = proto.graph.as_mut().unwrap();
     // relu + relu: the convolution's channels meet another operand.
@@ -451,7 +451,7 @@ fn prune_channels_leaves_layers_feeding_a_residual_add() {
 }
 
 #[test]
-fn fp16_tracks_float_and_reports_clamped_and_flushed_values() {
+fn fp16_tracks_float_and_counts_clamping() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "degenerate.onnx", &degenerate_model(13));
     let model = OnnxModel::read(&path).unwrap();
