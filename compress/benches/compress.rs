@@ -8,7 +8,8 @@
 //!
 //! Without `FLEET_ORT_PYTHON` (or a `python3` that imports onnxruntime) the onnxruntime
 //! columns are left out and the table says why. `FLEET_BENCH_MODELS=digit-cnn` limits
-//! the run to some models. Latency is the median of single-sample runs on one thread.
+//! the run to some models. Latency is the median of single-sample runs on one thread,
+//! and for tract also on all cores.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -224,7 +225,7 @@ fn print_table(name: &str, workbench: &Workbench, rows: &[Row], peer: &Result<Pe
         workbench.comparison.description
     );
     println!(
-        "{:<14} {:>9} {:>7} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9}",
+        "{:<14} {:>9} {:>7} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8} {:>9} {:>9}",
         "variant",
         "bytes",
         "size",
@@ -232,6 +233,7 @@ fn print_table(name: &str, workbench: &Workbench, rows: &[Row], peer: &Result<Pe
         "agree",
         "tract ms",
         "vs fp32",
+        "all cores",
         "ort ms",
         "ort agree",
         "tract/ort"
@@ -257,7 +259,7 @@ fn print_table(name: &str, workbench: &Workbench, rows: &[Row], peer: &Result<Pe
         let ort_ms = ort.and_then(|r| r["latency_ms_p50"].as_f64());
         let ort_agree = ort.and_then(|r| r["agreement"].as_f64());
         println!(
-            "{:<14} {:>9} {:>6.3}x {:>8} {:>7.2}% {:>9.3} {:>7.2}x {:>8} {:>9} {:>9}",
+            "{:<14} {:>9} {:>6.3}x {:>8} {:>7.2}% {:>9.3} {:>7.2}x {:>9.3} {:>8} {:>9} {:>9}",
             measured.variant,
             measured.bytes,
             measured.bytes as f64 / float.bytes as f64,
@@ -265,6 +267,7 @@ fn print_table(name: &str, workbench: &Workbench, rows: &[Row], peer: &Result<Pe
             100.0 * measured.comparison.top1_agreement,
             measured.latency_ms_p50,
             measured.latency_ms_p50 / float.latency_ms_p50,
+            measured.latency_ms_p50_all_cores,
             ort_ms.map_or("-".into(), |v| format!("{v:.3}")),
             ort_agree.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v)),
             ort_ms.map_or("-".into(), |v| format!(

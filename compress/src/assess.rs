@@ -63,8 +63,19 @@ impl Runner {
         Ok(view.iter().copied().collect())
     }
 
-    /// Median wall-clock time of one run, in milliseconds, after `runs / 10 + 1`
-    /// warm-up runs.
+    /// Median wall-clock time of one run on `threads` threads, in milliseconds, after
+    /// `runs / 10 + 1` warm-up runs. One thread runs on the caller's thread; more use
+    /// tract's multithreaded matrix products on a pool of that size.
+    pub fn latency_ms_on(&self, input: &[f32], runs: usize, threads: usize) -> anyhow::Result<f64> {
+        if threads <= 1 {
+            return self.latency_ms(input, runs);
+        }
+        let pool = tract_linalg::multithread::Executor::multithread(threads);
+        tract_linalg::multithread::multithread_tract_scope(pool, || self.latency_ms(input, runs))
+    }
+
+    /// Median wall-clock time of one single-threaded run, in milliseconds, after
+    /// `runs / 10 + 1` warm-up runs.
     pub fn latency_ms(&self, input: &[f32], runs: usize) -> anyhow::Result<f64> {
         for _ in 0..runs / 10 + 1 {
             self.run(input)?;

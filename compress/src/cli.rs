@@ -466,8 +466,8 @@ fn run_fp16(args: &Fp16Args) -> anyhow::Result<()> {
 
 fn measurement_header() -> String {
     format!(
-        "{:<10} {:>10} {:>7} {:>9} {:>10} {:>10} {:>11}",
-        "variant", "bytes", "size", "accuracy", "agreement", "mean KL", "p50 ms"
+        "{:<10} {:>10} {:>7} {:>9} {:>10} {:>10} {:>11} {:>11}",
+        "variant", "bytes", "size", "accuracy", "agreement", "mean KL", "p50 ms", "all cores"
     )
 }
 
@@ -477,14 +477,15 @@ fn measurement_row(measured: &Measured, float: &Measured) -> String {
         .and_then(|e| e.accuracy)
         .map_or("-".to_string(), |a| format!("{:.2}%", 100.0 * a));
     format!(
-        "{:<10} {:>10} {:>6.3}x {:>9} {:>9.2}% {:>10.2e} {:>11.3}",
+        "{:<10} {:>10} {:>6.3}x {:>9} {:>9.2}% {:>10.2e} {:>11.3} {:>11.3}",
         measured.variant,
         measured.bytes,
         measured.bytes as f64 / float.bytes as f64,
         accuracy,
         100.0 * measured.comparison.top1_agreement,
         measured.comparison.mean_kl,
-        measured.latency_ms_p50
+        measured.latency_ms_p50,
+        measured.latency_ms_p50_all_cores
     )
 }
 

@@ -69,6 +69,39 @@ pub enum Step {
     Fp16 {
         mode: Fp16Mode,
     },
+    /// Retrain the current model on labelled IDX images, to recover accuracy after
+    /// pruning. Only graphs the training crate can import (the digit model family:
+    /// Conv/Relu/MaxPool blocks and Gemm layers) are accepted.
+    FineTune {
+        images: PathBuf,
+        labels: PathBuf,
+        /// Use the first this many training images.
+        limit: Option<usize>,
+        #[serde(default = "default_epochs")]
+        epochs: usize,
+        #[serde(default = "default_learning_rate")]
+        learning_rate: f64,
+    },
+}
+
+fn default_epochs() -> usize {
+    1
+}
+
+fn default_learning_rate() -> f64 {
+    1e-4
+}
+
+impl PipelineSpec {
+    /// Resolves the steps' relative paths against the recipe's folder.
+    pub fn resolve(&mut self, base: &Path) {
+        for step in &mut self.steps {
+            if let Step::FineTune { images, labels, .. } = step {
+                *images = base.join(&*images);
+                *labels = base.join(&*labels);
+            }
+        }
+    }
 }
 
 fn default_method() -> CalibrationMethod {
@@ -182,6 +215,25 @@ pub fn run_pipeline(
                 let measured = workbench.measure(&label, &next, latency_runs)?;
                 (next, serde_json::to_value(fp16_report)?, measured)
             }
+            Step::FineTune {
+                images,
+                labels,
+                limit,
+                epochs,
+                learning_rate,
+            } => {
+                let (next, train_report) = fine_tune(
+                    recipe,
+                    &workbench,
+                    &model,
+                    (images, labels, *limit),
+                    *epochs,
+                    *learning_rate,
+                    show_progress,
+                )?;
+                let measured = workbench.measure(&label, &next, latency_runs)?;
+                (next, train_report, measured)
+            }
         };
         report.measurements.push(measured);
         report.steps.push(StepReport {
@@ -209,7 +261,83 @@ fn step_name(step: &Step) -> &'static str {
         Step::PruneWeights { .. } => "prune-weights",
         Step::Quantize { .. } => "quantize",
         Step::Fp16 { .. } => "fp16",
+        Step::FineTune { .. } => "fine-tune",
     }
+}
+
+/// Images of the evaluation set the training loop reports accuracy on.
+const FINE_TUNE_TEST_IMAGES: usize = 2000;
+
+/// Retrains `model` with the training crate and reads the verified export back.
+fn fine_tune(
+    recipe: &Recipe,
+    workbench: &Workbench,
+    model: &OnnxModel,
+    (images, labels, limit): (&Path, &Path, Option<usize>),
+    epochs: usize,
+    learning_rate: f64,
+    show_progress: bool,
+) -> anyhow::Result<(OnnxModel, serde_json::Value)> {
+    let (channels, height, width) = recipe.preprocessing.sample_shape();
+    let shape = fleet_train::ImageShape {
+        channels,
+        height,
+        width,
+    };
+    let classes = workbench.comparison_reference.outputs[0].len();
+    let mut train_set = fleet_train::ImageSet::from_idx(images, labels, shape, classes)
+        .with_context(|| format!("failed to read training images {}", images.display()))?;
+    if let Some(limit) = limit {
+        train_set.truncate(limit);
+    }
+    let evaluation = recipe
+        .evaluation
+        .as_ref()
+        .context("fine-tuning measures accuracy on the recipe's [evaluation] set")?;
+    let evaluation_labels = evaluation
+        .labels
+        .as_ref()
+        .context("fine-tuning needs an IDX evaluation set with labels")?;
+    let mut test_set =
+        fleet_train::ImageSet::from_idx(&evaluation.images, evaluation_labels, shape, classes)?;
+    test_set.truncate(FINE_TUNE_TEST_IMAGES);
+
+    let work = tempfile::tempdir()?;
+    let source = work.path().join("before.onnx");
+    model.write(&source)?;
+    let config = fleet_train::TrainConfig {
+        epochs,
+        optimizer: fleet_train::AdamWConfig {
+            learning_rate,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let options = fleet_train::RunOptions {
+        checkpoint_dir: work.path().join("checkpoints"),
+        log_path: None,
+        resume: false,
+        show_progress,
+    };
+    let (trained, report) =
+        fleet_train::fine_tune(&source, &train_set, &test_set, &config, &options)?;
+    let tuned = work.path().join("after.onnx");
+    fleet_train::export_and_verify(
+        &trained,
+        &tuned,
+        "fine-tuned by compress pipeline",
+        &test_set,
+        16,
+        fleet_train::DEFAULT_TOLERANCE,
+    )?;
+    let details = serde_json::json!({
+        "training_images": train_set.len(),
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "test_accuracy": report.test_accuracy,
+        "elapsed_seconds": report.elapsed_seconds,
+    });
+    Ok((OnnxModel::read(&tuned)?, details))
 }
 
 fn write_pipeline_bundle(

@@ -74,6 +74,9 @@ impl Recipe {
         {
             spec.resolve(base);
         }
+        if let Some(pipeline) = &mut recipe.pipeline {
+            pipeline.resolve(base);
+        }
         if let Some(set) = &mut recipe.evaluation {
             if set.latency_runs == 0 {
                 anyhow::bail!(

@@ -110,6 +110,10 @@ pub struct Measured {
     pub comparison: Agreement,
     /// Median single-sample latency in tract, 1 thread, in milliseconds.
     pub latency_ms_p50: f64,
+    /// The same on every core of the machine.
+    pub latency_ms_p50_all_cores: f64,
+    /// Number of cores the all-cores figure used.
+    pub cores: usize,
 }
 
 impl Workbench {
@@ -258,13 +262,18 @@ impl Workbench {
             _ => None,
         };
         bar.finish_and_clear();
-        let latency_ms_p50 = runner.latency_ms(&self.comparison.inputs[0], latency_runs)?;
+        let input = &self.comparison.inputs[0];
+        let latency_ms_p50 = runner.latency_ms(input, latency_runs)?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let latency_ms_p50_all_cores = runner.latency_ms_on(input, latency_runs, cores)?;
         Ok(Measured {
             variant: variant.to_string(),
             bytes: model.encoded_len() as u64,
             evaluation,
             comparison,
             latency_ms_p50,
+            latency_ms_p50_all_cores,
+            cores,
         })
     }
 }

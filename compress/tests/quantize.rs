@@ -501,3 +501,39 @@ fn fp16_tracks_float_and_counts_clamping() {
         );
     }
 }
+
+#[test]
+fn pipeline_fine_tune_recovers_pruned_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnist = repo_path("models/mnist");
+    let recipe = digit_recipe_with_pipeline(
+        dir.path(),
+        &format!(
+            "steps = [\n\
+             {{ kind = \"prune-channels\", fraction = 0.5 }},\n\
+             {{ kind = \"fine-tune\", images = {:?}, labels = {:?}, limit = 3000 }},\n\
+             ]",
+            mnist.join("train-images-idx3-ubyte.gz"),
+            mnist.join("train-labels-idx1-ubyte.gz"),
+        ),
+    );
+    let (secret, _) = fleet_bundle::generate_key_pair().unwrap();
+    let out = dir.path().join("bundle");
+    let (_, report) =
+        fleet_compress::pipeline::run_pipeline(&recipe, &secret, &out, 3, false).unwrap();
+    let accuracy = |index: usize| {
+        report.measurements[index]
+            .evaluation
+            .unwrap()
+            .accuracy
+            .unwrap()
+    };
+    assert_eq!(report.measurements.len(), 3);
+    assert!(
+        accuracy(2) > accuracy(1),
+        "fine-tuned {} against pruned {}",
+        accuracy(2),
+        accuracy(1)
+    );
+    assert!(accuracy(2) > 0.97, "fine-tuned {}", accuracy(2));
+}
