@@ -27,7 +27,7 @@ enum Command {
     /// Serve one signed bundle over Open Inference Protocol v2 REST with dynamic
     /// batching; the inference gateway starts these as its local replicas.
     Replica(fleet_server::replica::ReplicaArgs),
-    /// Inspect, evaluate and bundle models.
+    /// Inspect, compress (quantize, prune, fp16, distil), evaluate and bundle models.
     Compress {
         #[command(subcommand)]
         command: fleet_compress::cli::Command,

@@ -166,7 +166,13 @@ pub fn compare(
         }
         kl += kl_divergence(expected, &output);
         for (a, b) in output.iter().zip(expected) {
-            max_abs_diff = max_abs_diff.max((a - b).abs());
+            let diff = (a - b).abs();
+            // A NaN difference (an overflowing candidate) must not look like agreement.
+            max_abs_diff = if diff.is_nan() {
+                f32::INFINITY
+            } else {
+                max_abs_diff.max(diff)
+            };
         }
         progress.inc(1);
     }
@@ -188,15 +194,20 @@ pub fn argmax(values: &[f32]) -> usize {
         .map_or(0, |(index, _)| index)
 }
 
-/// KL(softmax(p) || softmax(q)) for two logit (or probability) vectors.
+/// KL(softmax(p) || softmax(q)) for two logit (or probability) vectors; infinite when
+/// `q` holds a value that is not finite.
 fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
+    if q.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
     let p = log_softmax(p);
     let q = log_softmax(q);
-    p.iter()
-        .zip(&q)
-        .map(|(lp, lq)| lp.exp() * (lp - lq))
-        .sum::<f64>()
-        .max(0.0)
+    let divergence: f64 = p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum();
+    if divergence.is_nan() {
+        f64::INFINITY
+    } else {
+        divergence.max(0.0)
+    }
 }
 
 fn log_softmax(values: &[f32]) -> Vec<f64> {
@@ -215,6 +226,11 @@ mod tests {
     fn identical_outputs_diverge_by_nothing() {
         assert_eq!(kl_divergence(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]), 0.0);
         assert!(kl_divergence(&[5.0, 0.0], &[0.0, 5.0]) > 4.0);
+    }
+
+    #[test]
+    fn kl_divergence_of_a_nan_output_is_infinite() {
+        assert_eq!(kl_divergence(&[1.0, 2.0], &[f32::NAN, 2.0]), f64::INFINITY);
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub enum Command {
     Prune(PruneArgs),
     /// Convert a recipe's model to float16, compare it with the float32 model and write it.
     Fp16(Fp16Args),
-    /// Run a recipe's [pipeline] (prune, quantize, fp16), check its budget and write a
+    /// Run a recipe's [pipeline] (prune, fine-tune, quantize, fp16), check its budget and write a
     /// signed bundle with the measurements.
     Pipeline(PipelineArgs),
     /// Train a small student from a teacher model (distillation), export it as ONNX

@@ -57,6 +57,7 @@ pub fn convert(model: &OnnxModel, mode: Fp16Mode) -> Result<(OnnxModel, Fp16Repo
         Fp16Mode::Weights => model,
         Fp16Mode::Compute => {
             rewritten = gemm_as_matmul(model)?;
+            check_half_compute(&rewritten)?;
             &rewritten
         }
     };
@@ -137,7 +138,12 @@ pub fn convert(model: &OnnxModel, mode: Fp16Mode) -> Result<(OnnxModel, Fp16Repo
             converted.nodes_mut().splice(0..0, casts);
         }
         Fp16Mode::Compute => {
-            for input in model.data_inputs() {
+            let float_inputs = float_values(&model.graph().input);
+            for input in model
+                .data_inputs()
+                .into_iter()
+                .filter(|i| float_inputs.contains(i))
+            {
                 let half_name = format!("{input}_fp16");
                 for node in converted.nodes_mut() {
                     for name in node.input.iter_mut().filter(|n| **n == input) {
@@ -154,7 +160,12 @@ pub fn convert(model: &OnnxModel, mode: Fp16Mode) -> Result<(OnnxModel, Fp16Repo
                     .push(int_attribute("to", DataType::Float16 as i64));
                 converted.nodes_mut().insert(0, cast);
             }
-            for output in model.output_names() {
+            let float_outputs = float_values(&model.graph().output);
+            for output in model
+                .output_names()
+                .into_iter()
+                .filter(|o| float_outputs.contains(o))
+            {
                 let half_name = format!("{output}_fp16");
                 for node in converted.nodes_mut() {
                     for name in node.output.iter_mut().filter(|n| **n == output) {
@@ -233,4 +244,53 @@ fn gemm_as_matmul(model: &OnnxModel) -> Result<OnnxModel, GraphError> {
     *rewritten.nodes_mut() = nodes;
     rewritten.remove_unused_initializers();
     Ok(rewritten)
+}
+
+/// Operators a float16 graph cannot keep: their float32 inputs or outputs are fixed by
+/// the operator (quantization) or they carry float32 constants of their own.
+const NOT_IN_HALF_COMPUTE: &[&str] = &[
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "Constant",
+    "ConstantOfShape",
+    "Gemm",
+];
+
+/// Rejects graphs that float16 compute would break, naming the first offending node.
+fn check_half_compute(model: &OnnxModel) -> Result<(), GraphError> {
+    for node in model.nodes() {
+        if NOT_IN_HALF_COMPUTE.contains(&node.op_type.as_str()) {
+            return Err(GraphError::node(
+                node,
+                "cannot run in float16 compute (quantized, a constant node, or a Gemm with \
+                 alpha, beta or transA); convert the float model, or use --mode weights",
+            ));
+        }
+        if node.op_type == "Cast" && graph::attribute_int(node, "to", 0) == DataType::Float as i64 {
+            return Err(GraphError::node(
+                node,
+                "casts to float32 inside a float16 graph",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Names of the values (graph inputs or outputs) declared as float32.
+fn float_values(values: &[tract_onnx::pb::ValueInfoProto]) -> HashSet<String> {
+    use tract_onnx::pb::type_proto;
+    values
+        .iter()
+        .filter(|value| {
+            matches!(
+                value.r#type.as_ref().and_then(|t| t.value.as_ref()),
+                Some(type_proto::Value::TensorType(tensor)) if tensor.elem_type == DataType::Float as i32
+            )
+        })
+        .map(|value| value.name.clone())
+        .collect()
 }

@@ -229,15 +229,14 @@ impl OnnxModel {
             .collect();
         used.extend(self.output_names());
         let graph = self.graph_mut();
-        graph.initializer.retain(|t| used.contains(&t.name));
-        let kept: HashSet<String> = graph.initializer.iter().map(|t| t.name.clone()).collect();
-        let data: HashSet<String> = graph
-            .input
+        let removed: HashSet<String> = graph
+            .initializer
             .iter()
-            .map(|i| i.name.clone())
-            .filter(|name| used.contains(name) || !kept.contains(name))
+            .filter(|t| !used.contains(&t.name))
+            .map(|t| t.name.clone())
             .collect();
-        graph.input.retain(|input| data.contains(&input.name));
+        graph.initializer.retain(|t| !removed.contains(&t.name));
+        graph.input.retain(|input| !removed.contains(&input.name));
     }
 
     /// For each tensor name, the indices of the nodes reading it.
@@ -271,17 +270,18 @@ impl OnnxModel {
         }
     }
 
+    /// Gives every node a unique name: the rewrites find nodes by name.
     fn name_unnamed_nodes(&mut self) {
-        let mut taken: HashSet<String> = self.nodes().iter().map(|n| n.name.clone()).collect();
+        let mut taken: HashSet<String> = HashSet::new();
         for (index, node) in self.nodes_mut().iter_mut().enumerate() {
-            if node.name.is_empty() {
+            if node.name.is_empty() || taken.contains(&node.name) {
                 let mut name = format!("{}_{index}", node.op_type);
                 while taken.contains(&name) {
                     name.push('_');
                 }
-                taken.insert(name.clone());
                 node.name = name;
             }
+            taken.insert(node.name.clone());
         }
     }
 
@@ -292,6 +292,13 @@ impl OnnxModel {
         let mut known: HashSet<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
         known.extend(graph.initializer.iter().map(|t| t.name.as_str()));
         for node in &graph.node {
+            let weighted = matches!(node.op_type.as_str(), "Conv" | "Gemm");
+            if weighted && (node.input.len() < 2 || node.output.is_empty()) {
+                return Err(GraphError::node(
+                    node,
+                    "needs a data input, a weight and an output",
+                ));
+            }
             for input in node.input.iter().filter(|i| !i.is_empty()) {
                 if !known.contains(input.as_str()) {
                     return Err(GraphError::node(

@@ -1,9 +1,12 @@
-//! The build-time compressor: inspects ONNX models, measures them on labelled data and
-//! writes signed bundles that devices install.
+//! The build-time compressor: inspects ONNX models, makes them smaller, measures them
+//! on labelled data and writes signed bundles that devices install.
 //!
 //! A recipe (`bundle.toml` beside each shipped model) names the model, its labels, its
-//! preprocessing and the data set to measure it on; [`build_bundle`] turns a recipe into
-//! a bundle whose manifest carries the measured accuracy, size and latency.
+//! preprocessing and the data sets to calibrate and measure it on; [`build_bundle`]
+//! turns a recipe into a bundle whose manifest carries the measured accuracy, size and
+//! latency. [`quantize`], [`prune`] and [`fp16`] rewrite the ONNX graph,
+//! [`variants::Workbench`] measures each result against the float model, and
+//! [`pipeline::run_pipeline`] chains them under an accuracy budget into a bundle.
 //! [`distill::distill`] trains a smaller student from a model before it is bundled.
 
 pub mod assess;

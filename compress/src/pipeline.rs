@@ -177,11 +177,19 @@ pub fn run_pipeline(
         let (next, details, measured) = match step {
             Step::PruneChannels { fraction } => {
                 let (next, layers) = prune::prune_channels(&model, *fraction)?;
+                anyhow::ensure!(
+                    !layers.is_empty(),
+                    "step {label}: no layer's channels can be pruned (prune before quantize or fp16)"
+                );
                 let measured = workbench.measure(&label, &next, latency_runs)?;
                 (next, serde_json::to_value(layers)?, measured)
             }
             Step::PruneWeights { sparsity } => {
                 let (next, layers) = prune::prune_unstructured(&model, *sparsity)?;
+                anyhow::ensure!(
+                    !layers.is_empty(),
+                    "step {label}: no float Conv or Gemm weight to prune (prune before quantize or fp16)"
+                );
                 let measured = workbench.measure(&label, &next, latency_runs)?;
                 (next, serde_json::to_value(layers)?, measured)
             }
@@ -190,6 +198,11 @@ pub fn run_pipeline(
                 compute,
                 keep_float,
             } => {
+                anyhow::ensure!(
+                    !crate::quantize::layers(&model)?.is_empty(),
+                    "step {label}: no Conv or Gemm with float weights to quantize \
+                     (quantize before fp16, and only once)"
+                );
                 let options = QuantizeOptions {
                     method: *method,
                     compute: *compute,
@@ -212,6 +225,10 @@ pub fn run_pipeline(
             }
             Step::Fp16 { mode } => {
                 let (next, fp16_report) = fp16::convert(&model, *mode)?;
+                anyhow::ensure!(
+                    fp16_report.converted_tensors > 0,
+                    "step {label}: the model holds no float32 weight to convert"
+                );
                 let measured = workbench.measure(&label, &next, latency_runs)?;
                 (next, serde_json::to_value(fp16_report)?, measured)
             }

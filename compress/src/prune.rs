@@ -114,12 +114,23 @@ pub fn prune_channels(
         if !producer || model.initializer(&node.input[1]).is_none() {
             continue;
         }
+        // A weight or bias another node also reads would be sliced twice.
+        let shared = node.input[1..]
+            .iter()
+            .filter(|name| !name.is_empty())
+            .any(|name| consumers.get(name).is_some_and(|readers| readers.len() > 1));
+        if shared {
+            continue;
+        }
         let mut sinks = Vec::new();
         if !follow(model, &consumers, &outputs, &node.output[0], &mut sinks) || sinks.is_empty() {
             continue;
         }
         // Read the current (possibly already pruned) weights from `pruned`.
         let weights = pruned.float_initializer(&node.input[1])?;
+        if weights.ndim() < 2 {
+            continue;
+        }
         let channel_axis = if node.op_type == "Gemm" && attribute_int(node, "transB", 0) == 0 {
             1
         } else {
@@ -130,9 +141,20 @@ pub fn prune_channels(
         if keep_count >= channels {
             continue;
         }
+        // A Gemm bias may broadcast (a scalar, [1], [1, N]); only a bias with one value
+        // per channel can follow the pruning.
+        let bias = node.input.get(2).filter(|b| !b.is_empty());
+        if let Some(bias) = bias {
+            let per_channel = model
+                .initializer(bias)
+                .is_some_and(|t| t.dims == [channels as i64]);
+            if !per_channel {
+                continue;
+            }
+        }
         let keep = strongest_channels(&weights, channel_axis, keep_count);
         slice_initializer(&mut pruned, &node.input[1], channel_axis, &keep, 1)?;
-        if let Some(bias) = node.input.get(2).filter(|b| !b.is_empty()) {
+        if let Some(bias) = bias {
             slice_initializer(&mut pruned, bias, 0, &keep, 1)?;
         }
         for sink in sinks {
@@ -189,7 +211,11 @@ fn follow(
                 }
             }
             "Flatten" => {
-                // Only a Flatten feeding Gemms directly keeps the channel layout known.
+                // Only a Flatten from axis 1 feeding Gemms directly keeps each channel's
+                // features together and in order.
+                if attribute_int(node, "axis", 1) != 1 || outputs.contains(&node.output[0]) {
+                    return false;
+                }
                 let Some(gemms) = consumers.get(&node.output[0]) else {
                     return false;
                 };

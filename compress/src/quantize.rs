@@ -117,6 +117,9 @@ pub fn layers(model: &OnnxModel) -> Result<Vec<Layer>, GraphError> {
         let Some(weight) = model.initializer(&node.input[1]) else {
             continue;
         };
+        if weight.dims.len() < 2 {
+            continue;
+        }
         let parameters = weight.dims.iter().product::<i64>().max(0) as usize;
         let group = attribute_int(node, "group", 1);
         let depthwise = node.op_type == "Conv" && group > 1 && weight.dims.get(1) == Some(&1);
@@ -459,6 +462,12 @@ impl<'a> Rewrite<'a> {
         let (weights, bias) = self.weight_and_bias(node)?;
         let channels = weights.shape()[0];
         let bias = bias.unwrap_or_else(|| vec![0.0; channels]);
+        if bias.iter().any(|b| !b.is_finite()) {
+            return Err(GraphError::node(
+                node,
+                "the bias holds a value that is not finite",
+            ));
+        }
         if bias.len() != channels {
             return Err(GraphError::node(
                 node,
@@ -575,11 +584,12 @@ impl<'a> Rewrite<'a> {
             Some(bias) => {
                 let bias_name = format!("{prefix}_bias");
                 let bias: Vec<f32> = bias.iter().map(|b| b * beta).collect();
-                let dims = if bias.len() == columns {
-                    vec![columns]
-                } else {
-                    vec![bias.len()]
-                };
+                // Keep the bias's own dims: a [M, 1] bias broadcasts along rows.
+                let dims: Vec<usize> = self
+                    .source
+                    .initializer(&node.input[2])
+                    .map(|t| t.dims.iter().map(|&d| d as usize).collect())
+                    .unwrap_or_else(|| vec![columns]);
                 self.model
                     .set_initializer(f32_tensor(&bias_name, &dims, &bias));
                 self.nodes.push(graph::node(

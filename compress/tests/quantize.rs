@@ -537,3 +537,55 @@ fn pipeline_fine_tune_recovers_pruned_accuracy() {
     );
     assert!(accuracy(2) > 0.97, "fine-tuned {}", accuracy(2));
 }
+
+#[test]
+fn quantize_drops_replaced_weights_listed_as_inputs() {
+    // Older exporters also list every initializer as a graph input.
+    let mut proto = degenerate_model(13);
+    let graph = proto.graph.as_mut().unwrap();
+    let listed: Vec<ValueInfoProto> = graph
+        .initializer
+        .iter()
+        .map(|t| {
+            let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            float_value(&t.name, &dims)
+        })
+        .collect();
+    graph.input.extend(listed);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "listed.onnx", &proto);
+    let model = OnnxModel::read(&path).unwrap();
+    let layers = quantize::layers(&model).unwrap();
+    let modes: HashMap<String, LayerMode> = layers
+        .iter()
+        .map(|layer| (layer.name.clone(), LayerMode::WeightOnly))
+        .collect();
+    let (quantized, _) = quantize::quantize(&model, &layers, &modes, &HashMap::new()).unwrap();
+    assert_eq!(quantized.data_inputs(), ["input"]);
+    let input_names: Vec<&str> = quantized
+        .graph()
+        .input
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    assert!(!input_names.contains(&"conv.weight"), "{input_names:?}");
+    let runner = fleet_compress::assess::Runner::new(&quantized, &[1, 2, 4, 4]).unwrap();
+    assert_eq!(runner.run(&[0.5; 32]).unwrap().len(), 2);
+}
+
+#[test]
+fn fp16_compute_rejects_a_quantized_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "degenerate.onnx", &degenerate_model(13));
+    let model = OnnxModel::read(&path).unwrap();
+    let layers = quantize::layers(&model).unwrap();
+    let modes: HashMap<String, LayerMode> = layers
+        .iter()
+        .map(|layer| (layer.name.clone(), LayerMode::WeightOnly))
+        .collect();
+    let (quantized, _) = quantize::quantize(&model, &layers, &modes, &HashMap::new()).unwrap();
+    let error = fleet_compress::fp16::convert(&quantized, fleet_compress::fp16::Fp16Mode::Compute)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("DequantizeLinear"), "{error}");
+}
