@@ -538,6 +538,18 @@ fn pipeline_fine_tune_recovers_pruned_accuracy() {
     assert!(accuracy(2) > 0.97, "fine-tuned {}", accuracy(2));
 }
 
+/// `model` with every layer's weights stored as int8 and computed in float.
+fn weight_only(model: &OnnxModel) -> OnnxModel {
+    let layers = quantize::layers(model).unwrap();
+    let modes: HashMap<String, LayerMode> = layers
+        .iter()
+        .map(|layer| (layer.name.clone(), LayerMode::WeightOnly))
+        .collect();
+    quantize::quantize(model, &layers, &modes, &HashMap::new())
+        .unwrap()
+        .0
+}
+
 #[test]
 fn quantize_drops_replaced_weights_listed_as_inputs() {
     // Older exporters also list every initializer as a graph input.
@@ -555,12 +567,7 @@ fn quantize_drops_replaced_weights_listed_as_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "listed.onnx", &proto);
     let model = OnnxModel::read(&path).unwrap();
-    let layers = quantize::layers(&model).unwrap();
-    let modes: HashMap<String, LayerMode> = layers
-        .iter()
-        .map(|layer| (layer.name.clone(), LayerMode::WeightOnly))
-        .collect();
-    let (quantized, _) = quantize::quantize(&model, &layers, &modes, &HashMap::new()).unwrap();
+    let quantized = weight_only(&model);
     assert_eq!(quantized.data_inputs(), ["input"]);
     let input_names: Vec<&str> = quantized
         .graph()
@@ -578,12 +585,7 @@ fn fp16_compute_rejects_a_quantized_graph() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "degenerate.onnx", &degenerate_model(13));
     let model = OnnxModel::read(&path).unwrap();
-    let layers = quantize::layers(&model).unwrap();
-    let modes: HashMap<String, LayerMode> = layers
-        .iter()
-        .map(|layer| (layer.name.clone(), LayerMode::WeightOnly))
-        .collect();
-    let (quantized, _) = quantize::quantize(&model, &layers, &modes, &HashMap::new()).unwrap();
+    let quantized = weight_only(&model);
     let error = fleet_compress::fp16::convert(&quantized, fleet_compress::fp16::Fp16Mode::Compute)
         .unwrap_err()
         .to_string();
