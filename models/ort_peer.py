@@ -8,7 +8,7 @@ files to time. This script
 
 1. quantizes the float model with onnxruntime's own ``quantize_static`` (QDQ format,
    int8 weights per channel, uint8 activations, min-max calibration) on the same
-   calibration inputs the Rust quantizer used, writing it where the request says;
+   calibration inputs the Rust quantizer used, writing it to the path the request gives;
 2. runs every model in onnxruntime on the evaluation inputs: top-1 accuracy when labels
    are given, top-1 agreement with the float model, and the median single-sample
    latency with one intra-op and one inter-op thread after 10 warm-up runs.

@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Without `FLEET_ORT_PYTHON` (or a `python3` that imports onnxruntime) the onnxruntime
-//! columns are left out and the table says why. `FLEET_BENCH_MODELS=digit-cnn` limits
+//! columns are left out and the table gives the reason. `FLEET_BENCH_MODELS=digit-cnn` limits
 //! the run to some models. Latency is the median of single-sample runs on one thread,
 //! and for tract also on all cores.
 

@@ -39,7 +39,7 @@ impl Runner {
         })
     }
 
-    /// The first output of the model for one input, flattened.
+    /// Runs the model on one input and returns its first output, flattened.
     pub fn run(&self, input: &[f32]) -> anyhow::Result<Vec<f32>> {
         let tensor = Tensor::from_shape(&self.input_shape, input)
             .map_err(|error| anyhow::anyhow!("{error:#}"))
@@ -117,7 +117,7 @@ impl Reference {
     }
 }
 
-/// How a candidate's outputs compare with the reference and the labels.
+/// Comparison of a candidate's outputs with the reference and the labels.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Agreement {
     pub samples: usize,
@@ -195,7 +195,7 @@ pub fn argmax(values: &[f32]) -> usize {
 }
 
 /// KL(softmax(p) || softmax(q)) for two logit (or probability) vectors; infinite when
-/// `q` holds a value that is not finite.
+/// `q` contains a value that is not finite.
 fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
     if q.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY;

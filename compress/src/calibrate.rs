@@ -2,9 +2,9 @@
 //! calibration set.
 //!
 //! The float model runs in tract with the tensors of interest made extra outputs. A first
-//! pass records each tensor's minimum and maximum; for the percentile and entropy methods
-//! a second pass fills a histogram of [`HISTOGRAM_BINS`] bins over that span, from which
-//! the clipping range is chosen.
+//! pass records each tensor's minimum and maximum. For the percentile and entropy methods
+//! a second pass fills a histogram of [`HISTOGRAM_BINS`] bins over that span, and the
+//! clipping range is chosen from it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,7 +21,7 @@ use crate::graph::OnnxModel;
 /// leave eight bins per 8-bit level, enough to place a clipping threshold finely.
 pub const HISTOGRAM_BINS: usize = 2048;
 
-/// How a tensor's clipping range is chosen from what calibration saw.
+/// Method that chooses a tensor's clipping range from the calibration statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "method")]
 pub enum CalibrationMethod {
@@ -162,8 +162,8 @@ impl Observer {
                 )
             }
             CalibrationMethod::Entropy => {
-                // The search runs over thresholds above zero, on the side that holds
-                // the most mass; a mostly negative tensor is searched mirrored.
+                // The positive and the negative side are searched separately, each
+                // from zero outward, the negative one mirrored.
                 let zero_bin = (((0.0 - span.min) / width) as usize).min(HISTOGRAM_BINS - 1);
                 let positive: Vec<u64> = self.histogram[zero_bin..].to_vec();
                 let negative: Vec<u64> =
@@ -233,8 +233,8 @@ fn entropy_threshold(histogram: &[u64], levels: usize) -> usize {
             if *p > 0.0 {
                 let p = p / reference_total;
                 // An empty candidate bin where the reference has mass (the folded
-                // outliers) is smoothed to a small probability rather than infinity;
-                // a floor much below 1e-4 makes keeping every outlier look cheapest.
+                // outliers) is smoothed to a small probability rather than infinity.
+                // A floor much below 1e-4 makes keeping every outlier look cheapest.
                 let q = (q / candidate_total).max(1e-4);
                 divergence += p * (p / q).ln();
             }
@@ -294,7 +294,7 @@ pub fn calibrate(
         .collect())
 }
 
-/// A runnable float model whose outputs are the named tensors, in order.
+/// Builds a runnable float model whose outputs are the named tensors, in order.
 fn observing_plan(
     model: &OnnxModel,
     input_shape: &[usize],
@@ -363,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn entropy_range_clips_a_long_tail_but_keeps_the_bulk() {
+    fn entropy_range_long_tail() {
         let mut values: Vec<f32> = (0..20_000).map(|i| (i % 1000) as f32 / 100.0).collect();
         values.extend([50.0, 80.0, 100.0]);
         let range = observed(&values).range(CalibrationMethod::Entropy);

@@ -88,7 +88,7 @@ pub struct QuantizeArgs {
     /// Activation range method: min-max, entropy or percentile-P (such as percentile-99.99).
     #[arg(long, default_value = "min-max")]
     pub method: CalibrationMethod,
-    /// Where the layers compute: float (i8 weights dequantized at load, the fast form
+    /// Arithmetic of the quantized layers: float (i8 weights dequantized at load, the fast form
     /// in tract on x86-64) or integer (QLinearConv, MatMulInteger).
     #[arg(long, value_enum, default_value = "float")]
     pub compute: Compute,

@@ -5,9 +5,9 @@
 //! prost-generated ONNX schema (`tract_onnx::pb`), so a file written here is parsed by
 //! the same code that later runs it, and no second schema is compiled into the build.
 //!
-//! [`OnnxModel::read`] refuses what the rewrites cannot handle safely, naming the file,
+//! [`OnnxModel::read`] rejects what the rewrites cannot handle safely, naming the file,
 //! node or tensor: an undecodable or truncated file, external data outside the model's
-//! folder, an opset outside [`SUPPORTED_OPSETS`], a node reading a tensor nobody
+//! folder, an opset outside [`SUPPORTED_OPSETS`], a node reading a tensor no node
 //! produces.
 
 use std::collections::{HashMap, HashSet};
@@ -28,7 +28,7 @@ use tract_onnx::prelude::tract_ndarray::{ArrayD, IxDyn};
 /// (`onnx.version_converter`).
 pub const SUPPORTED_OPSETS: RangeInclusive<i64> = 13..=21;
 
-/// Why an ONNX file cannot be read or rewritten.
+/// Error reading or rewriting an ONNX file.
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
     #[error("failed to read {path}: {source}")]
@@ -202,7 +202,7 @@ impl OnnxModel {
         self.graph().initializer.iter().find(|t| t.name == name)
     }
 
-    /// The float32 value of initializer `name`.
+    /// Returns the float32 value of initializer `name`.
     pub fn float_initializer(&self, name: &str) -> Result<ArrayD<f32>, GraphError> {
         let tensor = self
             .initializer(name)
@@ -272,16 +272,16 @@ impl OnnxModel {
 
     /// Gives every node a unique name: the rewrites find nodes by name.
     fn name_unnamed_nodes(&mut self) {
-        let mut taken: HashSet<String> = HashSet::new();
+        let mut used_names: HashSet<String> = HashSet::new();
         for (index, node) in self.nodes_mut().iter_mut().enumerate() {
-            if node.name.is_empty() || taken.contains(&node.name) {
+            if node.name.is_empty() || used_names.contains(&node.name) {
                 let mut name = format!("{}_{index}", node.op_type);
-                while taken.contains(&name) {
+                while used_names.contains(&name) {
                     name.push('_');
                 }
                 node.name = name;
             }
-            taken.insert(node.name.clone());
+            used_names.insert(node.name.clone());
         }
     }
 
@@ -409,7 +409,7 @@ fn element_count(tensor: &TensorProto) -> Result<usize, GraphError> {
     })
 }
 
-/// The float32 values of a FLOAT or FLOAT16 tensor, shaped by its dims.
+/// Converts a FLOAT or FLOAT16 tensor to float32 values shaped by its dims.
 pub fn tensor_to_f32(tensor: &TensorProto) -> Result<ArrayD<f32>, GraphError> {
     let count = element_count(tensor)?;
     let shape: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();

@@ -64,11 +64,34 @@ pub fn build_bundle(
         _ => None,
     };
 
+    write_recipe_bundle(
+        recipe,
+        &recipe.model,
+        &summary,
+        metrics,
+        Vec::new(),
+        key,
+        out_dir,
+    )
+}
+
+/// Writes a signed bundle of `model` (whose structure is `summary`) with the recipe's
+/// labels, preprocessing and `metrics`, plus the `extra` files.
+pub(crate) fn write_recipe_bundle(
+    recipe: &Recipe,
+    model: &Path,
+    summary: &ModelSummary,
+    metrics: Option<Metrics>,
+    extra: Vec<BundleFile>,
+    key: &SecretKey,
+    out_dir: &Path,
+) -> anyhow::Result<Bundle> {
     let model_name = "model.onnx";
     let mut files = vec![BundleFile {
-        source: recipe.model.clone(),
+        source: model.to_path_buf(),
         path: model_name.into(),
     }];
+    files.extend(extra);
     let labels = recipe.labels.as_ref().map(|source| {
         files.push(BundleFile {
             source: source.clone(),

@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Every intermediate model is measured. A `quantize` step under a budget returns the
-//! most sensitive layers to float until the budget holds (see
+//! most sensitive layers to float until the budget is met (see
 //! [`Workbench::mixed_precision`]). The bundle's manifest carries the final model's
 //! accuracy, size and latency, and `compression.json` inside the bundle (so covered by
 //! the signature) and beside it records every step.
@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use fleet_bundle::{Bundle, BundleFile, MANIFEST_FORMAT, Manifest, Metrics, ModelFile, SecretKey};
+use fleet_bundle::{Bundle, BundleFile, Metrics, SecretKey};
 use serde::{Deserialize, Serialize};
 
 use crate::calibrate::CalibrationMethod;
@@ -128,7 +128,7 @@ mod method_name {
     }
 }
 
-/// What the pipeline measured, as written to `compression.json`.
+/// Measurements of a pipeline run, as written to `compression.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineReport {
     pub recipe: String,
@@ -140,7 +140,7 @@ pub struct PipelineReport {
     pub steps: Vec<StepReport>,
 }
 
-/// What one step did.
+/// Record of one step.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
     pub step: Step,
@@ -393,41 +393,17 @@ fn write_pipeline_bundle(
             ),
         })
     });
-    let mut files = vec![
-        BundleFile {
-            source: model_path,
-            path: "model.onnx".into(),
-        },
-        BundleFile {
-            source: report_path,
-            path: "compression.json".into(),
-        },
-    ];
-    let labels = recipe.labels.as_ref().map(|source| {
-        files.push(BundleFile {
-            source: source.clone(),
-            path: "labels.txt".into(),
-        });
-        "labels.txt".to_string()
-    });
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        name: recipe.name.clone(),
-        version: recipe.version.clone(),
-        target: recipe.target.clone(),
-        created_by: format!("fleet-compress {}", env!("CARGO_PKG_VERSION")),
-        model: ModelFile {
-            path: "model.onnx".into(),
-            format: "onnx".into(),
-        },
-        inputs: summary.inputs.clone(),
-        outputs: summary.outputs.clone(),
-        preprocessing: recipe.preprocessing.clone(),
-        postprocessing: recipe.postprocessing,
-        labels,
-        metrics,
-        files: Vec::new(),
+    let report_file = BundleFile {
+        source: report_path,
+        path: "compression.json".into(),
     };
-    fleet_bundle::write_bundle(out_dir, manifest, &files, key)
-        .with_context(|| format!("failed to write bundle {}", out_dir.display()))
+    crate::write_recipe_bundle(
+        recipe,
+        &model_path,
+        &summary,
+        metrics,
+        vec![report_file],
+        key,
+        out_dir,
+    )
 }

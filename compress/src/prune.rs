@@ -1,8 +1,8 @@
 //! Pruning: zeroing the smallest weights (unstructured), or removing whole output
 //! channels together with the inputs that read them downstream (structured).
 //!
-//! Unstructured pruning keeps every tensor's shape; tract's dense kernels run it at the
-//! same speed, and the zeros only help a later compression of the file. Structured
+//! Unstructured pruning keeps every tensor's shape, so tract's dense kernels run it at
+//! the same speed and the zeros only help a later compression of the file. Structured
 //! pruning makes the model smaller and faster: a `Conv` or `Gemm` loses output channels,
 //! and every layer reading them loses the matching inputs. A channel is followed through
 //! operators that act on each channel alone (activations, pooling) and through depthwise
@@ -35,7 +35,7 @@ const PER_CHANNEL: &[&str] = &[
     "Tanh",
 ];
 
-/// What pruning did to one layer.
+/// Change pruning made to one layer.
 #[derive(Debug, Clone, Serialize)]
 pub struct PrunedLayer {
     pub layer: String,
@@ -82,7 +82,7 @@ pub fn prune_unstructured(
     Ok((pruned, report))
 }
 
-/// How a consumer of a pruned tensor adapts to the removed channels.
+/// Adjustment a reader of a pruned tensor needs for the removed channels.
 #[derive(Debug, Clone, Copy)]
 enum Sink {
     /// A `Conv` reading the channels as its input channels (weight axis 1).
@@ -96,6 +96,9 @@ enum Sink {
 
 /// Removes the `fraction` (0 to 1) of output channels with the smallest L1 norm from
 /// every layer whose channels can be followed to all their readers.
+// NOTE: channels are chosen by weight magnitude alone. Without retraining afterwards
+// this loses 0.6 points on digit-cnn at 25% but wipes out EfficientNet-Lite0, and only
+// the digit model family can be retrained (the pipeline's fine-tune step).
 pub fn prune_channels(
     model: &OnnxModel,
     fraction: f64,

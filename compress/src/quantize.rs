@@ -20,7 +20,7 @@
 //!   kernel but runs a quantized depthwise convolution as one small matrix product per
 //!   channel, which measured slower than float.
 //! * Shape-only and order-preserving operators (`MaxPool`, `Flatten`, `Reshape`, ...)
-//!   stay in u8 between quantized layers; everything else runs in float, with
+//!   stay in u8 between quantized layers. Everything else runs in float, with
 //!   `DequantizeLinear` and `QuantizeLinear` inserted where the two meet.
 //!
 //! Every scale written is finite, positive and normal: a weight channel that is all
@@ -60,7 +60,7 @@ const PASS_THROUGH: &[&str] = &[
     "Identity",
 ];
 
-/// How one layer is rendered.
+/// Rendering of one layer in the quantized graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
 pub enum LayerMode {
@@ -93,7 +93,7 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// The mode a layer gets when the caller asks for int8 everywhere it pays off.
+    /// Returns the mode a layer gets when the caller requests int8 wherever it pays off.
     pub fn default_mode(&self) -> LayerMode {
         if self.depthwise {
             LayerMode::WeightOnly
@@ -103,7 +103,7 @@ impl Layer {
     }
 }
 
-/// The `Conv` and `Gemm` nodes of `model` whose weights are initializers, in graph
+/// Lists the `Conv` and `Gemm` nodes of `model` whose weights are initializers, in graph
 /// order, with the activation each can absorb.
 pub fn layers(model: &OnnxModel) -> Result<Vec<Layer>, GraphError> {
     let consumers = model.consumers();
@@ -191,7 +191,7 @@ pub fn calibration_tensors(layers: &[Layer]) -> Vec<String> {
     names
 }
 
-/// What the rewrite did, for the compressor's report.
+/// Summary of a rewrite, for the compressor's report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QuantizeReport {
     /// Mode of every candidate layer.
@@ -237,7 +237,8 @@ fn activation_params(
     ActivationParams { scale, zero_point }
 }
 
-/// A scale that is finite, positive and normal, or the smallest weight scale.
+/// Returns `scale` when it is finite, positive and normal, and the smallest weight scale
+/// otherwise.
 fn checked_scale(scale: f32) -> f32 {
     if scale.is_normal() && scale > 0.0 {
         scale.max(MIN_WEIGHT_SCALE)
@@ -690,7 +691,7 @@ mod tests {
     use tract_onnx::prelude::tract_ndarray::arr2;
 
     #[test]
-    fn weight_scale_of_an_all_zero_channel_is_normal() {
+    fn quantize_weights_zero_channel() {
         let weights = arr2(&[[0.0f32, 0.0], [0.5, -1.0]]).into_dyn();
         let mut report = QuantizeReport::default();
         let (quantized, scales) = quantize_weights(&weights, 0, None, &mut report);
@@ -703,7 +704,7 @@ mod tests {
     }
 
     #[test]
-    fn weight_scale_rises_until_the_bias_fits_in_i32() {
+    fn quantize_weights_oversized_bias() {
         let weights = arr2(&[[1e-9f32, -1e-9]]).into_dyn();
         let bias = [1000.0f32];
         let input_scale = 1e-3;
@@ -715,7 +716,7 @@ mod tests {
     }
 
     #[test]
-    fn activation_params_of_a_constant_tensor_have_a_usable_scale() {
+    fn activation_params_constant_tensor() {
         let mut report = QuantizeReport::default();
         let params = activation_params(Range { min: 0.0, max: 0.0 }, None, &mut report);
         assert!(params.scale.is_normal());
@@ -724,7 +725,7 @@ mod tests {
     }
 
     #[test]
-    fn activation_params_cap_the_range_at_a_fused_clip() {
+    fn activation_params_fused_clip() {
         let mut report = QuantizeReport::default();
         let params = activation_params(Range { min: 0.0, max: 9.0 }, Some(6.0), &mut report);
         assert!((params.scale * 255.0 - 6.0).abs() < 1e-5);

@@ -18,7 +18,7 @@ use fleet_train::{Augmentation, ImageShape, PhotoAugmentation, TrainRng};
 use rand::SeedableRng;
 use serde::Deserialize;
 
-/// Which images of a data set a sample set uses, by position.
+/// Selection of a data set's images by position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Selection {
@@ -30,7 +30,7 @@ pub enum Selection {
     Odd,
 }
 
-/// Where a sample set comes from, as a recipe states it.
+/// Source of a sample set, as a recipe states it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SampleSpec {

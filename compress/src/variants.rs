@@ -15,21 +15,21 @@ use crate::quantize::{self, Layer, LayerMode, QuantizeReport};
 use crate::samples::{Samples, load_samples};
 use crate::{Recipe, SampleSpec};
 
-/// Where a quantized model's layers compute.
+/// Arithmetic a quantized model's layers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Compute {
     /// i8 weights in the file, float arithmetic in tract. On x86-64 with tract 0.23 this
-    /// is the fast form: tract's integer convolution measured 2 to 3.5 times slower
-    /// than its float one (an i8 matrix kernel slower than the f32 one, plus unfused
-    /// requantization passes), so integer compute does not pay off there.
+    /// is the fast form. tract's integer convolution measured 2 to 3.5 times slower than
+    /// its float one, because its i8 matrix kernel is slower than the f32 one and the
+    /// requantization runs as separate passes.
     Float,
     /// `QLinearConv` and `MatMulInteger` with u8 activations, for runtimes whose integer
     /// kernels beat their float ones.
     Integer,
 }
 
-/// What a quantization run is asked to do.
+/// Settings of one quantization run.
 #[derive(Debug, Clone)]
 pub struct QuantizeOptions {
     pub method: CalibrationMethod,
@@ -49,7 +49,7 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// Why `candidate` misses the budget, or `None` when it holds.
+    /// Returns why `candidate` misses the budget, or `None` when it meets it.
     pub fn violation(&self, candidate: &Measured, float: &Measured) -> Option<String> {
         if let Some(min) = self.min_agreement
             && candidate.comparison.top1_agreement < min

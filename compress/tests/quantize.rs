@@ -46,7 +46,7 @@ fn float_value(name: &str, shape: &[usize]) -> ValueInfoProto {
     }
 }
 
-/// A 1x2x4x4 input through Conv(3x3, 3 channels) -> Relu -> Flatten -> Gemm(2 classes).
+/// Builds a model taking a 1x2x4x4 input through Conv(3x3, 3 channels) -> Relu -> Flatten -> Gemm(2 classes).
 /// Output channel 0 of the convolution is all zero and channel 1 nearly so with a large
 /// bias, as pruning leaves them.
 fn degenerate_model(opset: i64) -> ModelProto {
@@ -102,7 +102,7 @@ fn write_model(dir: &Path, name: &str, proto: &ModelProto) -> PathBuf {
     path
 }
 
-/// Every scale initializer of a quantized model is finite, positive and normal.
+/// Asserts that every scale initializer of a quantized model is finite, positive and normal.
 fn assert_scales_are_normal(model: &OnnxModel) {
     let mut checked = 0;
     for tensor in &model.graph().initializer {
