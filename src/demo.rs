@@ -147,6 +147,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         clean_session: true,
         mqtt_credentials: None,
         telemetry_retention: None,
+        updates: Default::default(),
     })
     .await?;
 

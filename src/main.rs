@@ -20,7 +20,8 @@ enum Command {
     /// Build the bundle of a shipped model, start the fleet server with its embedded
     /// broker and SQLite, and run device agents on shards of real data until Ctrl-C.
     Demo(demo::DemoArgs),
-    /// Run the fleet server, or administer its credentials and operators.
+    /// Run the fleet server, administer its credentials and operators, or upload bundles
+    /// and send updates through it.
     Server(fleet_server::cli::ServerCommand),
     /// Run one device agent.
     Device(fleet_device::DeviceArgs),
@@ -39,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     // rumqttd logs routine disconnects at error level, so its log is off unless
     // RUST_LOG enables it.
     let (format, default_filter, otlp_endpoint) = match &cli.command {
-        Command::Server(command) if command.admin.is_some() => {
+        Command::Server(command) if command.subcommand.is_some() => {
             (LogFormat::Text, "warn,rumqttd=off", None)
         }
         Command::Server(command) => (

@@ -100,7 +100,15 @@ fn compress_verify_reports_the_failed_check() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(String::from_utf8_lossy(&output.stdout).contains("ok: signature and 2 files verified"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("ok: signature and 4 files verified"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: self-test reproduced 4 reference outputs"),
+        "{stdout}"
+    );
 
     fs::write(bundle.join("labels.txt"), "tampered\n").unwrap();
     let output = common::fleet(&[
@@ -113,4 +121,53 @@ fn compress_verify_reports_the_failed_check() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("labels.txt"), "{stderr}");
+}
+
+/// A bundle signed by the right key whose model is not the one its self-test was
+/// recorded with passes the signature check and fails the self-test.
+#[test]
+fn compress_verify_runs_the_self_test() {
+    let workspace = Workspace::new();
+    let original = fleet_bundle::Bundle::open_verified(
+        &workspace.bundle(),
+        &fleet_bundle::PublicKey::read(&workspace.public_key()).unwrap(),
+    )
+    .unwrap();
+    let key = fleet_bundle::SecretKey::read(&workspace.path("keys/fleet.key")).unwrap();
+    let swapped_model = common::repo().join("models/digit-student/digit-student.onnx");
+    let files: Vec<fleet_bundle::BundleFile> = original
+        .manifest
+        .files
+        .iter()
+        .map(|entry| fleet_bundle::BundleFile {
+            source: if entry.path == original.manifest.model.path {
+                swapped_model.clone()
+            } else {
+                original.path_of(&entry.path)
+            },
+            path: entry.path.clone(),
+        })
+        .collect();
+    let swapped = workspace.path("swapped");
+    fleet_bundle::write_bundle(&swapped, original.manifest.clone(), &files, &key).unwrap();
+
+    let output = common::fleet(&[
+        "compress",
+        "verify",
+        path_str(&swapped),
+        "--public-key",
+        path_str(&workspace.public_key()),
+    ]);
+    assert!(
+        !output.status.success(),
+        "a swapped model passed its self-test"
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("ok: signature and 4 files verified"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("failed its self-test"), "{stderr}");
+    assert!(stderr.contains("self-test sample 0"), "{stderr}");
 }

@@ -34,7 +34,7 @@ pub enum Command {
     },
     /// Measure a recipe's model and write a signed bundle.
     Bundle(BundleArgs),
-    /// Check a bundle's signature and the hash of every file.
+    /// Check a bundle's signature and the hash of every file, and run its self-test.
     Verify {
         /// Bundle folder.
         bundle: PathBuf,
@@ -234,6 +234,18 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 "ok: signature and {} files verified",
                 bundle.manifest.files.len()
             );
+            if bundle.manifest.self_test.is_some() {
+                let report = fleet_runtime::run_self_test(&bundle).with_context(|| {
+                    format!("bundle {} failed its self-test", bundle.dir.display())
+                })?;
+                println!(
+                    "ok: self-test reproduced {} reference outputs (largest difference {:.1e}, \
+                     tolerance {:.1e})",
+                    report.samples, report.worst_difference, report.tolerance
+                );
+            } else {
+                println!("no self-test in this bundle");
+            }
             print_bundle(&bundle);
         }
         Command::Evaluate { recipe } => {

@@ -32,7 +32,16 @@ pub use samples::{SampleSpec, Samples, Selection};
 use std::path::Path;
 
 use anyhow::Context;
-use fleet_bundle::{Bundle, BundleFile, MANIFEST_FORMAT, Manifest, Metrics, ModelFile, SecretKey};
+use fleet_bundle::{
+    Bundle, BundleFile, MANIFEST_FORMAT, Manifest, Metrics, ModelFile, SecretKey, SelfTest,
+};
+use fleet_runtime::{Backend, Dataset, Tensor, TractBackend};
+
+/// Reference inputs recorded into every bundle for the device's self-test.
+const SELF_TEST_SAMPLES: usize = 4;
+/// Accepted relative difference in the self-test: well above the rounding differences
+/// between CPUs and SIMD widths (about 1e-6), far below what a wrong or damaged model gives.
+const SELF_TEST_TOLERANCE: f32 = 1e-3;
 
 /// Evaluates the recipe's model (unless `evaluate` is false) and writes a signed bundle
 /// into `out_dir`.
@@ -92,6 +101,12 @@ pub(crate) fn write_recipe_bundle(
         path: model_name.into(),
     }];
     files.extend(extra);
+    let scratch = tempfile::tempdir().context("failed to create a temporary folder")?;
+    let self_test = record_self_test(recipe, model, summary, scratch.path())
+        .with_context(|| format!("failed to record the self-test of {}", model.display()))?;
+    if let Some((_, test_files)) = &self_test {
+        files.extend(test_files.iter().cloned());
+    }
     let labels = recipe.labels.as_ref().map(|source| {
         files.push(BundleFile {
             source: source.clone(),
@@ -115,8 +130,66 @@ pub(crate) fn write_recipe_bundle(
         postprocessing: recipe.postprocessing,
         labels,
         metrics,
+        self_test: self_test.map(|(entry, _)| entry),
         files: Vec::new(),
     };
     fleet_bundle::write_bundle(out_dir, manifest, &files, key)
         .with_context(|| format!("failed to write bundle {}", out_dir.display()))
+}
+
+/// Runs the first few samples of the recipe's evaluation set (else its calibration set)
+/// through `model` and writes their preprocessed inputs and outputs into `dir`, as the
+/// bundle's self-test. Returns `None` when the recipe names no data.
+fn record_self_test(
+    recipe: &Recipe,
+    model: &Path,
+    summary: &ModelSummary,
+    dir: &Path,
+) -> anyhow::Result<Option<(SelfTest, Vec<BundleFile>)>> {
+    let (images, labels) = match (&recipe.evaluation, &recipe.calibration) {
+        (Some(set), _) => (&set.images, set.labels.as_deref()),
+        (None, Some(spec)) => (&spec.images, spec.labels.as_deref()),
+        (None, None) => {
+            tracing::warn!(model = %recipe.name, "recipe names no data; the bundle carries no self-test");
+            return Ok(None);
+        }
+    };
+    let data = Dataset::open(images, labels)
+        .with_context(|| format!("failed to open {}", images.display()))?;
+    let (channels, height, width) = recipe.preprocessing.sample_shape();
+    let batch = match summary.inputs.first().and_then(|input| input.shape.first()) {
+        Some(&fixed) if fixed > 0 => fixed as usize,
+        _ => 1,
+    };
+    let shape = vec![batch, channels, height, width];
+    let mut backend = TractBackend::load_onnx(model, &shape)?;
+    let sample_len = channels * height * width;
+    let samples = SELF_TEST_SAMPLES.min(data.len());
+    let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+    for index in 0..samples {
+        let input = fleet_runtime::preprocess(&data.sample(index)?, &recipe.preprocessing)?;
+        let mut padded = input.clone();
+        padded.resize(batch * sample_len, 0.0);
+        let output = backend.run(Tensor::new(shape.clone(), padded)?)?;
+        inputs.extend(input);
+        outputs.extend_from_slice(output.row(0));
+    }
+    let inputs_file = dir.join("inputs.f32");
+    let outputs_file = dir.join("outputs.f32");
+    fleet_runtime::write_f32(&inputs_file, &inputs)?;
+    fleet_runtime::write_f32(&outputs_file, &outputs)?;
+    let files = vec![
+        BundleFile {
+            source: inputs_file,
+            path: fleet_runtime::SELF_TEST_INPUTS.into(),
+        },
+        BundleFile {
+            source: outputs_file,
+            path: fleet_runtime::SELF_TEST_OUTPUTS.into(),
+        },
+    ];
+    Ok(Some((
+        fleet_runtime::self_test_entry(samples, SELF_TEST_TOLERANCE),
+        files,
+    )))
 }

@@ -88,6 +88,14 @@ pub struct DeviceArgs {
     /// address, such as 127.0.0.1:8000; off when unset.
     #[arg(long)]
     pub api_listen: Option<String>,
+    /// Fleet server the agent downloads model updates from, as http://HOST:PORT. Update
+    /// commands naming another server are refused; without it, updates are refused.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Seconds an update may run on the new model without its telemetry reaching the
+    /// broker before the agent rolls back [default: 60].
+    #[arg(long)]
+    pub commit_timeout: Option<f64>,
 }
 
 /// The keys a config file may contain; the same meaning as the flags.
@@ -113,6 +121,8 @@ struct FileConfig {
     outbox_max_mib: Option<u64>,
     drain_rate: Option<f64>,
     api_listen: Option<String>,
+    server: Option<String>,
+    commit_timeout: Option<f64>,
 }
 
 /// Settings after merging the file and the flags and checking every value.
@@ -142,6 +152,10 @@ pub struct DeviceConfig {
     pub drain_rate: f64,
     /// Address of the local inference API, `None` when it is off.
     pub api_listen: Option<SocketAddr>,
+    /// Base URL of the fleet server for update downloads, without a trailing `/`.
+    pub server: Option<String>,
+    /// How long an update waits for the new model's telemetry to be acknowledged.
+    pub commit_timeout: Duration,
 }
 
 impl DeviceConfig {
@@ -215,6 +229,19 @@ impl DeviceConfig {
                 )
             })?),
         };
+        let server = match args.server.or(file.server) {
+            None => None,
+            Some(url) if url.starts_with("http://") && url.len() > "http://".len() => {
+                Some(url.trim_end_matches('/').to_string())
+            }
+            Some(url) => {
+                bail!("invalid --server {url:?}: expected http://HOST:PORT of the fleet server")
+            }
+        };
+        let commit_timeout = args.commit_timeout.or(file.commit_timeout).unwrap_or(60.0);
+        if !(commit_timeout.is_finite() && (1.0..=86_400.0).contains(&commit_timeout)) {
+            bail!("invalid --commit-timeout {commit_timeout}: expected 1 to 86400 seconds");
+        }
         Ok(DeviceConfig {
             bundle: args
                 .bundle
@@ -243,6 +270,8 @@ impl DeviceConfig {
             outbox,
             drain_rate,
             api_listen,
+            server,
+            commit_timeout: Duration::from_secs_f64(commit_timeout),
         })
     }
 }

@@ -4,6 +4,10 @@
 //! It keeps at most a window of records in flight. After every reconnect it starts again
 //! from the first unacknowledged record. A record is therefore sent at least once, and
 //! the server drops duplicates by (device, seq).
+//!
+//! Update events share the outbox, so they survive crashes and keep their order with the
+//! telemetry around them. Their records start with [`EVENT_RECORD`] and go to the events
+//! topic without that byte.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,10 +17,14 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::mqtt::{PublishKind, Publisher, SessionEvent};
-use crate::outbox::{Outbox, OutboxError, OutboxStats};
+use crate::outbox::{Outbox, OutboxStats};
 
 /// The outbox, shared by the reporter that appends and the forwarder that reads.
 pub type SharedOutbox = Arc<Mutex<Outbox>>;
+
+/// First byte of an outbox record that holds an event rather than telemetry. Telemetry
+/// records start with a payload's schema byte, 0x01 or `{`, never with this one.
+pub const EVENT_RECORD: u8 = 0xE5;
 
 /// Interval of the forwarder's calls to `Outbox::sync_if_due`.
 const SYNC_TICK: Duration = Duration::from_millis(250);
@@ -47,8 +55,10 @@ where
 /// Settings of the forwarder.
 #[derive(Debug, Clone)]
 pub struct ForwarderConfig {
-    /// MQTT topic the records go to.
+    /// MQTT topic telemetry records go to.
     pub topic: String,
+    /// MQTT topic event records go to.
+    pub events_topic: String,
     /// Records sent per second at most, so a backlog after an outage drains without
     /// flooding the broker.
     pub drain_rate: f64,
@@ -182,11 +192,11 @@ impl Forwarder {
             let kind = PublishKind::Telemetry {
                 position: record.position,
             };
-            if self
-                .publisher
-                .publish(&self.config.topic, kind, false, record.payload)
-                .is_err()
-            {
+            let (topic, payload) = match record.payload.split_first() {
+                Some((&EVENT_RECORD, event)) => (&self.config.events_topic, event.to_vec()),
+                _ => (&self.config.topic, record.payload),
+            };
+            if self.publisher.publish(topic, kind, false, payload).is_err() {
                 return Some(now + RETRY_DELAY);
             }
             self.cursor = record.position;
@@ -309,9 +319,9 @@ async fn sleep_until(wake: Option<Instant>) {
 }
 
 /// Formats an error with its sources, as "what: cause".
-pub fn error_chain(error: &OutboxError) -> String {
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = error.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());

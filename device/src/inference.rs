@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use fleet_runtime::Dataset;
 
-use crate::model::{SharedModel, top1};
+use crate::model::{ModelSlot, top1};
 use crate::stats::SharedStats;
 
 /// Minimum time between two log lines about unusable inputs.
@@ -16,8 +16,8 @@ const INPUT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Everything the loop needs, moved onto its own thread.
 #[derive(Debug)]
 pub struct InferenceLoop {
-    /// The model, shared with the local inference API.
-    pub model: SharedModel,
+    /// The model in use, shared with the local inference API and replaced by updates.
+    pub model: ModelSlot,
     pub data: Dataset,
     pub indices: Vec<usize>,
     /// Inferences per second, `None` for unthrottled.
@@ -79,9 +79,10 @@ impl InferenceLoop {
     fn infer_one(&mut self, index: usize) -> Result<(), fleet_runtime::RuntimeError> {
         let sample = self.data.sample(index)?;
         let started = Instant::now();
-        let info = self.model.info();
+        let model = self.model.current();
+        let info = model.info();
         let input = fleet_runtime::preprocess(&sample, &info.preprocessing)?;
-        let scores = self.model.run(1, &input)?.remove(0);
+        let scores = model.run(1, &input)?.remove(0);
         let (class, confidence) = top1(&info.confidences(&scores));
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
         self.stats.record_inference(

@@ -10,6 +10,10 @@
 //!
 //! With `--api-listen` the agent also serves its model over the Open Inference Protocol
 //! ([`api`]), sharing the loaded model with its own inference loop.
+//!
+//! With `--server` it takes model updates from the fleet server ([`update`]): signed
+//! bundles are downloaded, checked, switched to and committed or rolled back, with each
+//! stage reported on `fleet/v1/{device}/events`.
 
 pub mod api;
 pub mod config;
@@ -22,6 +26,7 @@ mod report;
 mod sequence;
 mod stats;
 mod system;
+pub mod update;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, bail};
 use fleet_bundle::{Bundle, PublicKey};
 use fleet_runtime::Dataset;
-use fleet_wire::{DeviceState, ModelRef, topic};
+use fleet_wire::{ModelRef, UpdateStage, topic};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -38,12 +43,15 @@ pub use config::{DeviceArgs, DeviceConfig};
 use crate::api::ApiState;
 use crate::forward::{Forwarder, ForwarderConfig};
 use crate::inference::InferenceLoop;
-use crate::model::SharedModel;
+use crate::model::{ModelSlot, SharedModel};
+use crate::mqtt::{SessionConfig, StatusPayloads};
 use crate::outbox::Outbox;
 use crate::report::Reporter;
 use crate::sequence::SequenceFile;
 use crate::stats::SharedStats;
 use crate::system::SystemSampler;
+use crate::update::store::BundleStore;
+use crate::update::{EventSink, StatusUpdater, Updater};
 
 /// Telemetry records sent and not yet acknowledged at most. It stays under rumqttc's
 /// default of 100 in-flight publishes, which the status messages share.
@@ -60,7 +68,38 @@ pub fn unix_millis() -> u64 {
 /// status before returning. Telemetry the broker has not acknowledged by then stays in
 /// the outbox for the next start.
 pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
-    let (model_ref, model) = load_model(&config)?;
+    let key = PublicKey::read(&config.public_key)
+        .with_context(|| format!("failed to read public key {}", config.public_key.display()))?;
+    let outbox_dir = config.state_dir.join("outbox");
+    let outbox = Outbox::open(&outbox_dir, config.outbox.clone())
+        .with_context(|| format!("failed to open outbox {}", outbox_dir.display()))?;
+    let outbox = Arc::new(Mutex::new(outbox));
+    let appended = Arc::new(Notify::new());
+    let events = EventSink {
+        device_id: config.device_id.clone(),
+        encoding: config.encoding,
+        outbox: outbox.clone(),
+        appended: appended.clone(),
+    };
+    let bundles_dir = config.state_dir.join("bundles");
+    let (mut store, recovery) = BundleStore::open(&bundles_dir, &config.bundle)
+        .with_context(|| format!("failed to open installed bundles {}", bundles_dir.display()))?;
+    if let Some(recovery) = recovery {
+        let back_on = store.active();
+        events.update(
+            &recovery.trial.update_id,
+            &recovery.abandoned.sha256,
+            &recovery.abandoned.version,
+            UpdateStage::RolledBack,
+            &format!(
+                "the agent stopped before the update was committed; back on {} {}",
+                back_on.name, back_on.version
+            ),
+        );
+    }
+    let model = load_active_model(&config, &mut store, &key, &events)?;
+    let model_ref = model_ref(&model);
+    let slot = ModelSlot::new(model.clone());
     let data = Dataset::open(&config.input, config.labels.as_deref())
         .with_context(|| format!("failed to open input {}", config.input.display()))?;
     let indices = data.shard_indices(config.shard_index, config.shard_count);
@@ -74,10 +113,6 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         );
     }
     let sequence = SequenceFile::open(&config.state_dir)?;
-    let outbox_dir = config.state_dir.join("outbox");
-    let outbox = Outbox::open(&outbox_dir, config.outbox.clone())
-        .with_context(|| format!("failed to open outbox {}", outbox_dir.display()))?;
-    let outbox = Arc::new(Mutex::new(outbox));
     tracing::info!(
         device_id = %config.device_id,
         model = %model_ref.name,
@@ -99,34 +134,38 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
             "drain rate raised to twice the telemetry rate, so a backlog shrinks"
         );
     }
-    let api = start_api(&config, &model).await?;
+    let api = start_api(&config, &slot).await?;
 
     let (publisher, eventloop) = mqtt::connect(&config)?;
-    let status = mqtt::StatusMessages {
+    let status_topic = topic::device_topic(&config.device_id, topic::TopicKind::Status);
+    let (status_tx, status_rx) = watch::channel(StatusPayloads::new(&config, &model_ref)?);
+    let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    let session_config = SessionConfig {
         broker: format!("{}:{}", config.broker_host, config.broker_port),
-        topic: topic::device_topic(&config.device_id, topic::TopicKind::Status),
-        online: mqtt::status_payload(&config, Some(&model_ref), DeviceState::Online)?,
-        offline: mqtt::status_payload(&config, Some(&model_ref), DeviceState::Offline)?,
+        status_topic: status_topic.clone(),
+        status: status_rx,
+        command_topic: topic::device_topic(&config.device_id, topic::TopicKind::Command),
+        commands: commands_tx,
     };
-    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (session_events_tx, session_events_rx) = mpsc::unbounded_channel();
     let (session_stop_tx, session_stop_rx) = watch::channel(false);
     let session = tokio::spawn(mqtt::drive(
         eventloop,
         publisher.clone(),
-        status,
-        events_tx,
+        session_config,
+        session_events_tx,
         session_stop_rx,
     ));
-    let appended = Arc::new(Notify::new());
     let forwarder = Forwarder::new(
         outbox.clone(),
-        publisher,
+        publisher.clone(),
         ForwarderConfig {
             topic: topic::device_topic(&config.device_id, topic::TopicKind::Telemetry),
+            events_topic: topic::device_topic(&config.device_id, topic::TopicKind::Events),
             drain_rate,
             window: FORWARD_WINDOW,
         },
-        events_rx,
+        session_events_rx,
         appended.clone(),
     );
     let (forwarder_stop_tx, forwarder_stop_rx) = watch::channel(false);
@@ -134,8 +173,36 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
 
     let stats = Arc::new(SharedStats::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let (report_tx, mut report_rx) = mpsc::channel(1);
+    let updater = Updater {
+        store,
+        key,
+        slot: slot.clone(),
+        events,
+        status: StatusUpdater {
+            config: config.clone(),
+            publisher,
+            topic: status_topic,
+            payloads: status_tx,
+        },
+        outbox: outbox.clone(),
+        report_now: report_tx,
+        server: config.server.clone(),
+        token: config
+            .credentials
+            .as_ref()
+            .map(|credentials| credentials.password.clone()),
+        commit_timeout: config.commit_timeout,
+    };
+    // Not joined at shutdown: a download in progress would hold the agent up, and the
+    // install state is consistent at every step, so stopping it anywhere is safe.
+    std::thread::Builder::new()
+        .name("updater".into())
+        .spawn(move || updater.run(commands_rx))
+        .context("failed to start the updater thread")?;
+
     let inference = InferenceLoop {
-        model,
+        model: slot.clone(),
         data,
         indices,
         rate: config.rate,
@@ -151,7 +218,7 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
 
     let mut reporter = Reporter {
         config: &config,
-        model: model_ref,
+        model: slot,
         sequence,
         stats,
         system: SystemSampler::new(),
@@ -167,7 +234,13 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
     tokio::pin!(signal);
     loop {
         tokio::select! {
-            _ = ticker.tick() => reporter.report().await?,
+            _ = ticker.tick() => {
+                reporter.report().await?;
+            }
+            Some(reply) = report_rx.recv() => {
+                let position = reporter.report().await?;
+                let _ = reply.send(position);
+            }
             result = &mut signal => {
                 result?;
                 break;
@@ -197,23 +270,51 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Verifies the bundle and loads its model.
-fn load_model(config: &DeviceConfig) -> anyhow::Result<(ModelRef, SharedModel)> {
-    let key = PublicKey::read(&config.public_key)
-        .with_context(|| format!("failed to read public key {}", config.public_key.display()))?;
-    let bundle = Bundle::open_verified(&config.bundle, &key)
-        .with_context(|| format!("rejected bundle {}", config.bundle.display()))?;
-    let model_ref = ModelRef {
-        name: bundle.manifest.name.clone(),
-        version: bundle.manifest.version.clone(),
-    };
-    let model = SharedModel::load(&bundle).with_context(|| {
-        format!(
-            "failed to load the model of bundle {}",
-            config.bundle.display()
-        )
-    })?;
-    Ok((model_ref, model))
+/// Loads the bundle the install state names. An installed bundle that fails to load is
+/// given up for the one before it, down to the factory bundle, whose failure is an error.
+fn load_active_model(
+    config: &DeviceConfig,
+    store: &mut BundleStore,
+    key: &PublicKey,
+    events: &EventSink,
+) -> anyhow::Result<SharedModel> {
+    loop {
+        let active = store.active().clone();
+        let loaded = Bundle::open_verified(&active.dir, key)
+            .with_context(|| format!("rejected bundle {}", active.dir.display()))
+            .and_then(|bundle| {
+                SharedModel::load(&bundle).with_context(|| {
+                    format!(
+                        "failed to load the model of bundle {}",
+                        active.dir.display()
+                    )
+                })
+            });
+        match loaded {
+            Ok(model) => return Ok(model),
+            Err(error) if active.dir != config.bundle => {
+                let back_on = store.roll_back()?;
+                events.update(
+                    "",
+                    &active.sha256,
+                    &active.version,
+                    UpdateStage::RolledBack,
+                    &format!(
+                        "installed bundle failed at start-up ({error:#}); back on {} {}",
+                        back_on.name, back_on.version
+                    ),
+                );
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn model_ref(model: &SharedModel) -> ModelRef {
+    ModelRef {
+        name: model.info().name.clone(),
+        version: model.info().version.clone(),
+    }
 }
 
 /// The local inference API while it serves.
@@ -234,10 +335,7 @@ impl RunningApi {
 }
 
 /// Binds and starts the local inference API when `--api-listen` is set.
-async fn start_api(
-    config: &DeviceConfig,
-    model: &SharedModel,
-) -> anyhow::Result<Option<RunningApi>> {
+async fn start_api(config: &DeviceConfig, slot: &ModelSlot) -> anyhow::Result<Option<RunningApi>> {
     let Some(address) = config.api_listen else {
         return Ok(None);
     };
@@ -248,8 +346,8 @@ async fn start_api(
     if !address.ip().is_loopback() {
         tracing::warn!(%address, "inference API listens beyond localhost and has no authentication");
     }
-    tracing::info!(%address, model = %model.info().name, "inference API listening");
-    let state = ApiState::new(model.clone());
+    tracing::info!(%address, model = %slot.current().info().name, "inference API listening");
+    let state = ApiState::with_slot(slot.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(api::serve(listener, state.clone(), async {
         let _ = stopped.await;

@@ -9,7 +9,7 @@
 //! returns whole output rows. This module therefore drives the backend itself and repeats
 //! the classifier's input check; fold it back once the runtime exposes rows.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use fleet_bundle::{Bundle, Postprocessing, Preprocessing, TensorSpec};
 use fleet_runtime::{Backend, RuntimeError, Tensor, TractBackend, softmax};
@@ -139,6 +139,37 @@ impl SharedModel {
             rows.extend((0..in_chunk).map(|row| output.row(row).to_vec()));
         }
         Ok(rows)
+    }
+}
+
+/// The model the agent runs now. An update replaces it as a whole; callers take a
+/// [`SharedModel`] from it per request, so a request that started on the old model
+/// finishes on it.
+#[derive(Debug, Clone)]
+pub struct ModelSlot {
+    current: Arc<RwLock<SharedModel>>,
+}
+
+impl ModelSlot {
+    pub fn new(model: SharedModel) -> ModelSlot {
+        ModelSlot {
+            current: Arc::new(RwLock::new(model)),
+        }
+    }
+
+    /// Returns the model in use.
+    pub fn current(&self) -> SharedModel {
+        // Replacing is a single assignment, so a poisoned lock still holds a whole model.
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `model` in use and returns the one it replaces.
+    pub fn replace(&self, model: SharedModel) -> SharedModel {
+        let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        std::mem::replace(&mut *current, model)
     }
 }
 

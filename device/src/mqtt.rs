@@ -1,6 +1,7 @@
 //! The MQTT session: connects with a last will, keeps reconnecting with backoff,
-//! publishes the retained online status after every connection, and traces each PUBACK
-//! back to the outbox record it acknowledges.
+//! publishes the retained online status and subscribes to the device's command topic
+//! after every connection, hands commands to the updater, and traces each PUBACK back to
+//! the outbox record it acknowledges.
 //!
 //! rumqttc reports a publish only by its packet id, which the event loop assigns when it
 //! sends the packet. [`Publisher`] therefore records the kind of each request in request
@@ -73,15 +74,35 @@ pub fn status_payload(
     Ok(fleet_wire::encode(&status, config.encoding)?)
 }
 
-/// The broker address for log lines, and the retained status messages the session
-/// publishes.
-#[derive(Debug, Clone)]
-pub struct StatusMessages {
+/// The broker address for log lines, the retained status messages the session
+/// publishes, and where commands go.
+#[derive(Debug)]
+pub struct SessionConfig {
     /// `HOST:PORT` of the broker.
     pub broker: String,
-    pub topic: String,
+    pub status_topic: String,
+    /// The current status payloads; an update replaces them when it switches models.
+    pub status: watch::Receiver<StatusPayloads>,
+    /// `fleet/v1/{device}/cmd`, subscribed at QoS 1 after every connection.
+    pub command_topic: String,
+    /// Receives the payload of every message on the command topic.
+    pub commands: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+/// Encoded status messages for the model in use.
+#[derive(Debug, Clone)]
+pub struct StatusPayloads {
     pub online: Vec<u8>,
     pub offline: Vec<u8>,
+}
+
+impl StatusPayloads {
+    pub fn new(config: &DeviceConfig, model: &ModelRef) -> anyhow::Result<StatusPayloads> {
+        Ok(StatusPayloads {
+            online: status_payload(config, Some(model), DeviceState::Online)?,
+            offline: status_payload(config, Some(model), DeviceState::Offline)?,
+        })
+    }
 }
 
 /// Content of a QoS 1 publish, kept so its PUBACK can be traced back.
@@ -203,7 +224,7 @@ impl Publisher {
 pub async fn drive(
     mut eventloop: EventLoop,
     publisher: Publisher,
-    status: StatusMessages,
+    session: SessionConfig,
     events: mpsc::UnboundedSender<SessionEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -220,11 +241,24 @@ pub async fn drive(
                 backoff = BACKOFF_MIN;
                 failures = 0;
                 let _ = events.send(SessionEvent::Connected);
-                let online = status.online.clone();
+                let online = session.status.borrow().online.clone();
                 if let Err(error) =
-                    publisher.publish(&status.topic, PublishKind::Status, true, online)
+                    publisher.publish(&session.status_topic, PublishKind::Status, true, online)
                 {
                     tracing::warn!(%error, "online status not queued");
+                }
+                if let Err(error) = publisher
+                    .client
+                    .try_subscribe(&session.command_topic, QoS::AtLeastOnce)
+                {
+                    tracing::warn!(%error, topic = %session.command_topic, "command subscription not queued");
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(message))) => {
+                if message.topic == session.command_topic {
+                    let _ = session.commands.send(message.payload.to_vec());
+                } else {
+                    tracing::debug!(topic = %message.topic, "message on an unexpected topic ignored");
                 }
             }
             Ok(event) => trace_event(&publisher, &events, event),
@@ -235,7 +269,7 @@ pub async fn drive(
                 // Log the first failures and then every tenth, so a long outage does not
                 // flood the log.
                 if failures <= 3 || failures.is_multiple_of(10) {
-                    tracing::warn!(%error, broker = %status.broker, failures, retry_in_ms = backoff.as_millis() as u64, "broker connection failed, retrying");
+                    tracing::warn!(%error, broker = %session.broker, failures, retry_in_ms = backoff.as_millis() as u64, "broker connection failed, retrying");
                 }
                 let wait = jittered(backoff);
                 tokio::select! {
@@ -246,7 +280,7 @@ pub async fn drive(
             }
         }
     }
-    flush_and_disconnect(&mut eventloop, &publisher, &status, &events).await;
+    flush_and_disconnect(&mut eventloop, &publisher, &session, &events).await;
 }
 
 /// Pairs sent publishes with packet ids and reports telemetry acknowledgements.
@@ -266,12 +300,12 @@ fn trace_event(publisher: &Publisher, events: &mpsc::UnboundedSender<SessionEven
 async fn flush_and_disconnect(
     eventloop: &mut EventLoop,
     publisher: &Publisher,
-    status: &StatusMessages,
+    session: &SessionConfig,
     events: &mpsc::UnboundedSender<SessionEvent>,
 ) {
-    let offline = status.offline.clone();
+    let offline = session.status.borrow().offline.clone();
     let queued = publisher
-        .publish(&status.topic, PublishKind::Status, true, offline)
+        .publish(&session.status_topic, PublishKind::Status, true, offline)
         .and_then(|()| publisher.client.try_disconnect());
     if let Err(error) = queued {
         tracing::warn!(%error, "offline status not queued; the broker will publish the last will");

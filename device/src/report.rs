@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 
-use fleet_wire::{ModelRef, Telemetry};
+use fleet_wire::Telemetry;
 use tokio::sync::Notify;
 
 use crate::config::DeviceConfig;
 use crate::forward::{SharedOutbox, error_chain, with_outbox};
+use crate::model::ModelSlot;
 use crate::outbox::OutboxStats;
 use crate::sequence::SequenceFile;
 use crate::stats::SharedStats;
@@ -16,7 +17,8 @@ use crate::system::SystemSampler;
 #[derive(Debug)]
 pub struct Reporter<'a> {
     pub config: &'a DeviceConfig,
-    pub model: ModelRef,
+    /// The model in use; each message names the one in use when it is built.
+    pub model: ModelSlot,
     pub sequence: SequenceFile,
     pub stats: Arc<SharedStats>,
     pub system: SystemSampler,
@@ -30,10 +32,10 @@ pub struct Reporter<'a> {
 }
 
 impl Reporter<'_> {
-    /// Builds the telemetry of the interval that just ended and appends it to the outbox.
-    /// An outbox that fails to store it is logged and counted, and the agent carries on.
-    /// The server then records a gap in the sequence numbers.
-    pub async fn report(&mut self) -> anyhow::Result<()> {
+    /// Builds the telemetry of the interval that just ended and appends it to the outbox,
+    /// returning its position. An outbox that fails to store it is logged and counted,
+    /// and the agent carries on; the server then records a gap in the sequence numbers.
+    pub async fn report(&mut self) -> anyhow::Result<Option<u64>> {
         let telemetry = self.build()?;
         let payload = fleet_wire::encode(&telemetry, self.config.encoding)?;
         let appended = with_outbox(&self.outbox, move |outbox| {
@@ -51,6 +53,7 @@ impl Reporter<'_> {
                     "telemetry queued"
                 );
                 self.log_outbox_losses(stats);
+                Ok(Some(position))
             }
             (Err(error), _) => {
                 self.append_failures += 1;
@@ -60,9 +63,9 @@ impl Reporter<'_> {
                     failures = self.append_failures,
                     "telemetry not stored in the outbox, dropped"
                 );
+                Ok(None)
             }
         }
-        Ok(())
     }
 
     fn build(&mut self) -> anyhow::Result<Telemetry> {
@@ -75,7 +78,7 @@ impl Reporter<'_> {
             interval_ms: now
                 .saturating_sub(self.last_report_ms)
                 .min(u64::from(u32::MAX)) as u32,
-            model: self.model.clone(),
+            model: crate::model_ref(&self.model.current()),
             inferences: interval.inferences,
             input_errors: interval.input_errors,
             labeled: interval.labeled,

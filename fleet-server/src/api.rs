@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::access::http::{self as access_http, LoginLimiter};
 use crate::metrics::{Outcome, ServerMetrics};
 use crate::store::{DeviceSummary, Store, StoreError, TelemetryRow};
+use crate::updates::Updates;
+use crate::updates::http as updates_http;
 
 /// Telemetry received within this window feeds the live latency and throughput.
 pub const LIVE_WINDOW: Duration = Duration::from_secs(30);
@@ -27,11 +29,13 @@ pub struct ApiState {
     pub store: Store,
     pub metrics: Arc<ServerMetrics>,
     pub login_limiter: LoginLimiter,
+    pub updates: Arc<Updates>,
 }
 
 /// Builds the router. The console page, `/healthz`, `/metrics` and the login route are
 /// public (the page requests a login before it reads the API, and the metrics carry no
-/// device ids); every other `/api` route requires an operator.
+/// device ids); the bundle archive download admits devices and operators; every other
+/// `/api` route requires an operator.
 pub fn router(state: ApiState) -> Router {
     let operator_routes = Router::new()
         .route("/api/summary", get(summary))
@@ -39,16 +43,21 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/devices/{id}/telemetry", get(telemetry))
         .route("/api/whoami", get(access_http::whoami))
         .route("/api/logout", post(access_http::logout))
+        .merge(updates_http::operator_routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access_http::require_operator,
         ));
+    let device_routes = updates_http::download_routes().route_layer(
+        axum::middleware::from_fn_with_state(state.clone(), access_http::require_principal),
+    );
     Router::new()
         .route("/", get(console))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .route("/api/login", post(access_http::login))
         .merge(operator_routes)
+        .merge(device_routes)
         .with_state(state)
 }
 

@@ -2,29 +2,52 @@
 
 use std::net::SocketAddr;
 
+use std::path::PathBuf;
+
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, Subcommand};
 
 use crate::access::admin::AdminCommand;
 use crate::logging::LogFormat;
+use crate::updates::cli::{BundleCommand, UpdateCommand};
+use crate::updates::{DEFAULT_MAX_BUNDLE_BYTES, UpdateSettings};
 use crate::{BrokerMode, Server, ServerConfig};
 
-/// The server's command line: its flags, or one administration command.
+/// The server's command line: its flags, or one subcommand.
 #[derive(Debug, Clone, Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct ServerCommand {
     #[command(subcommand)]
-    pub admin: Option<AdminCommand>,
+    pub subcommand: Option<ServerSubcommand>,
     #[command(flatten)]
     pub args: ServerArgs,
 }
 
+/// Subcommands of the server: administration on the database, and bundle and update
+/// commands that call a running server's HTTP API.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ServerSubcommand {
+    #[command(flatten)]
+    Admin(AdminCommand),
+    /// Upload and list bundle archives for over-the-air updates.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Send bundles to devices and follow the updates.
+    #[command(subcommand)]
+    Update(UpdateCommand),
+}
+
 impl ServerCommand {
-    /// Runs the administration command if there is one, else the server until SIGINT or
-    /// SIGTERM.
+    /// Runs the subcommand if there is one, else the server until SIGINT or SIGTERM.
     pub async fn run(self) -> anyhow::Result<()> {
-        match self.admin {
-            Some(command) => crate::access::admin::run(command).await,
+        match self.subcommand {
+            Some(ServerSubcommand::Admin(command)) => crate::access::admin::run(command).await,
+            Some(ServerSubcommand::Bundle(command)) => {
+                crate::updates::cli::run_bundle(command).await
+            }
+            Some(ServerSubcommand::Update(command)) => {
+                crate::updates::cli::run_update(command).await
+            }
             None => run(self.args).await,
         }
     }
@@ -94,6 +117,22 @@ pub struct ServerArgs {
     /// (docs/gateway.md).
     #[arg(long)]
     pub gateway_config: Option<std::path::PathBuf>,
+    /// Folder for uploaded bundle archives, created if missing [default: fleet-bundles
+    /// beside the SQLite database, or in the working directory for PostgreSQL].
+    #[arg(long)]
+    pub bundle_dir: Option<PathBuf>,
+    /// Accept only bundle uploads signed with this ed25519 public key file, as written by
+    /// `compress keygen`. Without it any readable bundle archive is stored, and only
+    /// devices check signatures.
+    #[arg(long)]
+    pub bundle_public_key: Option<PathBuf>,
+    /// Largest bundle archive accepted by POST /api/bundles, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_BUNDLE_BYTES)]
+    pub max_bundle_bytes: u64,
+    /// Base URL devices download bundle archives from, as they reach this server, such as
+    /// http://fleet.example:8080 [default: http:// and the --http address].
+    #[arg(long)]
+    pub public_url: Option<String>,
 }
 
 impl ServerArgs {
@@ -145,6 +184,25 @@ impl ServerArgs {
             telemetry_retention: self
                 .telemetry_retention_hours
                 .map(|hours| std::time::Duration::from_secs(hours * 3600)),
+            updates: self.update_settings()?,
+        })
+    }
+
+    /// Checks and collects the over-the-air update flags.
+    fn update_settings(&self) -> anyhow::Result<UpdateSettings> {
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            anyhow::bail!("invalid --public-url {url:?}: expected http://HOST:PORT or https://...");
+        }
+        if self.max_bundle_bytes == 0 {
+            anyhow::bail!("invalid --max-bundle-bytes 0: give a limit of at least 1 byte");
+        }
+        Ok(UpdateSettings {
+            bundle_dir: self.bundle_dir.clone(),
+            public_key: self.bundle_public_key.clone(),
+            max_bundle_bytes: self.max_bundle_bytes,
+            public_url: self.public_url.clone(),
         })
     }
 }

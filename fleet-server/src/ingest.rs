@@ -1,18 +1,22 @@
-//! MQTT ingestion: subscribes to every device's telemetry and status, decodes them and
-//! writes them in batches. Each QoS 1 message is acknowledged only after its batch has
-//! committed, so a server that dies mid-batch loses nothing the broker will not send
-//! again.
+//! MQTT ingestion: subscribes to every device's telemetry, status and update events,
+//! decodes them and writes them in batches. Each QoS 1 message is acknowledged only after
+//! its batch has committed, so a server that dies mid-batch loses nothing the broker will
+//! not send again.
+//!
+//! The first connection's client also publishes install commands, and each status that
+//! turns a device online is passed on so its unfinished updates are sent again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use fleet_wire::{Status, Telemetry, topic};
+use fleet_wire::{DeviceState, EventKind, Status, Telemetry, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::metrics::{CLOCK_SKEW_LIMIT_MS, Outcome, ServerMetrics};
+use crate::store::updates::ReceivedEvent;
 use crate::store::{Received, Record, Store};
 
 /// Largest number of messages written in one transaction.
@@ -51,14 +55,24 @@ pub struct IngestOptions {
     pub connections: usize,
 }
 
+/// Started ingestion.
+#[derive(Debug)]
+pub struct Ingest {
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Client of the first connection, for publishing commands.
+    pub commands: AsyncClient,
+}
+
 /// Starts the MQTT connections and the writer; all run until `shutdown` turns true.
+/// The writer sends the id of each device whose status turns online to `online`.
 pub fn spawn(
     broker: BrokerAddress,
     ingest: IngestOptions,
     store: Store,
     metrics: Arc<ServerMetrics>,
+    online: mpsc::UnboundedSender<String>,
     shutdown: watch::Receiver<bool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
+) -> Ingest {
     let connections = ingest.connections.max(1);
     // Connections of one server split the telemetry through a shared subscription;
     // servers in a configured group share it with each other as well.
@@ -105,10 +119,15 @@ pub fn spawn(
             shutdown.clone(),
         )));
     }
-    tasks.push(tokio::spawn(write_batches(
-        queue_rx, clients, store, metrics,
-    )));
-    tasks
+    let commands = clients[0].clone();
+    let writer = Writer {
+        clients,
+        store,
+        metrics,
+        online,
+    };
+    tasks.push(tokio::spawn(write_batches(queue_rx, writer)));
+    Ingest { tasks, commands }
 }
 
 /// One of the ingester's broker connections.
@@ -132,12 +151,20 @@ impl Connection {
     }
 }
 
+/// A decoded message to store.
+enum Message {
+    /// Telemetry or status, written in batches.
+    Record(Record),
+    /// An update event, written one at a time after its batch.
+    Event(ReceivedEvent),
+}
+
 /// A received message waiting for its batch, with the packet to acknowledge.
 ///
 /// Every publish, including ones that are dropped, goes through the same queue, because
 /// MQTT 3.1.1 requires QoS 1 acknowledgements in the order the messages arrived.
 struct Pending {
-    record: Option<Record>,
+    message: Option<Message>,
     publish: Publish,
     /// Index of the connection that received it, which must acknowledge it.
     connection: usize,
@@ -170,10 +197,10 @@ async fn read_broker(
                 subscribe(&connection).await;
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let record = decode(&publish, &metrics);
+                let message = decode(&publish, &metrics);
                 metrics.queue_depth.inc();
                 let pending = Pending {
-                    record,
+                    message,
                     publish,
                     connection: connection.index,
                 };
@@ -207,18 +234,20 @@ async fn read_broker(
     let _ = connection.client.try_disconnect();
 }
 
-/// Subscribes to telemetry, through the shared group when there is one, and, on the
-/// first connection only, to status.
+/// Subscribes to telemetry and update events, through the shared group when there is
+/// one, and, on the first connection only, to status.
 ///
 /// Status stays an ordinary subscription: brokers do not send retained messages to
 /// shared subscriptions, and every replica applying every status change is harmless.
 async fn subscribe(connection: &Connection) {
-    let telemetry = topic::all_devices(topic::TopicKind::Telemetry);
-    let telemetry = match &connection.shared_group {
-        Some(group) => format!("$share/{group}/{telemetry}"),
-        None => telemetry,
+    let shared = |filter: String| match &connection.shared_group {
+        Some(group) => format!("$share/{group}/{filter}"),
+        None => filter,
     };
-    let mut filters = vec![telemetry];
+    let mut filters = vec![
+        shared(topic::all_devices(topic::TopicKind::Telemetry)),
+        shared(topic::all_devices(topic::TopicKind::Events)),
+    ];
     if connection.index == 0 {
         filters.push(topic::all_devices(topic::TopicKind::Status));
     }
@@ -229,9 +258,9 @@ async fn subscribe(connection: &Connection) {
     }
 }
 
-/// Turns a publish into a store record, or `None` for messages that are dropped
+/// Turns a publish into a message to store, or `None` for messages that are dropped
 /// (counted and logged) or carry nothing to store.
-fn decode(publish: &Publish, metrics: &ServerMetrics) -> Option<Record> {
+fn decode(publish: &Publish, metrics: &ServerMetrics) -> Option<Message> {
     let received_ms = crate::unix_millis();
     let Some((device_id, kind)) = topic::parse(&publish.topic) else {
         reject(metrics, publish, "not a fleet topic");
@@ -241,10 +270,10 @@ fn decode(publish: &Publish, metrics: &ServerMetrics) -> Option<Record> {
         topic::TopicKind::Telemetry => match fleet_wire::decode::<Telemetry>(&publish.payload) {
             Ok(telemetry) if telemetry.device_id == device_id => {
                 record_lag(metrics, telemetry.device_time_ms, received_ms);
-                Some(Record::Telemetry(Received {
+                Some(Message::Record(Record::Telemetry(Received {
                     telemetry,
                     received_ms,
-                }))
+                })))
             }
             Ok(telemetry) => {
                 let reason = format!("payload names device {:?}", telemetry.device_id);
@@ -259,10 +288,10 @@ fn decode(publish: &Publish, metrics: &ServerMetrics) -> Option<Record> {
         // An empty retained payload only clears the retained message.
         topic::TopicKind::Status if publish.payload.is_empty() => None,
         topic::TopicKind::Status => match fleet_wire::decode::<Status>(&publish.payload) {
-            Ok(status) if status.device_id == device_id => Some(Record::Status {
+            Ok(status) if status.device_id == device_id => Some(Message::Record(Record::Status {
                 status,
                 received_ms,
-            }),
+            })),
             Ok(status) => {
                 let reason = format!("payload names device {:?}", status.device_id);
                 reject(metrics, publish, &reason);
@@ -273,7 +302,37 @@ fn decode(publish: &Publish, metrics: &ServerMetrics) -> Option<Record> {
                 None
             }
         },
-        topic::TopicKind::Events | topic::TopicKind::Command => None,
+        topic::TopicKind::Events => decode_event(publish, device_id, received_ms, metrics),
+        topic::TopicKind::Command => None,
+    }
+}
+
+/// Turns an update event into a message to store, or `None` when it is dropped.
+fn decode_event(
+    publish: &Publish,
+    device_id: &str,
+    received_ms: u64,
+    metrics: &ServerMetrics,
+) -> Option<Message> {
+    let event = match fleet_wire::decode::<fleet_wire::Event>(&publish.payload) {
+        Ok(event) => event,
+        Err(error) => {
+            reject(metrics, publish, &error.to_string());
+            return None;
+        }
+    };
+    if event.device_id != device_id {
+        let reason = format!("payload names device {:?}", event.device_id);
+        reject(metrics, publish, &reason);
+        return None;
+    }
+    match event.kind {
+        EventKind::Update(update) => Some(Message::Event(ReceivedEvent {
+            device_id: event.device_id,
+            device_time_ms: event.device_time_ms,
+            received_ms,
+            event: update,
+        })),
     }
 }
 
@@ -304,56 +363,124 @@ fn reject(metrics: &ServerMetrics, publish: &Publish, reason: &str) {
     }
 }
 
-/// Writes queued messages in batches and then acknowledges each on the connection that
-/// received it, in arrival order.
-async fn write_batches(
-    mut queue: mpsc::Receiver<Pending>,
+/// State of the writer besides its queue.
+struct Writer {
+    /// Clients of the connections, by index, for acknowledgements.
     clients: Vec<AsyncClient>,
     store: Store,
     metrics: Arc<ServerMetrics>,
-) {
+    /// Receives the id of each device whose status turned online.
+    online: mpsc::UnboundedSender<String>,
+}
+
+/// Writes queued messages in batches and then acknowledges each on the connection that
+/// received it, in arrival order.
+async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Moved out rather than cloned: only the publish is needed for the acknowledgement.
-        let records: Vec<Record> = batch.iter_mut().filter_map(|p| p.record.take()).collect();
-        let span = tracing::info_span!(
-            "ingest_batch",
-            messages = batch.len(),
-            records = records.len()
-        );
-        loop {
-            let started = Instant::now();
-            match store.apply_batch(&records).instrument(span.clone()).await {
-                Ok(outcome) => {
-                    metrics
-                        .batch_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    metrics.count(Outcome::Stored, outcome.stored as u64);
-                    metrics.count(Outcome::Duplicate, outcome.duplicates as u64);
-                    tracing::debug!(
-                        stored = outcome.stored,
-                        duplicates = outcome.duplicates,
-                        "batch committed"
-                    );
-                    break;
-                }
-                Err(error) => {
-                    // Nothing is acknowledged until the write succeeds, so retrying
-                    // keeps every message; the broker holds back new ones meanwhile.
-                    metrics.write_errors.inc();
-                    tracing::error!(
-                        error = format!("{:#}", anyhow::Error::from(error)),
-                        records = records.len(),
-                        "batch not stored, retrying"
-                    );
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+        let mut records = Vec::with_capacity(batch.len());
+        let mut events = Vec::new();
+        for message in batch.iter_mut().filter_map(|p| p.message.take()) {
+            match message {
+                Message::Record(record) => records.push(record),
+                Message::Event(event) => events.push(event),
             }
         }
-        metrics.queue_depth.dec_by(batch.len() as i64);
+        if !records.is_empty() {
+            write_records(&writer, &records).await;
+        }
+        for event in &events {
+            write_event(&writer, event).await;
+        }
+        for record in &records {
+            if let Record::Status { status, .. } = record
+                && status.state == DeviceState::Online
+            {
+                // The receiver lives as long as the server; after shutdown, nothing is
+                // left to resend.
+                let _ = writer.online.send(status.device_id.clone());
+            }
+        }
+
+        writer.metrics.queue_depth.dec_by(batch.len() as i64);
         for pending in batch.drain(..) {
-            if let Err(error) = clients[pending.connection].ack(&pending.publish).await {
+            if let Err(error) = writer.clients[pending.connection]
+                .ack(&pending.publish)
+                .await
+            {
                 tracing::warn!(%error, "acknowledgement not sent");
+            }
+        }
+    }
+}
+
+/// Writes telemetry and status records in one transaction, retrying until it commits.
+async fn write_records(writer: &Writer, records: &[Record]) {
+    let metrics = &writer.metrics;
+    let span = tracing::info_span!("ingest_batch", records = records.len());
+    loop {
+        let started = Instant::now();
+        match writer
+            .store
+            .apply_batch(records)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(outcome) => {
+                metrics
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics.count(Outcome::Stored, outcome.stored as u64);
+                metrics.count(Outcome::Duplicate, outcome.duplicates as u64);
+                tracing::debug!(
+                    stored = outcome.stored,
+                    duplicates = outcome.duplicates,
+                    "batch committed"
+                );
+                return;
+            }
+            Err(error) => {
+                // Nothing is acknowledged until the write succeeds, so retrying keeps
+                // every message; the broker holds back new ones meanwhile.
+                metrics.write_errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    records = records.len(),
+                    "batch not stored, retrying"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Stores one update event, retrying until it commits, as [`write_records`] does.
+async fn write_event(writer: &Writer, received: &ReceivedEvent) {
+    let event = &received.event;
+    loop {
+        match writer.store.record_update_event(received).await {
+            Ok(outcome) => {
+                writer.metrics.updates.count_event(outcome);
+                tracing::info!(
+                    device_id = %received.device_id,
+                    update_id = %event.update_id,
+                    stage = event.stage.as_str(),
+                    ?outcome,
+                    detail = %event.detail,
+                    "update event stored"
+                );
+                return;
+            }
+            Err(error) => {
+                writer.metrics.write_errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    device_id = %received.device_id,
+                    update_id = %event.update_id,
+                    "update event not stored, retrying"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }

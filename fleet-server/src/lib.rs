@@ -1,5 +1,6 @@
 //! The fleet server: takes in device telemetry over MQTT, keeps the fleet in SQLite and
-//! serves the JSON API and the web console.
+//! serves the JSON API and the web console. It also stores signed bundle archives and
+//! rolls them out to devices as over-the-air updates ([`updates`]).
 //!
 //! By default it embeds an MQTT broker (rumqttd), so one process is the whole back end.
 //! With [`BrokerMode::External`] it subscribes to an existing broker such as Mosquitto.
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod metrics;
 pub mod replica;
 pub mod store;
+pub mod updates;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,6 +71,8 @@ pub struct ServerConfig {
     pub mqtt_credentials: Option<fleet_wire::MqttCredentials>,
     /// Raw telemetry older than this is rolled into hourly rows; `None` keeps it all.
     pub telemetry_retention: Option<Duration>,
+    /// Bundle folder, signature check and archive URLs of over-the-air updates.
+    pub updates: updates::UpdateSettings,
 }
 
 impl ServerConfig {
@@ -122,6 +126,16 @@ impl Server {
         gateway: Option<gateway::GatewayConfig>,
     ) -> anyhow::Result<Server> {
         let store = Store::open(&config.database).await?;
+        let bundle_dir = config.updates.resolve_bundle_dir(&config.database);
+        let archives = updates::archives::ArchiveStore::open(&bundle_dir).with_context(|| {
+            format!("failed to open the bundle folder {}", bundle_dir.display())
+        })?;
+        let public_key = match &config.updates.public_key {
+            Some(path) => Some(fleet_bundle::PublicKey::read(path).with_context(|| {
+                format!("failed to read the bundle public key {}", path.display())
+            })?),
+            None => None,
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let metrics = Arc::new(ServerMetrics::new());
         let mut credentials = config.mqtt_credentials.clone();
@@ -172,11 +186,16 @@ impl Server {
             credentials,
             connections,
         };
-        let mut tasks = ingest::spawn(
+        let (online_tx, online_rx) = tokio::sync::mpsc::unbounded_channel();
+        let ingest::Ingest {
+            mut tasks,
+            commands,
+        } = ingest::spawn(
             broker,
             ingest_options,
             store.clone(),
             metrics.clone(),
+            online_tx,
             shutdown_rx.clone(),
         );
 
@@ -184,10 +203,34 @@ impl Server {
             .await
             .with_context(|| format!("failed to listen for HTTP on {}", config.http_listen))?;
         let http_addr = listener.local_addr()?;
+        let public_url = match &config.updates.public_url {
+            Some(url) => url.clone(),
+            None => format!("http://{http_addr}"),
+        };
+        if config.updates.public_url.is_none() && http_addr.ip().is_unspecified() {
+            tracing::warn!(
+                %public_url,
+                "devices cannot download bundles from an unspecified address; set --public-url"
+            );
+        }
+        let updates = Arc::new(updates::Updates {
+            store: store.clone(),
+            archives,
+            public_key,
+            max_bundle_bytes: config.updates.max_bundle_bytes,
+            publisher: updates::commands::CommandPublisher::new(commands, public_url),
+            metrics: metrics.clone(),
+        });
+        tasks.push(tokio::spawn(updates::commands::resend_on_online(
+            updates.clone(),
+            online_rx,
+            shutdown_rx.clone(),
+        )));
         let mut app = api::router(api::ApiState {
             store: store.clone(),
             metrics: metrics.clone(),
             login_limiter: Default::default(),
+            updates,
         });
         let gateway = match gateway {
             Some(gateway) => {
@@ -218,7 +261,13 @@ impl Server {
                 tracing::error!(%error, "HTTP server failed");
             }
         }));
-        tracing::info!(%http_addr, %mqtt_addr, database = %store::redact_password(&config.database), "fleet server started");
+        tracing::info!(
+            %http_addr,
+            %mqtt_addr,
+            database = %store::redact_password(&config.database),
+            bundle_dir = %bundle_dir.display(),
+            "fleet server started"
+        );
         Ok(Server {
             http_addr,
             mqtt_addr,

@@ -3,12 +3,13 @@
 use clap::Parser;
 
 /// Take in device telemetry over MQTT, store it in SQLite and serve the console; or,
-/// with a subcommand, administer credentials and operators.
+/// with a subcommand, administer credentials and operators, upload bundles and send
+/// updates.
 #[derive(Debug, Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    admin: Option<fleet_server::access::admin::AdminCommand>,
+    subcommand: Option<fleet_server::cli::ServerSubcommand>,
     #[command(flatten)]
     args: fleet_server::cli::ServerArgs,
 }
@@ -17,7 +18,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let command = fleet_server::cli::ServerCommand {
-        admin: cli.admin,
+        subcommand: cli.subcommand,
         args: cli.args,
     };
     let args = &command.args;

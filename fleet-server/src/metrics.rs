@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::store::updates::EventOutcome;
+
 /// Devices whose clock differs from the server's by more than this are counted as
 /// skewed.
 pub const CLOCK_SKEW_LIMIT_MS: i64 = 5 * 60 * 1000;
@@ -74,6 +76,8 @@ pub struct ServerMetrics {
     pub login_failed: Counter,
     /// Console logins refused by the per-name rate limit.
     pub login_throttled: Counter,
+    /// Metrics of over-the-air updates.
+    pub updates: UpdateMetrics,
     /// Metrics of the inference gateway, exported empty when it does not run.
     pub gateway: crate::gateway::GatewayMetrics,
 }
@@ -102,6 +106,8 @@ impl ServerMetrics {
         let broker_connected = Gauge::default();
         let access = AccessMetrics::default();
         access.register(&mut registry);
+        let updates = UpdateMetrics::new();
+        updates.register(&mut registry);
         let gateway = crate::gateway::GatewayMetrics::default();
         gateway.register(&mut registry);
         registry.register(
@@ -153,6 +159,7 @@ impl ServerMetrics {
             unauthorized_requests: access.unauthorized_requests,
             login_failed: access.login_failed,
             login_throttled: access.login_throttled,
+            updates,
             gateway,
         }
     }
@@ -175,6 +182,84 @@ impl ServerMetrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// Label set naming what an update event did to its update.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpdateEventLabel {
+    pub outcome: EventOutcome,
+}
+
+impl EncodeLabelValue for EventOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let value = match self {
+            EventOutcome::Applied => "applied",
+            EventOutcome::Stale => "stale",
+            EventOutcome::UnknownUpdate => "unknown_update",
+        };
+        encoder.write_str(value)
+    }
+}
+
+/// Counters of over-the-air updates.
+#[derive(Debug, Default)]
+pub struct UpdateMetrics {
+    events: Family<UpdateEventLabel, Counter>,
+    /// Install commands handed to the MQTT client, first sends and resends.
+    pub commands_sent: Counter,
+    /// Install commands the MQTT client did not take.
+    pub commands_failed: Counter,
+    /// Bundle uploads rejected as empty, oversized, unreadable or wrongly signed.
+    pub bundles_rejected: Counter,
+}
+
+impl UpdateMetrics {
+    fn new() -> UpdateMetrics {
+        let metrics = UpdateMetrics::default();
+        for outcome in [
+            EventOutcome::Applied,
+            EventOutcome::Stale,
+            EventOutcome::UnknownUpdate,
+        ] {
+            let _ = metrics.events.get_or_create(&UpdateEventLabel { outcome });
+        }
+        metrics
+    }
+
+    /// Counts one stored update event by what it did to its update.
+    pub fn count_event(&self, outcome: EventOutcome) {
+        self.events
+            .get_or_create(&UpdateEventLabel { outcome })
+            .inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "update_events",
+            "Update events stored, by what they did to their update",
+            self.events.clone(),
+        );
+        let counters = [
+            (
+                "update_commands_sent",
+                "Install commands handed to the MQTT client, first sends and resends",
+                &self.commands_sent,
+            ),
+            (
+                "update_commands_failed",
+                "Install commands the MQTT client did not take",
+                &self.commands_failed,
+            ),
+            (
+                "bundle_uploads_rejected",
+                "Bundle uploads rejected as empty, oversized, unreadable or wrongly signed",
+                &self.bundles_rejected,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
     }
 }
 

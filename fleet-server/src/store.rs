@@ -1,5 +1,6 @@
 //! Fleet state in SQLite or PostgreSQL through sqlx: devices, their telemetry, hourly
-//! rollups of old telemetry, and the queries the API and console read.
+//! rollups of old telemetry, over-the-air updates, and the queries the API and console
+//! read.
 //!
 //! [`Store`] is the handle the rest of the server uses. Each database is a
 //! [`StoreBackend`] that owns its pool and its SQL. What does not depend on the database
@@ -11,6 +12,7 @@ mod postgres;
 mod rollup;
 mod rows;
 mod sqlite;
+pub mod updates;
 
 use crate::metrics::CLOCK_SKEW_LIMIT_MS;
 use std::collections::HashMap;
@@ -25,6 +27,10 @@ use serde::Serialize;
 
 use self::access::{AccessBackend, Credential};
 use self::rows::{DeviceRow, HourlyRecord, WindowRow};
+use self::updates::{
+    BundleRecord, EventOutcome, ReceivedEvent, Superseded, UpdateBackend, UpdateEventRecord,
+    UpdateRecord,
+};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +226,7 @@ trait StoreBackend: Send + Sync + fmt::Debug {
 pub struct Store {
     backend: Arc<dyn StoreBackend>,
     access: Arc<dyn AccessBackend>,
+    updates: Arc<dyn UpdateBackend>,
 }
 
 impl Store {
@@ -245,7 +252,8 @@ impl Store {
         let backend = Arc::new(sqlite::SqliteBackend::open(path).await?);
         Ok(Store {
             backend: backend.clone(),
-            access: backend,
+            access: backend.clone(),
+            updates: backend,
         })
     }
 
@@ -259,7 +267,8 @@ impl Store {
         let backend = Arc::new(postgres::PostgresBackend::open(url).await?);
         Ok(Store {
             backend: backend.clone(),
-            access: backend,
+            access: backend.clone(),
+            updates: backend,
         })
     }
 
@@ -424,6 +433,105 @@ impl Store {
     }
 }
 
+/// Over-the-air updates: stored bundle archives, updates and their progress events.
+/// Arguments named `sha256` are lowercase hex digests of bundle archives.
+impl Store {
+    /// Records a stored bundle archive; returns false, changing nothing, when one with
+    /// the same SHA-256 is already recorded.
+    pub async fn put_bundle(&self, bundle: &BundleRecord) -> Result<bool, StoreError> {
+        self.updates.put_bundle(bundle).await
+    }
+
+    pub async fn bundle(&self, sha256: &str) -> Result<Option<BundleRecord>, StoreError> {
+        self.updates.bundle(sha256).await
+    }
+
+    /// Lists every bundle, newest upload first.
+    pub async fn bundles(&self) -> Result<Vec<BundleRecord>, StoreError> {
+        self.updates.bundles().await
+    }
+
+    /// Creates one pending update of `bundle` per `(update id, device id)` pair, in one
+    /// transaction, and returns the new updates. Each device's unfinished updates are
+    /// marked superseded first and returned as well.
+    pub async fn create_updates(
+        &self,
+        bundle: &BundleRecord,
+        updates: &[(String, String)],
+        created_by: &str,
+    ) -> Result<(Vec<UpdateRecord>, Vec<Superseded>), StoreError> {
+        let now = crate::unix_millis() as i64;
+        let superseded = self
+            .updates
+            .create_updates(&bundle.sha256, updates, created_by, now)
+            .await?;
+        let created = updates
+            .iter()
+            .map(|(id, device_id)| UpdateRecord {
+                update_id: id.clone(),
+                device_id: device_id.clone(),
+                sha256: bundle.sha256.clone(),
+                name: bundle.name.clone(),
+                version: bundle.version.clone(),
+                size: bundle.size,
+                stage: updates::STAGE_PENDING.to_owned(),
+                detail: String::new(),
+                created_ms: now,
+                updated_ms: now,
+                created_by: created_by.to_owned(),
+            })
+            .collect();
+        Ok((created, superseded))
+    }
+
+    pub async fn update(&self, id: &str) -> Result<Option<UpdateRecord>, StoreError> {
+        self.updates.update(id).await
+    }
+
+    /// Lists the latest `limit` updates, newest first, of one device or of all.
+    pub async fn updates(
+        &self,
+        device_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<UpdateRecord>, StoreError> {
+        self.updates.updates(device_id, i64::from(limit)).await
+    }
+
+    /// Lists a device's updates that are neither final nor superseded, oldest first.
+    pub async fn unfinished_updates(
+        &self,
+        device_id: &str,
+    ) -> Result<Vec<UpdateRecord>, StoreError> {
+        self.updates.unfinished_updates(device_id).await
+    }
+
+    /// Lists the events reported for an update, in the order they arrived.
+    pub async fn update_events(
+        &self,
+        update_id: &str,
+    ) -> Result<Vec<UpdateEventRecord>, StoreError> {
+        self.updates.update_events(update_id).await
+    }
+
+    /// Appends an event to the event history and, when it names an update of the same
+    /// device, moves that update to the event's stage. Updates only move forward: an
+    /// event for a stage at or behind the current one, or for a finished update,
+    /// changes nothing but the history.
+    pub async fn record_update_event(
+        &self,
+        event: &ReceivedEvent,
+    ) -> Result<EventOutcome, StoreError> {
+        let rank = updates::stage_rank(event.event.stage);
+        self.updates.record_update_event(event, rank).await
+    }
+
+    /// Lists the ids of devices that have connected or hold a device credential,
+    /// ordered by id.
+    pub async fn known_devices(&self) -> Result<Vec<String>, StoreError> {
+        self.updates.known_devices().await
+    }
+}
+
 /// Latency and throughput figures of one device over the live window.
 #[derive(Debug, Default)]
 struct WindowStats {
@@ -488,6 +596,15 @@ impl<'a> Location<'a> {
                 scheme: scheme.to_owned(),
             }),
         }
+    }
+}
+
+/// Returns the SQLite file that a [`Store::open`] argument names, or `None` when it names
+/// PostgreSQL or is invalid.
+pub fn sqlite_path(database: &str) -> Option<&Path> {
+    match Location::parse(database) {
+        Ok(Location::Sqlite(path)) => Some(path),
+        _ => None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! The store on both backends: deduplication on (device, seq), gap counting, status, the
-//! live window, downsampling and concurrent writers, on real databases.
+//! live window, downsampling, concurrent writers and over-the-air updates, on real
+//! databases.
 //!
 //! Every test listed in `on_each_backend!` runs twice: on a SQLite file in a temporary
 //! folder, and in a PostgreSQL schema of its own, so the tests can run in parallel. The
@@ -13,8 +14,14 @@ use std::time::Duration;
 
 use fleet_server::access::{self, AccessError, Principal};
 use fleet_server::store::access::CredentialRole;
+use fleet_server::store::updates::{
+    BundleRecord, EventOutcome, ReceivedEvent, STAGE_PENDING, STAGE_SUPERSEDED,
+};
 use fleet_server::store::{DownsampleOutcome, Received, Record, Store};
-use fleet_wire::{DeviceState, LatencyHistogram, ModelRef, Status, SystemStats, Telemetry};
+use fleet_wire::{
+    DeviceState, LatencyHistogram, ModelRef, Status, SystemStats, Telemetry, UpdateEvent,
+    UpdateStage,
+};
 use sqlx::{Connection, Executor, PgConnection};
 
 const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -58,6 +65,9 @@ on_each_backend!(
     overlapping_batches_from_two_handles,
     credentials_are_issued_checked_and_revoked,
     operator_sessions_and_tokens,
+    bundles_are_recorded_once,
+    update_stage_moves_forward_only,
+    new_update_supersedes_unfinished_one,
 );
 
 #[derive(Debug, Clone, Copy)]
@@ -828,4 +838,194 @@ async fn open_accepts_plain_path_and_sqlite_url() {
     let by_open_sqlite = Store::open_sqlite(&path).await.unwrap();
     let rows = by_open_sqlite.telemetry("k", 10).await.unwrap().unwrap();
     assert_eq!(rows.len(), 1);
+}
+
+fn bundle_record(sha_digit: char, version: &str) -> BundleRecord {
+    BundleRecord {
+        sha256: sha_digit.to_string().repeat(64),
+        name: "digit-cnn".into(),
+        version: version.into(),
+        size: 1_234,
+        uploaded_ms: 1_000,
+        uploaded_by: "alice".into(),
+    }
+}
+
+fn update_event(device_id: &str, update_id: &str, stage: UpdateStage) -> ReceivedEvent {
+    ReceivedEvent {
+        device_id: device_id.into(),
+        device_time_ms: 5_000,
+        received_ms: 6_000,
+        event: UpdateEvent {
+            update_id: update_id.into(),
+            sha256: "a".repeat(64),
+            version: "1.1.0".into(),
+            stage,
+            detail: format!("reached {}", stage.as_str()),
+        },
+    }
+}
+
+/// Returns the stored stage of an update.
+async fn stage_of(store: &Store, id: &str) -> String {
+    store
+        .update(id)
+        .await
+        .unwrap()
+        .expect("stored update")
+        .stage
+}
+
+async fn bundles_are_recorded_once(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let first = bundle_record('a', "1.0.0");
+    assert!(store.put_bundle(&first).await.unwrap());
+    let mut again = first.clone();
+    again.uploaded_by = "bob".into();
+    assert!(!store.put_bundle(&again).await.unwrap());
+    assert!(
+        store
+            .put_bundle(&bundle_record('b', "1.1.0"))
+            .await
+            .unwrap()
+    );
+
+    assert_eq!(store.bundle(&first.sha256).await.unwrap(), Some(first));
+    assert_eq!(store.bundle(&"c".repeat(64)).await.unwrap(), None);
+    let listed = store.bundles().await.unwrap();
+    assert_eq!(listed.len(), 2);
+}
+
+async fn update_stage_moves_forward_only(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let bundle = bundle_record('a', "1.1.0");
+    store.put_bundle(&bundle).await.unwrap();
+    let pairs = [("u-1".to_string(), "cam-1".to_string())];
+    let (created, superseded) = store
+        .create_updates(&bundle, &pairs, "alice")
+        .await
+        .unwrap();
+    assert!(superseded.is_empty());
+    assert_eq!(created[0].stage, STAGE_PENDING);
+    assert_eq!(stage_of(&store, "u-1").await, STAGE_PENDING);
+
+    let steps = [
+        (UpdateStage::Accepted, EventOutcome::Applied, "accepted"),
+        (UpdateStage::Verified, EventOutcome::Applied, "verified"),
+        (UpdateStage::Downloaded, EventOutcome::Stale, "verified"),
+        (UpdateStage::Verified, EventOutcome::Stale, "verified"),
+        (UpdateStage::Committed, EventOutcome::Applied, "committed"),
+        (UpdateStage::Failed, EventOutcome::Stale, "committed"),
+    ];
+    for (stage, outcome, expected) in steps {
+        let recorded = store
+            .record_update_event(&update_event("cam-1", "u-1", stage))
+            .await
+            .unwrap();
+        assert_eq!(recorded, outcome, "{stage:?}");
+        assert_eq!(stage_of(&store, "u-1").await, expected, "after {stage:?}");
+    }
+    let update = store.update("u-1").await.unwrap().unwrap();
+    assert_eq!(update.detail, "reached committed");
+    assert_eq!(update.updated_ms, 6_000);
+
+    // Another device cannot move the update, and an unknown id is kept in the history.
+    let foreign = store
+        .record_update_event(&update_event("cam-2", "u-1", UpdateStage::RolledBack))
+        .await
+        .unwrap();
+    assert_eq!(foreign, EventOutcome::UnknownUpdate);
+    let own_rollback = store
+        .record_update_event(&update_event("cam-1", "", UpdateStage::RolledBack))
+        .await
+        .unwrap();
+    assert_eq!(own_rollback, EventOutcome::UnknownUpdate);
+    assert_eq!(stage_of(&store, "u-1").await, "committed");
+
+    let events = store.update_events("u-1").await.unwrap();
+    let stages: Vec<&str> = events.iter().map(|event| event.stage.as_str()).collect();
+    assert_eq!(
+        stages,
+        [
+            "accepted",
+            "verified",
+            "downloaded",
+            "verified",
+            "committed",
+            "failed",
+            "rolled_back"
+        ]
+    );
+    assert_eq!(events[6].device_id, "cam-2");
+    assert_eq!(events[0].device_time_ms, 5_000);
+    assert_eq!(events[0].received_ms, 6_000);
+    let unattributed = store.update_events("").await.unwrap();
+    assert_eq!(unattributed.len(), 1);
+    assert_eq!(unattributed[0].device_id, "cam-1");
+}
+
+async fn new_update_supersedes_unfinished_one(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let first = bundle_record('a', "1.0.0");
+    let second = bundle_record('b', "1.1.0");
+    store.put_bundle(&first).await.unwrap();
+    store.put_bundle(&second).await.unwrap();
+    let pair = |id: &str, device: &str| (id.to_string(), device.to_string());
+
+    store
+        .create_updates(
+            &first,
+            &[pair("u-1", "cam-1"), pair("u-2", "cam-2")],
+            "alice",
+        )
+        .await
+        .unwrap();
+    store
+        .record_update_event(&update_event("cam-1", "u-1", UpdateStage::Downloaded))
+        .await
+        .unwrap();
+    store
+        .record_update_event(&update_event("cam-2", "u-2", UpdateStage::Committed))
+        .await
+        .unwrap();
+
+    let (_, superseded) = store
+        .create_updates(
+            &second,
+            &[pair("u-3", "cam-1"), pair("u-4", "cam-2")],
+            "bob",
+        )
+        .await
+        .unwrap();
+    assert_eq!(superseded.len(), 1, "{superseded:?}");
+    assert_eq!(superseded[0].update_id, "u-1");
+    assert_eq!(superseded[0].replaced_by, "u-3");
+    assert_eq!(stage_of(&store, "u-1").await, STAGE_SUPERSEDED);
+    assert_eq!(stage_of(&store, "u-2").await, "committed");
+
+    // A superseded update stays superseded whatever its device reports later.
+    let late = store
+        .record_update_event(&update_event("cam-1", "u-1", UpdateStage::Committed))
+        .await
+        .unwrap();
+    assert_eq!(late, EventOutcome::Stale);
+    assert_eq!(stage_of(&store, "u-1").await, STAGE_SUPERSEDED);
+
+    let unfinished = store.unfinished_updates("cam-1").await.unwrap();
+    let ids: Vec<&str> = unfinished
+        .iter()
+        .map(|update| update.update_id.as_str())
+        .collect();
+    assert_eq!(ids, ["u-3"]);
+    assert_eq!(unfinished[0].version, "1.1.0");
+    assert_eq!(unfinished[0].size, 1_234);
+    assert_eq!(unfinished[0].created_by, "bob");
+
+    let cam1 = store.updates(Some("cam-1"), 10).await.unwrap();
+    assert_eq!(cam1.len(), 2);
+    assert_eq!(store.updates(None, 10).await.unwrap().len(), 4);
+    assert_eq!(store.updates(None, 3).await.unwrap().len(), 3);
 }

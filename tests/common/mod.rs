@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -130,6 +132,16 @@ impl Workspace {
     /// Starts `fleet server`; with `broker` it uses that external broker, otherwise it
     /// embeds one on `mqtt_port`.
     pub fn start_server(&self, broker: Option<&str>, mqtt_port: u16) -> Server {
+        self.start_server_with(broker, mqtt_port, &[])
+    }
+
+    /// Starts `fleet server` as [`Workspace::start_server`] does, with `extra` flags.
+    pub fn start_server_with(
+        &self,
+        broker: Option<&str>,
+        mqtt_port: u16,
+        extra: &[&str],
+    ) -> Server {
         let http_port = free_port();
         let http = format!("127.0.0.1:{http_port}");
         let mqtt_listen = format!("127.0.0.1:{mqtt_port}");
@@ -157,6 +169,7 @@ impl Workspace {
         if let Some(broker) = broker {
             command.args(["--broker", broker]);
         }
+        command.args(extra);
         let child = command.spawn().expect("start fleet server");
         let mut process = Process {
             name: "fleet server".into(),

@@ -14,6 +14,7 @@
 //! # Ok::<(), fleet_bundle::BundleError>(())
 //! ```
 
+pub mod archive;
 mod keys;
 mod manifest;
 mod write;
@@ -27,7 +28,7 @@ use sha2::{Digest, Sha256};
 pub use keys::{PublicKey, SecretKey, generate_key_pair};
 pub use manifest::{
     FileEntry, MANIFEST_FORMAT, Manifest, Metrics, ModelFile, Postprocessing, Preprocessing,
-    ResizeFilter, TensorSpec,
+    ResizeFilter, SelfTest, TensorSpec,
 };
 pub use write::{BundleFile, write_bundle};
 
@@ -167,6 +168,19 @@ fn check_references(manifest: &Manifest) -> Result<(), BundleError> {
             entry: labels.clone(),
             role: "labels file",
         });
+    }
+    if let Some(test) = &manifest.self_test {
+        for (entry, role) in [
+            (&test.inputs, "self-test inputs"),
+            (&test.outputs, "self-test outputs"),
+        ] {
+            if !listed(entry) {
+                return Err(BundleError::UnlistedFile {
+                    entry: entry.clone(),
+                    role,
+                });
+            }
+        }
     }
     Ok(())
 }

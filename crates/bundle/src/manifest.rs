@@ -26,8 +26,27 @@ pub struct Manifest {
     pub labels: Option<String>,
     /// Accuracy, size and latency measured when the bundle was built.
     pub metrics: Option<Metrics>,
+    /// Reference inputs and the outputs the model gave for them when the bundle was
+    /// built; a device reproduces them before it switches to the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_test: Option<SelfTest>,
     /// Every file of the bundle with its size and SHA-256, checked before use.
     pub files: Vec<FileEntry>,
+}
+
+/// Reference inputs with expected outputs, stored as raw little-endian `f32` files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfTest {
+    /// Bundle-relative path of the preprocessed inputs, `samples` of them back to back.
+    pub inputs: String,
+    /// Bundle-relative path of the first output of each input, back to back.
+    pub outputs: String,
+    pub samples: u32,
+    /// Largest accepted difference per output element, relative to the largest magnitude
+    /// in that sample's expected output (or to 1 when that is smaller). The top-1 class
+    /// must match as well.
+    pub tolerance: f32,
 }
 
 /// The model file inside the bundle.

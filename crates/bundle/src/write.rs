@@ -89,7 +89,7 @@ fn create_dir(path: &Path) -> Result<(), BundleError> {
     })
 }
 
-fn remove_dir_if_present(path: &Path) -> Result<(), BundleError> {
+pub(crate) fn remove_dir_if_present(path: &Path) -> Result<(), BundleError> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -39,6 +39,7 @@ fn manifest() -> Manifest {
         postprocessing: Postprocessing::Softmax,
         labels: Some("labels.txt".into()),
         metrics: None,
+        self_test: None,
         files: Vec::new(),
     }
 }
@@ -209,4 +210,84 @@ fn keys_round_trip_through_files() {
         secret.write(&secret_path).is_err(),
         "an existing key was overwritten"
     );
+}
+
+#[test]
+fn archive_round_trip_is_deterministic() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir, _, public) = build(root.path());
+    let (size, sha256) =
+        fleet_bundle::archive::pack_to_file(&dir, &root.path().join("a.tar")).unwrap();
+    let digest = fleet_bundle::archive::archive_digest(&dir).unwrap();
+    assert_eq!(
+        digest,
+        (size, sha256.clone()),
+        "packing twice gives the same bytes"
+    );
+
+    let manifest = fleet_bundle::archive::read_manifest(&root.path().join("a.tar")).unwrap();
+    assert_eq!(manifest.name, "toy");
+    let unpacked = root.path().join("unpacked");
+    fleet_bundle::archive::unpack(&root.path().join("a.tar"), &unpacked).unwrap();
+    let bundle = Bundle::open_verified(&unpacked, &public).unwrap();
+    assert_eq!(bundle.manifest.files.len(), 2);
+    assert!(!root.path().join("unpacked.partial").exists());
+}
+
+/// Appends one entry with a raw name, so paths the tar crate would refuse can be built.
+fn append_raw(builder: &mut tar::Builder<Vec<u8>>, name: &[u8], kind: tar::EntryType) {
+    let mut header = tar::Header::new_old();
+    header.as_old_mut().name[..name.len()].copy_from_slice(name);
+    header.set_entry_type(kind);
+    header.set_mode(0o644);
+    header.set_size(if kind == tar::EntryType::Regular {
+        3
+    } else {
+        0
+    });
+    header.set_cksum();
+    let data: &[u8] = if kind == tar::EntryType::Regular {
+        b"abc"
+    } else {
+        b""
+    };
+    builder.append(&header, data).unwrap();
+}
+
+#[test]
+fn unpack_rejects_links_escapes_and_repeats() {
+    let root = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[(&[u8], tar::EntryType)], &str); 3] = [
+        (
+            "link",
+            &[(b"model.onnx", tar::EntryType::Symlink)],
+            "only regular files",
+        ),
+        (
+            "escape",
+            &[(b"../outside.txt", tar::EntryType::Regular)],
+            "outside.txt",
+        ),
+        (
+            "repeat",
+            &[
+                (b"labels.txt", tar::EntryType::Regular),
+                (b"labels.txt", tar::EntryType::Regular),
+            ],
+            "twice",
+        ),
+    ];
+    for (case, entries, expected) in cases {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, kind) in entries {
+            append_raw(&mut builder, name, *kind);
+        }
+        let archive = root.path().join(format!("{case}.tar"));
+        fs::write(&archive, builder.into_inner().unwrap()).unwrap();
+        let dest = root.path().join(case);
+        let error = fleet_bundle::archive::unpack(&archive, &dest).unwrap_err();
+        assert!(error.to_string().contains(expected), "{case}: {error}");
+        assert!(!dest.exists(), "{case}: nothing appears at the destination");
+    }
+    assert!(!root.path().join("outside.txt").exists());
 }

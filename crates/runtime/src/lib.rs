@@ -21,12 +21,17 @@ mod backend;
 mod classifier;
 mod dataset;
 mod preprocess;
+mod self_test;
 mod tract_backend;
 
 pub use backend::{Backend, Tensor};
 pub use classifier::{ClassScore, Classifier, ClassifierConfig, Prediction, softmax};
 pub use dataset::{Dataset, Sample, SampleData};
 pub use preprocess::preprocess;
+pub use self_test::{
+    SELF_TEST_INPUTS, SELF_TEST_OUTPUTS, SelfTestError, SelfTestReport, check_self_test,
+    run_self_test, self_test_entry, write_f32,
+};
 pub use tract_backend::TractBackend;
 
 use std::path::PathBuf;

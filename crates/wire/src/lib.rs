@@ -8,10 +8,12 @@
 
 mod histogram;
 pub mod topic;
+mod update;
 
 use serde::{Deserialize, Serialize};
 
 pub use histogram::LatencyHistogram;
+pub use update::{Command, Event, EventKind, InstallBundle, UpdateEvent, UpdateStage};
 
 /// First payload byte of a postcard-encoded message, schema version 1.
 pub const SCHEMA_POSTCARD_V1: u8 = 1;

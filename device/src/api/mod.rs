@@ -33,22 +33,28 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::model::SharedModel;
+use crate::model::{ModelSlot, SharedModel};
 
 /// Largest request body accepted. JSON text takes about 10 bytes per float, so this fits
 /// a few batches of 224x224 RGB images.
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
-/// State shared by the handlers: the model and the readiness flag.
+/// State shared by the handlers: the model slot and the readiness flag.
 #[derive(Debug, Clone)]
 pub struct ApiState {
-    model: SharedModel,
+    model: ModelSlot,
     ready: Arc<AtomicBool>,
 }
 
 impl ApiState {
     /// Creates the state for a loaded model, ready to serve.
     pub fn new(model: SharedModel) -> ApiState {
+        ApiState::with_slot(ModelSlot::new(model))
+    }
+
+    /// Creates the state for the agent's model slot, so requests use whichever model an
+    /// update has switched to.
+    pub fn with_slot(model: ModelSlot) -> ApiState {
         ApiState {
             model,
             ready: Arc::new(AtomicBool::new(true)),
@@ -61,8 +67,9 @@ impl ApiState {
     }
 
     /// Returns the model when `name` and `version` (if given) match it.
-    fn model(&self, name: &str, version: Option<&str>) -> Result<&SharedModel, ApiError> {
-        let info = self.model.info();
+    fn model(&self, name: &str, version: Option<&str>) -> Result<SharedModel, ApiError> {
+        let model = self.model.current();
+        let info = model.info();
         if name != info.name {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -82,7 +89,7 @@ impl ApiState {
                 ),
             ));
         }
-        Ok(&self.model)
+        Ok(model)
     }
 }
 
@@ -191,7 +198,8 @@ fn metadata(
     name: &str,
     version: Option<&str>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let info = state.model(name, version)?.info();
+    let model = state.model(name, version)?;
+    let info = model.info();
     Ok(Json(json!({
         "name": info.name,
         "versions": [info.version],
@@ -247,7 +255,7 @@ async fn run_inference(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Json<infer::InferResponse>, ApiError> {
-    let model = state.model(name, version)?.clone();
+    let model = state.model(name, version)?;
     let info = model.info();
     let (request, binary) = infer::parse_body(headers, body)?;
     let input = infer::check_input(info, &request, binary)?;

@@ -64,6 +64,7 @@ pub fn digit_bundle(dir: &Path) -> DigitBundle {
         postprocessing: Postprocessing::Softmax,
         labels: Some("labels.txt".into()),
         metrics: None,
+        self_test: None,
         files: Vec::new(),
     };
     let files = [

@@ -3,7 +3,8 @@
 //!
 //! A request is authenticated by `Authorization: Bearer TOKEN` (an API token, a session
 //! token, or a device secret) or by the console's `fleet_session` cookie. Operator
-//! routes return 401 without either and 403 to a device.
+//! routes return 401 without either and 403 to a device; the bundle download route
+//! admits devices as well.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -173,19 +174,40 @@ pub async fn require_operator(
             "this route is for operators; device credentials cannot use it",
         )
         .into_response()),
-        None => {
-            state.metrics.unauthorized_requests.inc();
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "authentication required: log in or send Authorization: Bearer TOKEN",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            Err(response)
-        }
+        None => Err(unauthorized(&state)),
     }
+}
+
+/// Middleware for routes open to every authenticated principal, devices included: 401
+/// without valid credentials; on success the [`Principal`] is added to the request's
+/// extensions.
+pub async fn require_principal(
+    State(state): State<ApiState>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, Response> {
+    let principal = authenticate(&state, request.headers())
+        .await
+        .map_err(IntoResponse::into_response)?;
+    let Some(principal) = principal else {
+        return Err(unauthorized(&state));
+    };
+    request.extensions_mut().insert(principal);
+    Ok(next.run(request).await)
+}
+
+/// Counts a request without valid credentials and returns its 401 response.
+fn unauthorized(state: &ApiState) -> Response {
+    state.metrics.unauthorized_requests.inc();
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "authentication required: log in or send Authorization: Bearer TOKEN",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 async fn authenticate(

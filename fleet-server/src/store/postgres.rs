@@ -78,6 +78,7 @@ impl PostgresBackend {
 }
 
 super::access::access_backend!(PostgresBackend);
+super::updates::updates_backend!(PostgresBackend);
 
 #[async_trait]
 impl StoreBackend for PostgresBackend {

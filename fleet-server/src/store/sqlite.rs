@@ -65,6 +65,7 @@ impl SqliteBackend {
 }
 
 super::access::access_backend!(SqliteBackend);
+super::updates::updates_backend!(SqliteBackend);
 
 #[async_trait]
 impl StoreBackend for SqliteBackend {

@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use fleet_bundle::{
-    BundleFile, MANIFEST_FORMAT, Manifest, ModelFile, Postprocessing, Preprocessing, ResizeFilter,
-    TensorSpec,
+    BundleFile, MANIFEST_FORMAT, Manifest, ModelFile, Postprocessing, Preprocessing, PublicKey,
+    ResizeFilter, SecretKey, TensorSpec,
 };
 use fleet_server::store::access::CredentialRole;
 use fleet_server::{BrokerMode, Server, ServerConfig};
@@ -33,9 +33,16 @@ pub struct TestBundle {
 }
 
 impl TestBundle {
+    /// Returns digit-cnn 1.0.0 signed with a new key pair.
     pub fn new() -> TestBundle {
-        let dir = tempfile::tempdir().expect("temporary folder");
         let (secret, public) = fleet_bundle::generate_key_pair().expect("key pair");
+        TestBundle::signed(&secret, &public, "1.0.0")
+    }
+
+    /// Returns digit-cnn at `version`, signed with `secret`, whose public half `public`
+    /// is written beside the bundle.
+    pub fn signed(secret: &SecretKey, public: &PublicKey, version: &str) -> TestBundle {
+        let dir = tempfile::tempdir().expect("temporary folder");
         public
             .write(&dir.path().join("fleet.pub"))
             .expect("write public key");
@@ -43,7 +50,7 @@ impl TestBundle {
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             name: "digit-cnn".into(),
-            version: "1.0.0".into(),
+            version: version.into(),
             target: "any".into(),
             created_by: "gateway tests".into(),
             model: ModelFile {
@@ -70,6 +77,7 @@ impl TestBundle {
             postprocessing: Postprocessing::Softmax,
             labels: Some("labels.txt".into()),
             metrics: None,
+            self_test: None,
             files: Vec::new(),
         };
         let files = [
@@ -82,7 +90,7 @@ impl TestBundle {
                 path: "labels.txt".into(),
             },
         ];
-        fleet_bundle::write_bundle(&dir.path().join("bundle"), manifest, &files, &secret)
+        fleet_bundle::write_bundle(&dir.path().join("bundle"), manifest, &files, secret)
             .expect("write bundle");
         TestBundle { dir }
     }
@@ -93,6 +101,13 @@ impl TestBundle {
 
     pub fn public_key(&self) -> PathBuf {
         self.dir.path().join("fleet.pub")
+    }
+
+    /// Returns the bundle packed as an archive, as `fleet-server bundle upload` sends it.
+    pub fn archive(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        fleet_bundle::archive::pack(&self.bundle(), &mut bytes).expect("pack bundle");
+        bytes
     }
 
     /// Returns a gateway config serving the bundle, with `extra` TOML appended inside
@@ -198,6 +213,7 @@ impl TestGateway {
             clean_session: true,
             mqtt_credentials: None,
             telemetry_retention: None,
+            updates: Default::default(),
         };
         let server = Server::start_with_gateway(config, Some(gateway))
             .await

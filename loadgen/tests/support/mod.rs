@@ -41,6 +41,7 @@ pub async fn start_server(
         mqtt_credentials: None,
         // Keep raw rows, which the checks read back.
         telemetry_retention: None,
+        updates: Default::default(),
     };
     Server::start(config).await
 }
