@@ -148,6 +148,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         mqtt_credentials: None,
         telemetry_retention: None,
         updates: Default::default(),
+        samples: Default::default(),
     })
     .await?;
 

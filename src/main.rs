@@ -20,8 +20,8 @@ enum Command {
     /// Build the bundle of a shipped model, start the fleet server with its embedded
     /// broker and SQLite, and run device agents on shards of real data until Ctrl-C.
     Demo(demo::DemoArgs),
-    /// Run the fleet server, administer its credentials and operators, or upload bundles
-    /// and send updates through it.
+    /// Run the fleet server, administer its credentials and operators, or upload bundles,
+    /// send updates and set devices' configuration through it.
     Server(fleet_server::cli::ServerCommand),
     /// Run one device agent.
     Device(fleet_device::DeviceArgs),

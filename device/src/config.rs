@@ -9,6 +9,7 @@ use clap::Args;
 use fleet_wire::{Encoding, MqttCredentials};
 use serde::Deserialize;
 
+use crate::hard_samples::HardSampleOptions;
 use crate::outbox::{DEFAULT_SEGMENT_BYTES, FsyncPolicy, MIN_SEGMENT_BYTES, OutboxOptions};
 
 /// Default telemetry backlog drain rate in records per second.
@@ -96,6 +97,15 @@ pub struct DeviceArgs {
     /// broker before the agent rolls back [default: 60].
     #[arg(long)]
     pub commit_timeout: Option<f64>,
+    /// Maximum number of low-confidence inputs kept per minute for upload to --server,
+    /// as a token bucket that also allows a burst of this many; 0 turns capture off
+    /// [default: 6].
+    #[arg(long)]
+    pub hard_sample_rate: Option<u32>,
+    /// Size bound of the hard-sample folder STATE_DIR/hard-samples in MiB; new samples
+    /// are dropped and counted past it, stored ones are kept [default: 64].
+    #[arg(long)]
+    pub hard_sample_max_mib: Option<u64>,
 }
 
 /// The keys a config file may contain; the same meaning as the flags.
@@ -123,6 +133,8 @@ struct FileConfig {
     api_listen: Option<String>,
     server: Option<String>,
     commit_timeout: Option<f64>,
+    hard_sample_rate: Option<u32>,
+    hard_sample_max_mib: Option<u64>,
 }
 
 /// Settings after merging the file and the flags and checking every value.
@@ -156,6 +168,9 @@ pub struct DeviceConfig {
     pub server: Option<String>,
     /// How long an update waits for the new model's telemetry to be acknowledged.
     pub commit_timeout: Duration,
+    /// Capture rate and size bound of hard samples; the folder is
+    /// `state_dir/hard-samples`.
+    pub hard_samples: HardSampleOptions,
 }
 
 impl DeviceConfig {
@@ -242,6 +257,10 @@ impl DeviceConfig {
         if !(commit_timeout.is_finite() && (1.0..=86_400.0).contains(&commit_timeout)) {
             bail!("invalid --commit-timeout {commit_timeout}: expected 1 to 86400 seconds");
         }
+        let hard_samples = hard_sample_options(
+            args.hard_sample_rate.or(file.hard_sample_rate),
+            args.hard_sample_max_mib.or(file.hard_sample_max_mib),
+        )?;
         Ok(DeviceConfig {
             bundle: args
                 .bundle
@@ -272,6 +291,7 @@ impl DeviceConfig {
             api_listen,
             server,
             commit_timeout: Duration::from_secs_f64(commit_timeout),
+            hard_samples,
         })
     }
 }
@@ -293,6 +313,27 @@ fn outbox_options(fsync: Option<String>, max_mib: Option<u64>) -> anyhow::Result
     options
         .validate()
         .map_err(|error| anyhow::anyhow!("invalid --outbox-max-mib: {error}"))?;
+    Ok(options)
+}
+
+/// Builds the hard-sample options from the rate per minute and the size bound in MiB.
+fn hard_sample_options(
+    rate_per_minute: Option<u32>,
+    max_mib: Option<u64>,
+) -> anyhow::Result<HardSampleOptions> {
+    let mut options = HardSampleOptions::default();
+    if let Some(rate_per_minute) = rate_per_minute {
+        options.rate_per_minute = rate_per_minute;
+    }
+    if let Some(max_mib) = max_mib {
+        if max_mib == 0 {
+            bail!(
+                "invalid --hard-sample-max-mib 0: expected 1 or more; \
+                 --hard-sample-rate 0 turns capture off"
+            );
+        }
+        options.max_bytes = max_mib.saturating_mul(1024 * 1024);
+    }
     Ok(options)
 }
 
@@ -451,5 +492,40 @@ mod tests {
         })
         .unwrap_err();
         assert!(format!("{error:#}").contains("rates"), "{error:#}");
+    }
+
+    #[test]
+    fn hard_sample_settings_come_from_flags_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "hard_sample_rate = 0\nhard_sample_max_mib = 8\n").unwrap();
+        let from_file = DeviceConfig::resolve(DeviceArgs {
+            config: Some(path.clone()),
+            ..minimal_args()
+        })
+        .unwrap();
+        assert_eq!(from_file.hard_samples.rate_per_minute, 0);
+        assert_eq!(from_file.hard_samples.max_bytes, 8 * 1024 * 1024);
+
+        let flags = DeviceConfig::resolve(DeviceArgs {
+            config: Some(path),
+            hard_sample_rate: Some(30),
+            ..minimal_args()
+        })
+        .unwrap();
+        assert_eq!(flags.hard_samples.rate_per_minute, 30);
+
+        let defaults = DeviceConfig::resolve(minimal_args()).unwrap();
+        assert_eq!(defaults.hard_samples, HardSampleOptions::default());
+
+        let error = DeviceConfig::resolve(DeviceArgs {
+            hard_sample_max_mib: Some(0),
+            ..minimal_args()
+        })
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("--hard-sample-max-mib"),
+            "{error}"
+        );
     }
 }

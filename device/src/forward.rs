@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::mqtt::{PublishKind, Publisher, SessionEvent};
 use crate::outbox::{Outbox, OutboxStats};
+use crate::settings::LiveSettings;
 
 /// The outbox, shared by the reporter that appends and the forwarder that reads.
 pub type SharedOutbox = Arc<Mutex<Outbox>>;
@@ -59,9 +60,9 @@ pub struct ForwarderConfig {
     pub topic: String,
     /// MQTT topic event records go to.
     pub events_topic: String,
-    /// Records sent per second at most, so a backlog after an outage drains without
-    /// flooding the broker.
-    pub drain_rate: f64,
+    /// The drain rate in use: records sent per second at most, so a backlog after an
+    /// outage drains without flooding the broker. Remote configuration may change it.
+    pub settings: watch::Receiver<LiveSettings>,
     /// Records sent and not yet acknowledged at most.
     pub window: usize,
 }
@@ -166,7 +167,7 @@ impl Forwarder {
     /// clock.
     async fn send_ready(&mut self) -> Option<Instant> {
         self.caught_up = false;
-        let period = Duration::from_secs_f64(1.0 / self.config.drain_rate);
+        let period = Duration::from_secs_f64(1.0 / self.config.settings.borrow().drain_rate);
         while self.connected && self.in_flight.len() < self.config.window {
             let now = Instant::now();
             if self.next_send > now {
@@ -227,7 +228,7 @@ impl Forwarder {
                 if stats.pending_records > 0 {
                     tracing::info!(
                         pending_records = stats.pending_records,
-                        drain_rate = self.config.drain_rate,
+                        drain_rate = self.config.settings.borrow().drain_rate,
                         "sending telemetry backlog"
                     );
                     self.drain = Some(Drain {

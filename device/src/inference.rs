@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 
 use fleet_runtime::Dataset;
 
+use tokio::sync::watch;
+
+use crate::hard_samples::Capture;
 use crate::model::{ModelSlot, top1};
+use crate::settings::LiveSettings;
 use crate::stats::SharedStats;
 
 /// Minimum time between two log lines about unusable inputs.
@@ -20,19 +24,19 @@ pub struct InferenceLoop {
     pub model: ModelSlot,
     pub data: Dataset,
     pub indices: Vec<usize>,
-    /// Inferences per second, `None` for unthrottled.
-    pub rate: Option<f64>,
+    /// The rate and confidence threshold, which remote configuration may change.
+    pub settings: watch::Receiver<LiveSettings>,
     /// Passes over `indices` before the loop idles, `None` for no limit.
     pub passes: Option<u64>,
-    pub confidence_threshold: f32,
     pub stats: Arc<SharedStats>,
     pub stop: Arc<AtomicBool>,
+    /// Where inputs under the confidence threshold go, `None` when capture is off.
+    pub hard_samples: Option<Capture>,
 }
 
 impl InferenceLoop {
     /// Runs until `stop` is set.
     pub fn run(mut self) {
-        let period = self.rate.map(|rate| Duration::from_secs_f64(1.0 / rate));
         let mut next_start = Instant::now();
         let mut last_error_log: Option<Instant> = None;
         let mut suppressed_errors = 0u64;
@@ -44,7 +48,8 @@ impl InferenceLoop {
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            if let Some(period) = period {
+            let rate = self.settings.borrow().rate;
+            if let Some(period) = rate.map(|rate| Duration::from_secs_f64(1.0 / rate)) {
                 let now = Instant::now();
                 if next_start > now {
                     std::thread::sleep(next_start - now);
@@ -85,12 +90,16 @@ impl InferenceLoop {
         let scores = model.run(1, &input)?.remove(0);
         let (class, confidence) = top1(&info.confidences(&scores));
         let micros = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        let low_confidence = confidence < self.settings.borrow().confidence_threshold;
         self.stats.record_inference(
             micros,
             confidence,
-            confidence < self.confidence_threshold,
+            low_confidence,
             sample.label.map(|label| label == class),
         );
+        if low_confidence && let Some(capture) = &self.hard_samples {
+            capture.offer(sample, info, class, confidence);
+        }
         Ok(())
     }
 }

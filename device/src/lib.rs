@@ -14,16 +14,22 @@
 //! With `--server` it takes model updates from the fleet server ([`update`]): signed
 //! bundles are downloaded, checked, switched to and committed or rolled back, with each
 //! stage reported on `fleet/v1/{device}/events`.
+//!
+//! Inputs classified under the confidence threshold are kept as hard samples at a
+//! bounded rate and disk size, and uploaded to the fleet server ([`hard_samples`]).
 
 pub mod api;
+pub mod check;
 pub mod config;
 mod forward;
+pub mod hard_samples;
 mod inference;
 pub mod model;
 mod mqtt;
 pub mod outbox;
 mod report;
 mod sequence;
+pub mod settings;
 mod stats;
 mod system;
 pub mod update;
@@ -48,6 +54,7 @@ use crate::mqtt::{SessionConfig, StatusPayloads};
 use crate::outbox::Outbox;
 use crate::report::Reporter;
 use crate::sequence::SequenceFile;
+use crate::settings::ConfigApplier;
 use crate::stats::SharedStats;
 use crate::system::SystemSampler;
 use crate::update::store::BundleStore;
@@ -121,19 +128,7 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         broker = %format!("{}:{}", config.broker_host, config.broker_port),
         "agent starting"
     );
-    // The rate limit paces every record sent, new ones included, so a limit at or under
-    // the telemetry rate would let the backlog grow forever. Twice the telemetry rate
-    // drains any backlog while still bounding the burst after a reconnect.
-    let telemetry_rate = 1.0 / config.interval.as_secs_f64();
-    let drain_rate = config.drain_rate.max(2.0 * telemetry_rate);
-    if drain_rate > config.drain_rate {
-        tracing::info!(
-            configured = config.drain_rate,
-            drain_rate,
-            telemetry_rate,
-            "drain rate raised to twice the telemetry rate, so a backlog shrinks"
-        );
-    }
+    let (config_applier, settings) = ConfigApplier::open(&config, events.clone())?;
     let api = start_api(&config, &slot).await?;
 
     let (publisher, eventloop) = mqtt::connect(&config)?;
@@ -162,7 +157,7 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         ForwarderConfig {
             topic: topic::device_topic(&config.device_id, topic::TopicKind::Telemetry),
             events_topic: topic::device_topic(&config.device_id, topic::TopicKind::Events),
-            drain_rate,
+            settings: settings.clone(),
             window: FORWARD_WINDOW,
         },
         session_events_rx,
@@ -192,24 +187,31 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
             .credentials
             .as_ref()
             .map(|credentials| credentials.password.clone()),
-        commit_timeout: config.commit_timeout,
+        settings: settings.clone(),
     };
-    // Not joined at shutdown: a download in progress would hold the agent up, and the
-    // install state is consistent at every step, so stopping it anywhere is safe.
+    // Neither thread is joined at shutdown: a download in progress would hold the agent
+    // up, and the install state and the stored configuration are consistent at every
+    // step, so stopping them anywhere is safe.
+    let (installs_tx, installs_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("updater".into())
-        .spawn(move || updater.run(commands_rx))
+        .spawn(move || updater.run(installs_rx))
         .context("failed to start the updater thread")?;
+    std::thread::Builder::new()
+        .name("commands".into())
+        .spawn(move || dispatch_commands(commands_rx, installs_tx, config_applier))
+        .context("failed to start the command thread")?;
 
+    let mut hard_samples = start_hard_samples(&config, stop.clone())?;
     let inference = InferenceLoop {
         model: slot.clone(),
         data,
         indices,
-        rate: config.rate,
+        settings: settings.clone(),
         passes: config.passes,
-        confidence_threshold: config.confidence_threshold,
         stats: stats.clone(),
         stop: stop.clone(),
+        hard_samples: hard_samples.take_capture(),
     };
     let inference_thread = std::thread::Builder::new()
         .name("inference".into())
@@ -228,7 +230,9 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         last_outbox_stats: Default::default(),
         append_failures: 0,
     };
-    let mut ticker = tokio::time::interval(config.interval);
+    let mut settings = settings;
+    let mut interval = settings.borrow().interval;
+    let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -236,6 +240,14 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         tokio::select! {
             _ = ticker.tick() => {
                 reporter.report().await?;
+            }
+            Ok(()) = settings.changed() => {
+                let changed = settings.borrow_and_update().interval;
+                if changed != interval {
+                    interval = changed;
+                    ticker = tokio::time::interval(interval);
+                    ticker.tick().await;
+                }
             }
             Some(reply) = report_rx.recv() => {
                 let position = reporter.report().await?;
@@ -254,6 +266,12 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || inference_thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the inference thread panicked"))?;
+    let hard_samples = tokio::task::spawn_blocking(move || {
+        hard_samples.finish_writing();
+        hard_samples
+    })
+    .await?;
+    hard_samples.log_totals();
     reporter.report().await?;
     forwarder_stop_tx.send_replace(true);
     let outbox_stats = forwarding.await?;
@@ -268,6 +286,30 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         "agent stopped; pending telemetry is sent at the next start"
     );
     Ok(())
+}
+
+/// Decodes commands from the session and hands each to the part that carries it out:
+/// installs to the updater thread, configuration changes applied at once, so a change
+/// does not wait for a download.
+fn dispatch_commands(
+    mut commands: mpsc::UnboundedReceiver<Vec<u8>>,
+    installs: std::sync::mpsc::Sender<fleet_wire::InstallBundle>,
+    config: ConfigApplier,
+) {
+    while let Some(payload) = commands.blocking_recv() {
+        match fleet_wire::decode::<fleet_wire::Command>(&payload) {
+            Ok(fleet_wire::Command::InstallBundle(install)) => {
+                if installs.send(install).is_err() {
+                    tracing::error!("updater thread stopped; install command dropped");
+                }
+            }
+            Ok(fleet_wire::Command::SetConfig(remote)) => config.apply(remote),
+            Err(error) => {
+                tracing::warn!(%error, bytes = payload.len(), "command not understood, ignored")
+            }
+        }
+    }
+    tracing::debug!("command dispatch stopped");
 }
 
 /// Loads the bundle the install state names. An installed bundle that fails to load is
@@ -332,6 +374,47 @@ impl RunningApi {
         let _ = self.stop.send(());
         self.task
     }
+}
+
+/// Opens the hard-sample folder and starts capture, and uploads when the agent has a
+/// fleet server and credentials.
+fn start_hard_samples(
+    config: &DeviceConfig,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<hard_samples::HardSamples> {
+    let dir = config.state_dir.join(hard_samples::DIR_NAME);
+    let upload = match (&config.server, &config.credentials) {
+        (Some(server), Some(credentials)) => Some(hard_samples::UploadTarget {
+            server: server.clone(),
+            token: credentials.password.clone(),
+        }),
+        _ => None,
+    };
+    let uploading = upload.is_some();
+    let samples = hard_samples::HardSamples::start(
+        &dir,
+        &config.device_id,
+        config.hard_samples,
+        upload,
+        stop,
+    )
+    .with_context(|| format!("failed to open the hard-sample folder {}", dir.display()))?;
+    let spool = samples.spool_stats();
+    tracing::info!(
+        rate_per_minute = config.hard_samples.rate_per_minute,
+        max_bytes = config.hard_samples.max_bytes,
+        pending_samples = spool.pending_samples,
+        used_bytes = spool.used_bytes,
+        uploading,
+        "hard-sample capture ready"
+    );
+    if !uploading && config.hard_samples.rate_per_minute > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            "hard samples stay on disk: no --server and credentials to upload them"
+        );
+    }
+    Ok(samples)
 }
 
 /// Binds and starts the local inference API when `--api-listen` is set.

@@ -1,14 +1,24 @@
 //! `fleet-device`: the device agent binary.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use fleet_device::check::SelfTestArgs;
 use fleet_device::{DeviceArgs, DeviceConfig};
 
 /// Run a signed model bundle on local data and report telemetry over MQTT.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Check>,
     #[command(flatten)]
     args: DeviceArgs,
+}
+
+/// Checks that run without a broker.
+#[derive(Debug, Subcommand)]
+enum Check {
+    /// Verify a bundle, reproduce its reference outputs and classify a few inputs.
+    SelfTest(SelfTestArgs),
 }
 
 #[tokio::main]
@@ -19,6 +29,10 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = DeviceConfig::resolve(Cli::parse().args)?;
+    let cli = Cli::parse();
+    if let Some(Check::SelfTest(args)) = cli.command {
+        return fleet_device::check::self_test(&args);
+    }
+    let config = DeviceConfig::resolve(cli.args)?;
     fleet_device::run(config).await
 }

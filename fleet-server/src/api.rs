@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::http::{self as access_http, LoginLimiter};
 use crate::metrics::{Outcome, ServerMetrics};
+use crate::remote_config::RemoteConfigs;
+use crate::remote_config::http as remote_config_http;
+use crate::samples::Samples;
+use crate::samples::http as samples_http;
 use crate::store::{DeviceSummary, Store, StoreError, TelemetryRow};
 use crate::updates::Updates;
 use crate::updates::http as updates_http;
@@ -30,12 +34,14 @@ pub struct ApiState {
     pub metrics: Arc<ServerMetrics>,
     pub login_limiter: LoginLimiter,
     pub updates: Arc<Updates>,
+    pub remote_config: Arc<RemoteConfigs>,
+    pub samples: Arc<Samples>,
 }
 
 /// Builds the router. The console page, `/healthz`, `/metrics` and the login route are
 /// public (the page requests a login before it reads the API, and the metrics carry no
-/// device ids); the bundle archive download admits devices and operators; every other
-/// `/api` route requires an operator.
+/// device ids); the bundle archive download admits devices and operators, and sample
+/// uploads admit devices only; every other `/api` route requires an operator.
 pub fn router(state: ApiState) -> Router {
     let operator_routes = Router::new()
         .route("/api/summary", get(summary))
@@ -44,13 +50,18 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/whoami", get(access_http::whoami))
         .route("/api/logout", post(access_http::logout))
         .merge(updates_http::operator_routes())
+        .merge(remote_config_http::operator_routes())
+        .merge(samples_http::operator_routes())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access_http::require_operator,
         ));
-    let device_routes = updates_http::download_routes().route_layer(
-        axum::middleware::from_fn_with_state(state.clone(), access_http::require_principal),
-    );
+    let device_routes = updates_http::download_routes()
+        .merge(samples_http::device_routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access_http::require_principal,
+        ));
     Router::new()
         .route("/", get(console))
         .route("/healthz", get(health))

@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 
 use crate::access::admin::AdminCommand;
 use crate::logging::LogFormat;
+use crate::remote_config::cli::ConfigCommand;
+use crate::samples::{DEFAULT_MAX_SAMPLE_BYTES, SampleSettings};
 use crate::updates::cli::{BundleCommand, UpdateCommand};
 use crate::updates::{DEFAULT_MAX_BUNDLE_BYTES, UpdateSettings};
 use crate::{BrokerMode, Server, ServerConfig};
@@ -23,8 +25,8 @@ pub struct ServerCommand {
     pub args: ServerArgs,
 }
 
-/// Subcommands of the server: administration on the database, and bundle and update
-/// commands that call a running server's HTTP API.
+/// Subcommands of the server: administration on the database, and bundle, update and
+/// configuration commands that call a running server's HTTP API.
 #[derive(Debug, Clone, Subcommand)]
 pub enum ServerSubcommand {
     #[command(flatten)]
@@ -35,6 +37,9 @@ pub enum ServerSubcommand {
     /// Send bundles to devices and follow the updates.
     #[command(subcommand)]
     Update(UpdateCommand),
+    /// Set and show the settings the server overrides on a device.
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
 impl ServerCommand {
@@ -47,6 +52,9 @@ impl ServerCommand {
             }
             Some(ServerSubcommand::Update(command)) => {
                 crate::updates::cli::run_update(command).await
+            }
+            Some(ServerSubcommand::Config(command)) => {
+                crate::remote_config::cli::run_config(command).await
             }
             None => run(self.args).await,
         }
@@ -133,6 +141,14 @@ pub struct ServerArgs {
     /// http://fleet.example:8080 [default: http:// and the --http address].
     #[arg(long)]
     pub public_url: Option<String>,
+    /// Folder for the hard samples devices upload, created if missing [default:
+    /// fleet-samples beside the SQLite database, or in the working directory for
+    /// PostgreSQL].
+    #[arg(long)]
+    pub sample_dir: Option<PathBuf>,
+    /// Maximum size of a hard sample that POST /api/samples accepts, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_SAMPLE_BYTES)]
+    pub max_sample_bytes: u64,
 }
 
 impl ServerArgs {
@@ -185,6 +201,7 @@ impl ServerArgs {
                 .telemetry_retention_hours
                 .map(|hours| std::time::Duration::from_secs(hours * 3600)),
             updates: self.update_settings()?,
+            samples: self.sample_settings()?,
         })
     }
 
@@ -203,6 +220,17 @@ impl ServerArgs {
             public_key: self.bundle_public_key.clone(),
             max_bundle_bytes: self.max_bundle_bytes,
             public_url: self.public_url.clone(),
+        })
+    }
+
+    /// Checks and collects the hard-sample flags.
+    fn sample_settings(&self) -> anyhow::Result<SampleSettings> {
+        if self.max_sample_bytes == 0 {
+            anyhow::bail!("invalid --max-sample-bytes 0: give a limit of at least 1 byte");
+        }
+        Ok(SampleSettings {
+            sample_dir: self.sample_dir.clone(),
+            max_sample_bytes: self.max_sample_bytes,
         })
     }
 }

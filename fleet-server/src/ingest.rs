@@ -3,8 +3,9 @@
 //! its batch has committed, so a server that dies mid-batch loses nothing the broker will
 //! not send again.
 //!
-//! The first connection's client also publishes install commands, and each status that
-//! turns a device online is passed on so its unfinished updates are sent again.
+//! The first connection's client also publishes install and configuration commands,
+//! and each status that turns a device online is passed on so the commands it missed
+//! are sent again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
 use crate::metrics::{CLOCK_SKEW_LIMIT_MS, Outcome, ServerMetrics};
+use crate::store::remote_config::ReceivedConfigAck;
 use crate::store::updates::ReceivedEvent;
 use crate::store::{Received, Record, Store};
 
@@ -157,6 +159,8 @@ enum Message {
     Record(Record),
     /// An update event, written one at a time after its batch.
     Event(ReceivedEvent),
+    /// A configuration acknowledgement, written one at a time after its batch.
+    ConfigAck(ReceivedConfigAck),
 }
 
 /// A received message waiting for its batch, with the packet to acknowledge.
@@ -307,7 +311,8 @@ fn decode(publish: &Publish, metrics: &ServerMetrics) -> Option<Message> {
     }
 }
 
-/// Turns an update event into a message to store, or `None` when it is dropped.
+/// Turns an update event or a configuration acknowledgement into a message to store, or
+/// `None` when it is dropped.
 fn decode_event(
     publish: &Publish,
     device_id: &str,
@@ -332,6 +337,12 @@ fn decode_event(
             device_time_ms: event.device_time_ms,
             received_ms,
             event: update,
+        })),
+        EventKind::Config(ack) => Some(Message::ConfigAck(ReceivedConfigAck {
+            device_id: event.device_id,
+            device_time_ms: event.device_time_ms,
+            received_ms,
+            ack,
         })),
     }
 }
@@ -381,10 +392,12 @@ async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
         // Moved out rather than cloned: only the publish is needed for the acknowledgement.
         let mut records = Vec::with_capacity(batch.len());
         let mut events = Vec::new();
+        let mut config_acks = Vec::new();
         for message in batch.iter_mut().filter_map(|p| p.message.take()) {
             match message {
                 Message::Record(record) => records.push(record),
                 Message::Event(event) => events.push(event),
+                Message::ConfigAck(ack) => config_acks.push(ack),
             }
         }
         if !records.is_empty() {
@@ -392,6 +405,9 @@ async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
         }
         for event in &events {
             write_event(&writer, event).await;
+        }
+        for ack in &config_acks {
+            write_config_ack(&writer, ack).await;
         }
         for record in &records {
             if let Record::Status { status, .. } = record
@@ -479,6 +495,38 @@ async fn write_event(writer: &Writer, received: &ReceivedEvent) {
                     device_id = %received.device_id,
                     update_id = %event.update_id,
                     "update event not stored, retrying"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Stores one configuration acknowledgement, retrying until it commits, as
+/// [`write_records`] does.
+async fn write_config_ack(writer: &Writer, received: &ReceivedConfigAck) {
+    let ack = &received.ack;
+    loop {
+        match writer.store.record_config_ack(received).await {
+            Ok(outcome) => {
+                writer.metrics.remote_config.count_ack(outcome);
+                tracing::info!(
+                    device_id = %received.device_id,
+                    change_id = %ack.change_id,
+                    applied = ack.applied,
+                    ?outcome,
+                    detail = %ack.detail,
+                    "configuration acknowledgement stored"
+                );
+                return;
+            }
+            Err(error) => {
+                writer.metrics.write_errors.inc();
+                tracing::error!(
+                    error = format!("{:#}", anyhow::Error::from(error)),
+                    device_id = %received.device_id,
+                    change_id = %ack.change_id,
+                    "configuration acknowledgement not stored, retrying"
                 );
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

@@ -1,6 +1,8 @@
 //! The fleet server: takes in device telemetry over MQTT, keeps the fleet in SQLite and
 //! serves the JSON API and the web console. It also stores signed bundle archives and
-//! rolls them out to devices as over-the-air updates ([`updates`]).
+//! rolls them out to devices as over-the-air updates ([`updates`]), keeps the hard
+//! samples devices upload ([`samples`]), and sets devices' settings remotely
+//! ([`remote_config`]).
 //!
 //! By default it embeds an MQTT broker (rumqttd), so one process is the whole back end.
 //! With [`BrokerMode::External`] it subscribes to an existing broker such as Mosquitto.
@@ -13,7 +15,9 @@ pub mod gateway;
 mod ingest;
 pub mod logging;
 pub mod metrics;
+pub mod remote_config;
 pub mod replica;
+pub mod samples;
 pub mod store;
 pub mod updates;
 
@@ -73,6 +77,8 @@ pub struct ServerConfig {
     pub telemetry_retention: Option<Duration>,
     /// Bundle folder, signature check and archive URLs of over-the-air updates.
     pub updates: updates::UpdateSettings,
+    /// Sample folder and size limit of hard-sample uploads.
+    pub samples: samples::SampleSettings,
 }
 
 impl ServerConfig {
@@ -129,6 +135,10 @@ impl Server {
         let bundle_dir = config.updates.resolve_bundle_dir(&config.database);
         let archives = updates::archives::ArchiveStore::open(&bundle_dir).with_context(|| {
             format!("failed to open the bundle folder {}", bundle_dir.display())
+        })?;
+        let sample_dir = config.samples.resolve_sample_dir(&config.database);
+        let sample_files = samples::files::SampleFiles::open(&sample_dir).with_context(|| {
+            format!("failed to open the sample folder {}", sample_dir.display())
         })?;
         let public_key = match &config.updates.public_key {
             Some(path) => Some(fleet_bundle::PublicKey::read(path).with_context(|| {
@@ -213,16 +223,23 @@ impl Server {
                 "devices cannot download bundles from an unspecified address; set --public-url"
             );
         }
+        let publisher = updates::commands::CommandPublisher::new(commands, public_url);
         let updates = Arc::new(updates::Updates {
             store: store.clone(),
             archives,
             public_key,
             max_bundle_bytes: config.updates.max_bundle_bytes,
-            publisher: updates::commands::CommandPublisher::new(commands, public_url),
+            publisher: publisher.clone(),
             metrics: metrics.clone(),
         });
-        tasks.push(tokio::spawn(updates::commands::resend_on_online(
+        let remote_config = Arc::new(remote_config::RemoteConfigs::new(
+            store.clone(),
+            publisher,
+            metrics.clone(),
+        ));
+        tasks.push(tokio::spawn(resend_on_online(
             updates.clone(),
+            remote_config.clone(),
             online_rx,
             shutdown_rx.clone(),
         )));
@@ -231,6 +248,13 @@ impl Server {
             metrics: metrics.clone(),
             login_limiter: Default::default(),
             updates,
+            remote_config,
+            samples: Arc::new(samples::Samples {
+                store: store.clone(),
+                files: sample_files,
+                max_sample_bytes: config.samples.max_sample_bytes,
+                metrics: metrics.clone(),
+            }),
         });
         let gateway = match gateway {
             Some(gateway) => {
@@ -266,6 +290,7 @@ impl Server {
             %mqtt_addr,
             database = %store::redact_password(&config.database),
             bundle_dir = %bundle_dir.display(),
+            sample_dir = %sample_dir.display(),
             "fleet server started"
         );
         Ok(Server {
@@ -328,6 +353,28 @@ async fn downsample_periodically(
                 "downsampling failed, retrying at the next interval"
             ),
         }
+    }
+}
+
+/// Sends each device id received on `online` the commands it may have missed, until
+/// shutdown: those of its unfinished updates and its pending configuration change.
+/// Ingestion sends a device id each time that device's status turns online.
+async fn resend_on_online(
+    updates: Arc<updates::Updates>,
+    remote_config: Arc<remote_config::RemoteConfigs>,
+    mut online: tokio::sync::mpsc::UnboundedReceiver<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let device_id = tokio::select! {
+            device_id = online.recv() => match device_id {
+                Some(device_id) => device_id,
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        updates::commands::resend_unfinished(&updates, &device_id).await;
+        remote_config::commands::resend_pending(&remote_config, &device_id).await;
     }
 }
 

@@ -3,8 +3,8 @@
 use clap::Parser;
 
 /// Take in device telemetry over MQTT, store it in SQLite and serve the console; or,
-/// with a subcommand, administer credentials and operators, upload bundles and send
-/// updates.
+/// with a subcommand, administer credentials and operators, upload bundles, send
+/// updates and set devices' remote configuration.
 #[derive(Debug, Parser)]
 #[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {

@@ -78,6 +78,10 @@ pub struct ServerMetrics {
     pub login_throttled: Counter,
     /// Metrics of over-the-air updates.
     pub updates: UpdateMetrics,
+    /// Metrics of remote configuration.
+    pub remote_config: crate::remote_config::metrics::ConfigMetrics,
+    /// Hard-sample uploads by outcome: stored, duplicate (already stored) or rejected.
+    samples: Family<OutcomeLabel, Counter>,
     /// Metrics of the inference gateway, exported empty when it does not run.
     pub gateway: crate::gateway::GatewayMetrics,
 }
@@ -95,8 +99,10 @@ impl ServerMetrics {
         let messages = Family::<OutcomeLabel, Counter>::default();
         // Every outcome is exported from the start, as 0, so a query or alert on one
         // that has not happened yet finds a series.
+        let samples = Family::<OutcomeLabel, Counter>::default();
         for outcome in [Outcome::Stored, Outcome::Duplicate, Outcome::Rejected] {
             let _ = messages.get_or_create(&OutcomeLabel { outcome });
+            let _ = samples.get_or_create(&OutcomeLabel { outcome });
         }
         let write_errors = Counter::default();
         let batch_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
@@ -108,12 +114,19 @@ impl ServerMetrics {
         access.register(&mut registry);
         let updates = UpdateMetrics::new();
         updates.register(&mut registry);
+        let remote_config = crate::remote_config::metrics::ConfigMetrics::default();
+        remote_config.register(&mut registry);
         let gateway = crate::gateway::GatewayMetrics::default();
         gateway.register(&mut registry);
         registry.register(
             "ingest_messages",
             "MQTT messages taken in, by outcome",
             messages.clone(),
+        );
+        registry.register(
+            "sample_uploads",
+            "Hard-sample uploads, by outcome",
+            samples.clone(),
         );
         registry.register(
             "ingest_write_errors",
@@ -160,6 +173,8 @@ impl ServerMetrics {
             login_failed: access.login_failed,
             login_throttled: access.login_throttled,
             updates,
+            remote_config,
+            samples,
             gateway,
         }
     }
@@ -169,6 +184,11 @@ impl ServerMetrics {
         self.messages
             .get_or_create(&OutcomeLabel { outcome })
             .inc_by(messages);
+    }
+
+    /// Counts one hard-sample upload with `outcome`.
+    pub fn count_sample(&self, outcome: Outcome) {
+        self.samples.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
     /// Returns how many messages had `outcome` since the server started.

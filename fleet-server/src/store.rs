@@ -1,6 +1,6 @@
 //! Fleet state in SQLite or PostgreSQL through sqlx: devices, their telemetry, hourly
-//! rollups of old telemetry, over-the-air updates, and the queries the API and console
-//! read.
+//! rollups of old telemetry, over-the-air updates, hard samples, remote configuration,
+//! and the queries the API and console read.
 //!
 //! [`Store`] is the handle the rest of the server uses. Each database is a
 //! [`StoreBackend`] that owns its pool and its SQL. What does not depend on the database
@@ -9,8 +9,10 @@
 
 pub mod access;
 mod postgres;
+pub mod remote_config;
 mod rollup;
 mod rows;
+pub mod samples;
 mod sqlite;
 pub mod updates;
 
@@ -26,7 +28,11 @@ use fleet_wire::{LatencyHistogram, Status, Telemetry};
 use serde::Serialize;
 
 use self::access::{AccessBackend, Credential};
+use self::remote_config::{
+    AckOutcome, ConfigBackend, ConfigEventRecord, ConfigRecord, ConfigRow, ReceivedConfigAck,
+};
 use self::rows::{DeviceRow, HourlyRecord, WindowRow};
+use self::samples::{SampleBackend, SampleFilter, SampleRecord};
 use self::updates::{
     BundleRecord, EventOutcome, ReceivedEvent, Superseded, UpdateBackend, UpdateEventRecord,
     UpdateRecord,
@@ -72,6 +78,8 @@ pub enum StoreError {
     },
     #[error("invalid stored credential role {role:?}; expected \"device\" or \"ingester\"")]
     InvalidRole { role: String },
+    #[error("invalid stored configuration of device {device_id}: {reason}")]
+    InvalidConfig { device_id: String, reason: String },
 }
 
 /// A telemetry message with the time the server received it.
@@ -227,6 +235,8 @@ pub struct Store {
     backend: Arc<dyn StoreBackend>,
     access: Arc<dyn AccessBackend>,
     updates: Arc<dyn UpdateBackend>,
+    samples: Arc<dyn SampleBackend>,
+    config: Arc<dyn ConfigBackend>,
 }
 
 impl Store {
@@ -253,7 +263,9 @@ impl Store {
         Ok(Store {
             backend: backend.clone(),
             access: backend.clone(),
-            updates: backend,
+            updates: backend.clone(),
+            samples: backend.clone(),
+            config: backend,
         })
     }
 
@@ -268,7 +280,9 @@ impl Store {
         Ok(Store {
             backend: backend.clone(),
             access: backend.clone(),
-            updates: backend,
+            updates: backend.clone(),
+            samples: backend.clone(),
+            config: backend,
         })
     }
 
@@ -529,6 +543,71 @@ impl Store {
     /// ordered by id.
     pub async fn known_devices(&self) -> Result<Vec<String>, StoreError> {
         self.updates.known_devices().await
+    }
+}
+
+/// Hard samples: inputs devices classified with low confidence. Arguments named `sha256`
+/// are lowercase hex digests of sample contents.
+impl Store {
+    /// Records a stored sample; returns false, changing nothing, when one with the same
+    /// SHA-256 is already recorded.
+    pub async fn put_sample(&self, sample: &SampleRecord) -> Result<bool, StoreError> {
+        self.samples.put_sample(sample).await
+    }
+
+    pub async fn sample(&self, sha256: &str) -> Result<Option<SampleRecord>, StoreError> {
+        self.samples.sample(sha256).await
+    }
+
+    /// Lists the latest `limit` samples that match `filter`, newest upload first.
+    pub async fn samples(
+        &self,
+        filter: &SampleFilter,
+        limit: u32,
+    ) -> Result<Vec<SampleRecord>, StoreError> {
+        self.samples.samples(filter, i64::from(limit)).await
+    }
+}
+
+/// Remote configuration: the settings the server overrides on each device and the
+/// acknowledgements devices send.
+impl Store {
+    /// Stores `record` as the device's configuration, replacing any earlier change.
+    pub async fn put_config(&self, record: &ConfigRecord) -> Result<(), StoreError> {
+        self.config
+            .put_config(&ConfigRow::from_record(record)?)
+            .await
+    }
+
+    pub async fn config(&self, device_id: &str) -> Result<Option<ConfigRecord>, StoreError> {
+        match self.config.config(device_id).await? {
+            Some(row) => Ok(Some(row.into_record()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends an acknowledgement to the history and, when it names the device's
+    /// current change, sets that change's status and detail. An acknowledgement of an
+    /// older change is only recorded, so it cannot undo a newer one.
+    pub async fn record_config_ack(
+        &self,
+        ack: &ReceivedConfigAck,
+    ) -> Result<AckOutcome, StoreError> {
+        self.config.record_config_ack(ack).await
+    }
+
+    /// Lists a device's latest `limit` acknowledgements, newest first.
+    pub async fn config_events(
+        &self,
+        device_id: &str,
+        limit: u32,
+    ) -> Result<Vec<ConfigEventRecord>, StoreError> {
+        self.config.config_events(device_id, i64::from(limit)).await
+    }
+
+    /// Returns whether the device has connected or has a device credential.
+    pub async fn is_known_device(&self, device_id: &str) -> Result<bool, StoreError> {
+        self.config.is_known_device(device_id).await
     }
 }
 

@@ -1,6 +1,6 @@
 //! The store on both backends: deduplication on (device, seq), gap counting, status, the
-//! live window, downsampling, concurrent writers and over-the-air updates, on real
-//! databases.
+//! live window, downsampling, concurrent writers, over-the-air updates, hard samples and
+//! remote configuration, on real databases.
 //!
 //! Every test listed in `on_each_backend!` runs twice: on a SQLite file in a temporary
 //! folder, and in a PostgreSQL schema of its own, so the tests can run in parallel. The
@@ -14,13 +14,17 @@ use std::time::Duration;
 
 use fleet_server::access::{self, AccessError, Principal};
 use fleet_server::store::access::CredentialRole;
+use fleet_server::store::remote_config::{
+    AckOutcome, ConfigRecord, ConfigSettings, ConfigStatus, ReceivedConfigAck,
+};
+use fleet_server::store::samples::{SampleFilter, SampleRecord};
 use fleet_server::store::updates::{
     BundleRecord, EventOutcome, ReceivedEvent, STAGE_PENDING, STAGE_SUPERSEDED,
 };
 use fleet_server::store::{DownsampleOutcome, Received, Record, Store};
 use fleet_wire::{
-    DeviceState, LatencyHistogram, ModelRef, Status, SystemStats, Telemetry, UpdateEvent,
-    UpdateStage,
+    ConfigAck, DeviceState, LatencyHistogram, ModelRef, Status, SystemStats, Telemetry,
+    UpdateEvent, UpdateStage,
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -68,6 +72,11 @@ on_each_backend!(
     bundles_are_recorded_once,
     update_stage_moves_forward_only,
     new_update_supersedes_unfinished_one,
+    samples_are_recorded_once,
+    samples_filter_by_device_and_model,
+    config_change_replaces_previous_one,
+    config_ack_sets_current_change_only,
+    known_device_has_connected_or_credential,
 );
 
 #[derive(Debug, Clone, Copy)]
@@ -1028,4 +1037,222 @@ async fn new_update_supersedes_unfinished_one(backend: Backend) {
     assert_eq!(cam1.len(), 2);
     assert_eq!(store.updates(None, 10).await.unwrap().len(), 4);
     assert_eq!(store.updates(None, 3).await.unwrap().len(), 3);
+}
+
+fn sample_record(sha_digit: char, device_id: &str, model: &str, received_ms: i64) -> SampleRecord {
+    SampleRecord {
+        sha256: sha_digit.to_string().repeat(64),
+        device_id: device_id.into(),
+        model_name: model.into(),
+        model_version: "1.0.0".into(),
+        predicted_class: 3,
+        predicted_label: "three".into(),
+        confidence: 0.25,
+        true_class: None,
+        source: "t10k-images-idx3-ubyte.gz#17".into(),
+        device_time_ms: received_ms - 10,
+        received_ms,
+        content_type: "image/png".into(),
+        size: 300,
+    }
+}
+
+async fn samples_are_recorded_once(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let mut first = sample_record('a', "pi-1", "digit-cnn", 1_000);
+    first.true_class = Some(5);
+    assert!(store.put_sample(&first).await.unwrap());
+    let again = sample_record('a', "pi-2", "digit-student", 2_000);
+    assert!(!store.put_sample(&again).await.unwrap());
+
+    assert_eq!(store.sample(&first.sha256).await.unwrap(), Some(first));
+    assert_eq!(store.sample(&"b".repeat(64)).await.unwrap(), None);
+    let listed = store.samples(&SampleFilter::default(), 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].device_id, "pi-1", "the first record is kept");
+}
+
+async fn samples_filter_by_device_and_model(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let records = [
+        sample_record('a', "pi-1", "digit-cnn", 1_000),
+        sample_record('b', "pi-1", "digit-student", 2_000),
+        sample_record('c', "pi-2", "digit-cnn", 3_000),
+    ];
+    for record in &records {
+        assert!(store.put_sample(record).await.unwrap());
+    }
+
+    let hashes = |filter: SampleFilter, limit: u32| {
+        let store = store.clone();
+        async move {
+            store
+                .samples(&filter, limit)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|record| record.sha256.chars().next().unwrap())
+                .collect::<String>()
+        }
+    };
+    assert_eq!(hashes(SampleFilter::default(), 10).await, "cba");
+    assert_eq!(hashes(SampleFilter::default(), 2).await, "cb");
+
+    let pi1 = SampleFilter {
+        device_id: Some("pi-1".into()),
+        model_name: None,
+    };
+    assert_eq!(hashes(pi1, 10).await, "ba");
+    let cnn = SampleFilter {
+        device_id: None,
+        model_name: Some("digit-cnn".into()),
+    };
+    assert_eq!(hashes(cnn, 10).await, "ca");
+
+    let both = SampleFilter {
+        device_id: Some("pi-2".into()),
+        model_name: Some("digit-cnn".into()),
+    };
+    assert_eq!(hashes(both, 10).await, "c");
+    let none = SampleFilter {
+        device_id: Some("pi-3".into()),
+        model_name: None,
+    };
+    assert_eq!(hashes(none, 10).await, "");
+}
+
+fn config_record(device_id: &str, change_id: &str, settings: ConfigSettings) -> ConfigRecord {
+    ConfigRecord {
+        device_id: device_id.into(),
+        change_id: change_id.into(),
+        settings,
+        status: ConfigStatus::Pending,
+        detail: String::new(),
+        requested_by: "alice".into(),
+        created_ms: 1_000,
+        updated_ms: 1_000,
+    }
+}
+
+fn config_ack(device_id: &str, change_id: &str, applied: bool) -> ReceivedConfigAck {
+    ReceivedConfigAck {
+        device_id: device_id.into(),
+        device_time_ms: 5_000,
+        received_ms: 6_000,
+        ack: ConfigAck {
+            change_id: change_id.into(),
+            applied,
+            detail: format!("{change_id} applied: {applied}"),
+        },
+    }
+}
+
+async fn config_change_replaces_previous_one(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    assert_eq!(store.config("cam-1").await.unwrap(), None);
+
+    let first = config_record(
+        "cam-1",
+        "c-1",
+        ConfigSettings {
+            confidence_threshold: Some(0.7),
+            interval_seconds: Some(0.25),
+            rate: Some(0.0),
+            drain_rate: Some(12.5),
+            commit_timeout_seconds: Some(900.0),
+        },
+    );
+    store.put_config(&first).await.unwrap();
+    assert_eq!(store.config("cam-1").await.unwrap(), Some(first));
+
+    let mut second = config_record("cam-1", "c-2", ConfigSettings::default());
+    second.requested_by = "bob".into();
+    second.created_ms = 2_000;
+    second.updated_ms = 2_000;
+    store.put_config(&second).await.unwrap();
+    assert_eq!(store.config("cam-1").await.unwrap(), Some(second));
+    assert_eq!(store.config("cam-2").await.unwrap(), None);
+}
+
+async fn config_ack_sets_current_change_only(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    let settings = ConfigSettings {
+        rate: Some(4.0),
+        ..ConfigSettings::default()
+    };
+    store
+        .put_config(&config_record("cam-1", "c-1", settings.clone()))
+        .await
+        .unwrap();
+
+    let outcome = store
+        .record_config_ack(&config_ack("cam-1", "c-1", true))
+        .await
+        .unwrap();
+    assert_eq!(outcome, AckOutcome::Applied);
+    let applied = store.config("cam-1").await.unwrap().unwrap();
+    assert_eq!(applied.status, ConfigStatus::Applied);
+    assert_eq!(applied.detail, "c-1 applied: true");
+    assert_eq!(applied.updated_ms, 6_000);
+    assert_eq!(applied.created_ms, 1_000);
+    assert_eq!(applied.settings, settings);
+
+    store
+        .put_config(&config_record("cam-1", "c-2", settings))
+        .await
+        .unwrap();
+    let steps = [
+        ("cam-1", "c-1", false, AckOutcome::Stale),
+        ("cam-2", "c-2", true, AckOutcome::Stale),
+        ("cam-1", "c-2", false, AckOutcome::Rejected),
+    ];
+    for (device_id, change_id, applied, expected) in steps {
+        let outcome = store
+            .record_config_ack(&config_ack(device_id, change_id, applied))
+            .await
+            .unwrap();
+        assert_eq!(outcome, expected, "{device_id} {change_id}");
+    }
+    let rejected = store.config("cam-1").await.unwrap().unwrap();
+    assert_eq!(rejected.change_id, "c-2");
+    assert_eq!(rejected.status, ConfigStatus::Rejected);
+    assert_eq!(rejected.detail, "c-2 applied: false");
+
+    let events = store.config_events("cam-1", 10).await.unwrap();
+    let history: Vec<(&str, bool)> = events
+        .iter()
+        .map(|event| (event.change_id.as_str(), event.applied))
+        .collect();
+    assert_eq!(history, [("c-2", false), ("c-1", false), ("c-1", true)]);
+    assert_eq!(events[0].device_time_ms, 5_000);
+    assert_eq!(events[0].received_ms, 6_000);
+    assert_eq!(store.config_events("cam-1", 1).await.unwrap().len(), 1);
+    let other = store.config_events("cam-2", 10).await.unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].device_id, "cam-2");
+}
+
+async fn known_device_has_connected_or_credential(backend: Backend) {
+    let db = TestDatabase::create(backend).await;
+    let store = db.open().await;
+    assert!(!store.is_known_device("cam-1").await.unwrap());
+
+    store
+        .apply_batch(&[telemetry("cam-1", 1, 4)])
+        .await
+        .unwrap();
+    access::provision(&store, "cam-2", CredentialRole::Device, false)
+        .await
+        .unwrap();
+    access::provision(&store, "ingest-1", CredentialRole::Ingester, false)
+        .await
+        .unwrap();
+    assert!(store.is_known_device("cam-1").await.unwrap());
+    assert!(store.is_known_device("cam-2").await.unwrap());
+    assert!(!store.is_known_device("ingest-1").await.unwrap());
+    assert!(!store.is_known_device("cam-3").await.unwrap());
 }

@@ -3,115 +3,29 @@
 //! and operator credentials. The store's update SQL on both databases is covered in
 //! `store.rs`.
 
+mod fleet_support;
 mod gateway_support;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
-use fleet_server::store::access::CredentialRole;
 use fleet_server::updates::UpdateSettings;
 use fleet_server::updates::client::FleetClient;
 use fleet_server::updates::http::CreateUpdates;
-use fleet_server::{BrokerMode, Server, ServerConfig};
-use fleet_wire::{
-    Command, DeviceState, Encoding, Event, EventKind, InstallBundle, Status, UpdateEvent,
-    UpdateStage,
-};
+use fleet_support::{TestDevice, TestServer, WAIT};
+use fleet_wire::{Command, EventKind, InstallBundle, UpdateEvent, UpdateStage};
 use gateway_support::{TestBundle, metric};
 use reqwest::StatusCode;
-use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
-/// How long a test waits for something the server does in the background.
-const WAIT: Duration = Duration::from_secs(30);
-
-/// A fleet server on free ports with an operator token and two provisioned devices.
-struct UpdateServer {
-    server: Server,
-    base: String,
-    /// API token of an operator script.
-    token: String,
-    /// Secret of device `dev-1`; `dev-2` is provisioned too.
-    device_secret: String,
-    http: reqwest::Client,
-    dir: tempfile::TempDir,
-}
-
-impl UpdateServer {
-    async fn start(settings: UpdateSettings) -> UpdateServer {
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let config = ServerConfig {
-            http_listen: "127.0.0.1:0".parse().unwrap(),
-            broker: BrokerMode::Embedded {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                access: fleet_server::broker::ClientAccess::Credentials,
-            },
-            database: dir.path().join("fleet.db").to_str().unwrap().to_owned(),
-            mqtt_client_id: format!("updates-test-{}", std::process::id()),
-            shared_group: None,
-            clean_session: true,
-            mqtt_credentials: None,
-            telemetry_retention: None,
-            updates: settings,
-        };
-        let server = Server::start(config).await.expect("start server");
-        let store = &server.store;
-        let token = fleet_server::access::create_api_token(store, "script")
-            .await
-            .unwrap();
-        let device_secret =
-            fleet_server::access::provision(store, "dev-1", CredentialRole::Device, false)
-                .await
-                .unwrap();
-        fleet_server::access::provision(store, "dev-2", CredentialRole::Device, false)
-            .await
-            .unwrap();
-        UpdateServer {
-            base: format!("http://{}", server.http_addr),
-            server,
-            token,
-            device_secret,
-            http: reqwest::Client::new(),
-            dir,
-        }
-    }
-
-    /// Returns the default bundle folder, beside the database.
-    fn bundle_dir(&self) -> PathBuf {
-        self.dir.path().join("fleet-bundles")
-    }
-
-    /// Sends a request with an optional bearer token and returns status, headers and
-    /// body bytes.
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-        token: Option<&str>,
-    ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
-        let request = match token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        };
-        let response = request.send().await.expect("send request");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.bytes().await.expect("read body").to_vec();
-        (status, headers, body)
-    }
-
+/// Requests of the bundle and update routes.
+impl TestServer {
     async fn upload(&self, archive: Vec<u8>, token: Option<&str>) -> (StatusCode, Value) {
         let request = self
             .http
             .post(format!("{}/api/bundles", self.base))
             .body(archive);
-        let (status, _, body) = self.send(request, token).await;
-        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-    }
-
-    async fn get_json(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
-        let request = self.http.get(format!("{}{path}", self.base));
         let (status, _, body) = self.send(request, token).await;
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
@@ -141,26 +55,6 @@ impl UpdateServer {
         body
     }
 
-    async fn metrics(&self) -> String {
-        gateway_support::fetch_text(&self.http, &format!("{}/metrics", self.base)).await
-    }
-
-    /// Waits until the metric sample reaches `expected`.
-    async fn wait_metric(&self, sample: &str, expected: f64) {
-        let started = Instant::now();
-        loop {
-            let text = self.metrics().await;
-            if metric(&text, sample) == Some(expected) {
-                return;
-            }
-            assert!(
-                started.elapsed() < WAIT,
-                "{sample} did not reach {expected} within {WAIT:?}:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Waits until update `id` reaches `stage` and returns its detail.
     async fn wait_stage(&self, id: &str, stage: &str) -> Value {
         let started = Instant::now();
@@ -176,77 +70,18 @@ impl UpdateServer {
                 started.elapsed() < WAIT,
                 "update {id} did not reach {stage} within {WAIT:?}: {body:#}"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 }
 
-/// A device on the embedded broker that receives its commands and publishes events.
-struct TestDevice {
-    id: String,
-    client: AsyncClient,
-    commands: mpsc::UnboundedReceiver<Command>,
-}
-
+/// Install commands and update events of a test device.
 impl TestDevice {
-    /// Connects with the device's credential and returns once its command subscription
-    /// is acknowledged.
-    async fn connect(server: &UpdateServer, id: &str, secret: &str) -> TestDevice {
-        let (host, port) = fleet_wire::parse_broker_url(&server.server.mqtt_addr).unwrap();
-        let mut options = MqttOptions::new(id, host, port);
-        options.set_credentials(id, secret);
-        options.set_keep_alive(Duration::from_secs(30));
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
-        let command_topic =
-            fleet_wire::topic::device_topic(id, fleet_wire::topic::TopicKind::Command);
-        client
-            .subscribe(&command_topic, QoS::AtLeastOnce)
-            .await
-            .unwrap();
-
-        let (commands_tx, commands) = mpsc::unbounded_channel();
-        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let mut subscribed_tx = Some(subscribed_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(sender) = subscribed_tx.take() {
-                            let _ = sender.send(());
-                        }
-                    }
-                    Ok(rumqttc::Event::Incoming(Packet::Publish(publish))) => {
-                        let command = fleet_wire::decode::<Command>(&publish.payload)
-                            .expect("command payload decodes");
-                        if commands_tx.send(command).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(error) => panic!("device connection failed: {error}"),
-                }
-            }
-        });
-
-        tokio::time::timeout(WAIT, subscribed)
-            .await
-            .expect("command subscription acknowledged in time")
-            .unwrap();
-        TestDevice {
-            id: id.to_owned(),
-            client,
-            commands,
-        }
-    }
-
-    /// Returns the next install command the device receives.
+    /// Returns the next command the device receives, which must be an install command.
     async fn next_install(&mut self) -> InstallBundle {
-        let command = tokio::time::timeout(WAIT, self.commands.recv())
-            .await
-            .expect("a command arrives in time")
-            .expect("command channel open");
-        match command {
+        match self.next_command().await {
             Command::InstallBundle(install) => install,
+            other => panic!("expected an install command, got {other:?}"),
         }
     }
 
@@ -255,7 +90,7 @@ impl TestDevice {
             .await;
     }
 
-    /// Publishes an event on this device's topic whose payload names `device_id`.
+    /// Publishes an update event on this device's topic whose payload names `device_id`.
     async fn publish_event_as(
         &self,
         device_id: &str,
@@ -263,39 +98,15 @@ impl TestDevice {
         sha256: &str,
         stage: UpdateStage,
     ) {
-        let event = Event {
-            device_id: device_id.to_owned(),
-            device_time_ms: fleet_server::unix_millis(),
-            kind: EventKind::Update(UpdateEvent {
-                update_id: update_id.to_owned(),
-                sha256: sha256.to_owned(),
-                version: "test".into(),
-                stage,
-                detail: format!("test reached {}", stage.as_str()),
-            }),
+        let update = UpdateEvent {
+            update_id: update_id.to_owned(),
+            sha256: sha256.to_owned(),
+            version: "test".into(),
+            stage,
+            detail: format!("test reached {}", stage.as_str()),
         };
-        let topic = fleet_wire::topic::device_topic(&self.id, fleet_wire::topic::TopicKind::Events);
-        let payload = fleet_wire::encode(&event, Encoding::Postcard).unwrap();
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
-    }
-
-    async fn publish_online(&self) {
-        let status = Status {
-            device_id: self.id.clone(),
-            state: DeviceState::Online,
-            model: None,
-            agent_version: "test".into(),
-            device_time_ms: fleet_server::unix_millis(),
-        };
-        let topic = fleet_wire::topic::device_topic(&self.id, fleet_wire::topic::TopicKind::Status);
-        let payload = fleet_wire::encode(&status, Encoding::Postcard).unwrap();
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
+        self.publish_event_kind(device_id, EventKind::Update(update))
+            .await;
     }
 }
 
@@ -315,7 +126,7 @@ fn file_names(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_stores_archive_once() {
-    let server = UpdateServer::start(UpdateSettings::default()).await;
+    let server = TestServer::start(UpdateSettings::default()).await;
     let bundle = TestBundle::new();
     let archive = bundle.archive();
 
@@ -344,7 +155,7 @@ async fn upload_stores_archive_once() {
 async fn upload_checks_signature_with_configured_key() {
     let (secret, public) = fleet_bundle::generate_key_pair().unwrap();
     let trusted = TestBundle::signed(&secret, &public, "2.0.0");
-    let server = UpdateServer::start(UpdateSettings {
+    let server = TestServer::start(UpdateSettings {
         public_key: Some(trusted.public_key()),
         ..UpdateSettings::default()
     })
@@ -398,7 +209,7 @@ async fn upload_checks_signature_with_configured_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_rejects_garbage_empty_and_oversized() {
-    let server = UpdateServer::start(UpdateSettings {
+    let server = TestServer::start(UpdateSettings {
         max_bundle_bytes: 4096,
         ..UpdateSettings::default()
     })
@@ -439,7 +250,7 @@ async fn upload_rejects_garbage_empty_and_oversized() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn download_serves_whole_archive_and_ranges() {
-    let server = UpdateServer::start(UpdateSettings::default()).await;
+    let server = TestServer::start(UpdateSettings::default()).await;
     let bundle = TestBundle::new();
     let archive = bundle.archive();
     let sha256 = server.upload_ok(&bundle).await;
@@ -496,7 +307,7 @@ async fn download_serves_whole_archive_and_ranges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_check_credentials() {
-    let server = UpdateServer::start(UpdateSettings::default()).await;
+    let server = TestServer::start(UpdateSettings::default()).await;
     let bundle = TestBundle::new();
     let sha256 = server.upload_ok(&bundle).await;
     let archive_path = format!("/api/bundles/{sha256}/archive");
@@ -537,7 +348,7 @@ async fn routes_check_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_publishes_install_command() {
-    let server = UpdateServer::start(UpdateSettings::default()).await;
+    let server = TestServer::start(UpdateSettings::default()).await;
     let mut device = TestDevice::connect(&server, "dev-1", &server.device_secret).await;
     let bundle = TestBundle::new();
     let archive = bundle.archive();
@@ -575,7 +386,7 @@ async fn update_publishes_install_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_request_selects_devices() {
-    let server = UpdateServer::start(UpdateSettings::default()).await;
+    let server = TestServer::start(UpdateSettings::default()).await;
     let sha256 = server.upload_ok(&TestBundle::new()).await;
     let token = Some(server.token.as_str());
 
@@ -670,7 +481,7 @@ async fn update_request_selects_devices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_move_update_forward() {
-    let server = UpdateServer::start(UpdateSettings::default()).await;
+    let server = TestServer::start(UpdateSettings::default()).await;
     let mut device = TestDevice::connect(&server, "dev-1", &server.device_secret).await;
     let sha256 = server.upload_ok(&TestBundle::new()).await;
     let created = server.send_update(&sha256, &["dev-1"]).await;
@@ -745,7 +556,7 @@ async fn events_move_update_forward() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_device_gets_unfinished_command_again() {
-    let server = UpdateServer::start(UpdateSettings::default()).await;
+    let server = TestServer::start(UpdateSettings::default()).await;
     let mut device = TestDevice::connect(&server, "dev-1", &server.device_secret).await;
     let first_bundle = server.upload_ok(&TestBundle::new()).await;
     let (secret, public) = fleet_bundle::generate_key_pair().unwrap();
@@ -795,7 +606,7 @@ async fn online_device_gets_unfinished_command_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_client_uploads_and_sends() {
-    let server = UpdateServer::start(UpdateSettings::default()).await;
+    let server = TestServer::start(UpdateSettings::default()).await;
     let bundle = TestBundle::new();
     let bundle_dir = bundle.bundle();
     let expected_sha = sha256_hex(&bundle.archive());

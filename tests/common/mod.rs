@@ -142,17 +142,30 @@ impl Workspace {
         mqtt_port: u16,
         extra: &[&str],
     ) -> Server {
-        let http_port = free_port();
+        self.start_server_on(broker, mqtt_port, free_port(), extra)
+    }
+
+    /// Starts `fleet server` as [`Workspace::start_server_with`] does, with its HTTP API
+    /// on `http_port`. A server started again on the same ports reuses the database and
+    /// the API token of the one before.
+    pub fn start_server_on(
+        &self,
+        broker: Option<&str>,
+        mqtt_port: u16,
+        http_port: u16,
+        extra: &[&str],
+    ) -> Server {
         let http = format!("127.0.0.1:{http_port}");
         let mqtt_listen = format!("127.0.0.1:{mqtt_port}");
         let database = match broker {
             Some(_) => self.path(&format!("fleet-{http_port}.db")),
             None => self.embedded_database(mqtt_port),
         };
-        let token = create_api_token(
-            path_str(&database),
-            &self.path(&format!("token-{http_port}")),
-        );
+        let token_path = self.path(&format!("token-{http_port}"));
+        let token = match std::fs::read_to_string(&token_path) {
+            Ok(token) => token.trim().to_string(),
+            Err(_) => create_api_token(path_str(&database), &token_path),
+        };
         let mut command = Command::new(env!("CARGO_BIN_EXE_fleet"));
         command
             .args([

@@ -257,7 +257,8 @@ fn append_raw(builder: &mut tar::Builder<Vec<u8>>, name: &[u8], kind: tar::Entry
 #[test]
 fn unpack_rejects_links_escapes_and_repeats() {
     let root = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[(&[u8], tar::EntryType)], &str); 3] = [
+    type Entries = &'static [(&'static [u8], tar::EntryType)];
+    let cases: [(&str, Entries, &str); 3] = [
         (
             "link",
             &[(b"model.onnx", tar::EntryType::Symlink)],

@@ -6,14 +6,17 @@
 //! UTF-8 JSON of the same structure. `docs/wire.md` describes the layout field by field
 //! for subscribers that are not written in Rust.
 
+mod command;
 mod histogram;
+pub mod sample;
 pub mod topic;
-mod update;
 
 use serde::{Deserialize, Serialize};
 
+pub use command::{
+    Command, ConfigAck, Event, EventKind, InstallBundle, RemoteConfig, UpdateEvent, UpdateStage,
+};
 pub use histogram::LatencyHistogram;
-pub use update::{Command, Event, EventKind, InstallBundle, UpdateEvent, UpdateStage};
 
 /// First payload byte of a postcard-encoded message, schema version 1.
 pub const SCHEMA_POSTCARD_V1: u8 = 1;

@@ -26,12 +26,13 @@
 mod download;
 pub mod store;
 
+use std::collections::VecDeque;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use fleet_bundle::{Bundle, PublicKey, archive};
 use fleet_wire::{
-    Command, Encoding, Event, EventKind, InstallBundle, ModelRef, UpdateEvent, UpdateStage,
+    ConfigAck, Encoding, Event, EventKind, InstallBundle, ModelRef, UpdateEvent, UpdateStage,
 };
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
@@ -39,10 +40,13 @@ use crate::config::DeviceConfig;
 use crate::forward::{EVENT_RECORD, SharedOutbox, error_chain};
 use crate::model::{ModelSlot, SharedModel};
 use crate::mqtt::{PublishKind, Publisher, StatusPayloads};
+use crate::settings::LiveSettings;
 use store::{BundleStore, InstalledBundle};
 
 /// Largest archive the agent downloads.
 const MAX_ARCHIVE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// Ids of finished updates the updater remembers, to drop repeated commands.
+const FINISHED_KEPT: usize = 32;
 /// How often the updater checks whether the new model's telemetry was acknowledged.
 const ACK_POLL: Duration = Duration::from_millis(100);
 
@@ -61,8 +65,7 @@ pub struct EventSink {
 }
 
 impl EventSink {
-    /// Logs an update event and queues it for the broker. An outbox that fails to store
-    /// it is logged; the update goes on, since the event is a report, not a step.
+    /// Logs an update event and queues it for the broker.
     pub fn update(
         &self,
         update_id: &str,
@@ -89,22 +92,42 @@ impl EventSink {
                 "update event"
             ),
         }
+        self.send(EventKind::Update(UpdateEvent {
+            update_id: update_id.to_string(),
+            sha256: sha256.to_string(),
+            version: version.to_string(),
+            stage,
+            detail: detail.to_string(),
+        }));
+    }
+
+    /// Logs the outcome of a remote configuration change and queues it for the broker.
+    pub fn config(&self, change_id: &str, applied: bool, detail: &str) {
+        if applied {
+            tracing::info!(change_id, detail, "remote configuration applied");
+        } else {
+            tracing::warn!(change_id, detail, "remote configuration rejected");
+        }
+        self.send(EventKind::Config(ConfigAck {
+            change_id: change_id.to_string(),
+            applied,
+            detail: detail.to_string(),
+        }));
+    }
+
+    /// Appends the event to the outbox. An outbox that fails to store it is logged, and
+    /// the agent goes on, since the event is a report, not a step.
+    fn send(&self, kind: EventKind) {
         let event = Event {
             device_id: self.device_id.clone(),
             device_time_ms: crate::unix_millis(),
-            kind: EventKind::Update(UpdateEvent {
-                update_id: update_id.to_string(),
-                sha256: sha256.to_string(),
-                version: version.to_string(),
-                stage,
-                detail: detail.to_string(),
-            }),
+            kind,
         };
         let mut record = vec![EVENT_RECORD];
         match fleet_wire::encode(&event, self.encoding) {
             Ok(payload) => record.extend(payload),
             Err(error) => {
-                tracing::error!(%error, "update event not encoded");
+                tracing::error!(%error, "event not encoded");
                 return;
             }
         }
@@ -115,7 +138,7 @@ impl EventSink {
             .append(&record);
         match appended {
             Ok(_) => self.appended.notify_one(),
-            Err(error) => tracing::error!(%error, "update event not stored in the outbox"),
+            Err(error) => tracing::error!(%error, "event not stored in the outbox"),
         }
     }
 }
@@ -162,7 +185,8 @@ pub struct Updater {
     pub server: Option<String>,
     /// The device's credential, sent as a bearer token with downloads.
     pub token: Option<String>,
-    pub commit_timeout: Duration,
+    /// The commit timeout in use, which remote configuration may change.
+    pub settings: watch::Receiver<LiveSettings>,
 }
 
 /// A bundle that passed every check before the switch.
@@ -172,15 +196,23 @@ struct Prepared {
 }
 
 impl Updater {
-    /// Handles commands until the session closes the channel. Runs on its own thread,
+    /// Carries out install commands until the channel closes. Runs on its own thread,
     /// since downloads, hashing and model loading block.
-    pub fn run(mut self, mut commands: mpsc::UnboundedReceiver<Vec<u8>>) {
-        while let Some(payload) = commands.blocking_recv() {
-            match fleet_wire::decode::<Command>(&payload) {
-                Ok(Command::InstallBundle(install)) => self.install(&install),
-                Err(error) => {
-                    tracing::warn!(%error, bytes = payload.len(), "command not understood, ignored")
-                }
+    pub fn run(mut self, commands: std::sync::mpsc::Receiver<InstallBundle>) {
+        // The server repeats the commands of unfinished updates whenever the device's
+        // status reads online, which it does again after every switch, so a command may
+        // arrive again after its update ended here. Its final event is already in the
+        // outbox, so the repeat is dropped.
+        let mut finished: VecDeque<String> = VecDeque::new();
+        for command in commands {
+            if finished.contains(&command.update_id) {
+                tracing::debug!(update_id = %command.update_id, "repeated command of a finished update ignored");
+                continue;
+            }
+            self.install(&command);
+            finished.push_back(command.update_id);
+            if finished.len() > FINISHED_KEPT {
+                finished.pop_front();
             }
         }
         tracing::debug!("updater stopped");
@@ -400,7 +432,8 @@ impl Updater {
 
     /// Asks for telemetry now and waits until the broker acknowledged it.
     fn wait_for_acknowledged_telemetry(&self) -> Result<(), String> {
-        let deadline = Instant::now() + self.commit_timeout;
+        let commit_timeout = self.settings.borrow().commit_timeout;
+        let deadline = Instant::now() + commit_timeout;
         let (reply, position) = oneshot::channel();
         self.report_now
             .blocking_send(reply)
@@ -421,7 +454,7 @@ impl Updater {
             if Instant::now() >= deadline {
                 return Err(format!(
                     "telemetry from the new model was not acknowledged within {} s",
-                    self.commit_timeout.as_secs_f64()
+                    commit_timeout.as_secs_f64()
                 ));
             }
             std::thread::sleep(ACK_POLL);

@@ -79,6 +79,8 @@ impl PostgresBackend {
 
 super::access::access_backend!(PostgresBackend);
 super::updates::updates_backend!(PostgresBackend);
+super::samples::samples_backend!(PostgresBackend);
+super::remote_config::remote_config_backend!(PostgresBackend);
 
 #[async_trait]
 impl StoreBackend for PostgresBackend {

@@ -66,6 +66,8 @@ impl SqliteBackend {
 
 super::access::access_backend!(SqliteBackend);
 super::updates::updates_backend!(SqliteBackend);
+super::samples::samples_backend!(SqliteBackend);
+super::remote_config::remote_config_backend!(SqliteBackend);
 
 #[async_trait]
 impl StoreBackend for SqliteBackend {

@@ -23,7 +23,8 @@ pub struct ServerConnection {
 }
 
 impl ServerConnection {
-    fn client(&self) -> anyhow::Result<FleetClient> {
+    /// Reads the token file and returns a client of the server.
+    pub(crate) fn client(&self) -> anyhow::Result<FleetClient> {
         let token = std::fs::read_to_string(&self.token_file)
             .with_context(|| format!("failed to read token file {}", self.token_file.display()))?;
         let token = token.lines().next().unwrap_or_default().trim();
@@ -209,7 +210,7 @@ fn print_updates(updates: &[UpdateRecord]) {
 }
 
 /// Runs `work` on the blocking pool, where the blocking HTTP client may run.
-async fn blocking(
+pub(crate) async fn blocking(
     work: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
 ) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(work)

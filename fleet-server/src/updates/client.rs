@@ -1,5 +1,6 @@
-//! A blocking client of the update routes, used by the `fleet-server bundle` and
-//! `fleet-server update` commands.
+//! A blocking client of the operator routes, used by the `fleet-server bundle`,
+//! `fleet-server update` and `fleet-server config` commands. The configuration calls are
+//! in [`crate::remote_config::client`].
 //!
 //! It uses reqwest's blocking client, so call it from a plain thread or from
 //! `tokio::task::spawn_blocking`, never directly inside an async task.
@@ -29,6 +30,8 @@ pub enum ClientError {
     InvalidToken { reason: String },
     #[error("invalid update id {id:?}: expected letters, digits, '-' and '_'")]
     InvalidUpdateId { id: String },
+    #[error("invalid device id: {reason}")]
+    InvalidDeviceId { reason: String },
     #[error("failed to pack the bundle in {dir}")]
     Pack {
         dir: String,
@@ -183,6 +186,27 @@ impl FleetClient {
         }
         let url = format!("{}/api/updates/{id}", self.base);
         let request = self.http.get(&url).timeout(REQUEST_TIMEOUT);
+        Ok(self.send_json(&url, request)?.1)
+    }
+
+    /// Sends a request to `path` under the server's base URL, with `body` as JSON when
+    /// given, and decodes the JSON response as [`FleetClient::send_json`] does.
+    pub(crate) fn call_json<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url).timeout(REQUEST_TIMEOUT);
+        if let Some(body) = body {
+            let bytes =
+                serde_json::to_vec(body).map_err(|source| ClientError::InvalidResponse {
+                    url: url.clone(),
+                    source,
+                })?;
+            request = request.header(CONTENT_TYPE, "application/json").body(bytes);
+        }
         Ok(self.send_json(&url, request)?.1)
     }
 

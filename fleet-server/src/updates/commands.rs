@@ -1,13 +1,14 @@
 //! Install commands: publishing them on `fleet/v1/{device}/cmd`, and publishing them
 //! again for a device's unfinished updates whenever the device comes online.
+//!
+//! [`CommandPublisher`] publishes any [`Command`], so remote configuration sends its
+//! commands through it as well.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_wire::topic::{self, TopicKind};
 use fleet_wire::{Command, Encoding, InstallBundle};
 use rumqttc::{AsyncClient, QoS};
-use tokio::sync::{mpsc, watch};
 
 use super::{UpdateError, Updates};
 use crate::store::updates::UpdateRecord;
@@ -15,8 +16,19 @@ use crate::store::updates::UpdateRecord;
 /// How long a publish may wait for room in the MQTT client's request queue.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Publishes install commands through the ingester's MQTT client, whose credential may
-/// publish on every device's command topic.
+/// Errors of [`CommandPublisher::publish`].
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("failed to encode the command")]
+    Encode(#[from] fleet_wire::WireError),
+    #[error("the MQTT client is stopped")]
+    Client(#[from] rumqttc::ClientError),
+    #[error("the MQTT client queue stayed full for {seconds} s")]
+    QueueFull { seconds: u64 },
+}
+
+/// Publishes commands through the ingester's MQTT client, whose credential may publish on
+/// every device's command topic.
 #[derive(Debug, Clone)]
 pub struct CommandPublisher {
     client: AsyncClient,
@@ -49,23 +61,26 @@ impl CommandPublisher {
         })
     }
 
-    /// Hands the update's command, postcard-encoded, to the MQTT client for QoS 1
-    /// delivery on the device's command topic.
-    ///
-    /// Success means the client queued it, not that the device received it; a device
-    /// that misses it gets it again when it next comes online.
+    /// Hands the update's command to the MQTT client, as [`CommandPublisher::publish`]
+    /// does. A device that misses it gets it again when it next comes online.
     pub async fn send(&self, update: &UpdateRecord) -> Result<(), UpdateError> {
-        let payload = fleet_wire::encode(&self.command(update), Encoding::Postcard)
-            .map_err(|error| UpdateError::Publish(error.to_string()))?;
-        let topic = topic::device_topic(&update.device_id, TopicKind::Command);
+        self.publish(&update.device_id, &self.command(update))
+            .await
+            .map_err(|error| UpdateError::Publish(format!("{:#}", anyhow::Error::from(error))))
+    }
+
+    /// Hands `command`, postcard-encoded, to the MQTT client for QoS 1 delivery on the
+    /// device's command topic. Success means the client queued it, not that the device
+    /// received it.
+    pub async fn publish(&self, device_id: &str, command: &Command) -> Result<(), PublishError> {
+        let payload = fleet_wire::encode(command, Encoding::Postcard)?;
+        let topic = topic::device_topic(device_id, TopicKind::Command);
         let publish = self.client.publish(topic, QoS::AtLeastOnce, false, payload);
         match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(UpdateError::Publish(error.to_string())),
-            Err(_) => Err(UpdateError::Publish(format!(
-                "the MQTT client queue stayed full for {} s",
-                PUBLISH_TIMEOUT.as_secs()
-            ))),
+            Ok(result) => Ok(result?),
+            Err(_) => Err(PublishError::QueueFull {
+                seconds: PUBLISH_TIMEOUT.as_secs(),
+            }),
         }
     }
 }
@@ -98,37 +113,23 @@ pub(super) async fn send_counted(updates: &Updates, update: &UpdateRecord) -> bo
     }
 }
 
-/// Publishes the commands of every unfinished update of each device id received on
-/// `online`, until shutdown. Ingestion sends a device id each time that device's status
-/// turns online, so a device that was away when its command was first published still
-/// gets it. Devices skip an archive they already run or are installing, so a repeated
-/// command is harmless.
-pub async fn resend_on_online(
-    updates: Arc<Updates>,
-    mut online: mpsc::UnboundedReceiver<String>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let device_id = tokio::select! {
-            device_id = online.recv() => match device_id {
-                Some(device_id) => device_id,
-                None => return,
-            },
-            _ = shutdown.changed() => return,
-        };
-        let unfinished = match updates.store.unfinished_updates(&device_id).await {
-            Ok(unfinished) => unfinished,
-            Err(error) => {
-                tracing::error!(
-                    %device_id,
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    "failed to look up unfinished updates of a device that came online"
-                );
-                continue;
-            }
-        };
-        for update in &unfinished {
-            send_counted(&updates, update).await;
+/// Publishes the commands of every unfinished update of a device that came online, so a
+/// device that was away when its command was first published still gets it. Devices
+/// skip an archive they already run or are installing, so a repeated command is
+/// harmless.
+pub async fn resend_unfinished(updates: &Updates, device_id: &str) {
+    let unfinished = match updates.store.unfinished_updates(device_id).await {
+        Ok(unfinished) => unfinished,
+        Err(error) => {
+            tracing::error!(
+                %device_id,
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "failed to look up unfinished updates of a device that came online"
+            );
+            return;
         }
+    };
+    for update in &unfinished {
+        send_counted(updates, update).await;
     }
 }

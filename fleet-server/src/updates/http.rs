@@ -84,9 +84,9 @@ struct UpdatesQuery {
     limit: Option<u32>,
 }
 
-/// Returns the name the principal acts under, as stored in `uploaded_by` and
-/// `created_by`.
-fn actor(principal: &Principal) -> String {
+/// Returns the name the principal acts under, as stored in `uploaded_by`, `created_by`
+/// and `requested_by`.
+pub(crate) fn actor(principal: &Principal) -> String {
     match principal {
         Principal::Operator { name } => name.clone(),
         Principal::Device { id } => format!("device:{id}"),

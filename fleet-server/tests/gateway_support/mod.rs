@@ -214,6 +214,7 @@ impl TestGateway {
             mqtt_credentials: None,
             telemetry_retention: None,
             updates: Default::default(),
+            samples: Default::default(),
         };
         let server = Server::start_with_gateway(config, Some(gateway))
             .await

@@ -42,6 +42,7 @@ pub async fn start_server(
         // Keep raw rows, which the checks read back.
         telemetry_retention: None,
         updates: Default::default(),
+        samples: Default::default(),
     };
     Server::start(config).await
 }

@@ -1,5 +1,6 @@
-//! Over-the-air updates: the command the server sends on `fleet/v1/{device}/cmd` and the
-//! progress events a device publishes on `fleet/v1/{device}/events`.
+//! Commands the server sends on `fleet/v1/{device}/cmd` (install a bundle, set remote
+//! configuration) and the events a device publishes on `fleet/v1/{device}/events`
+//! (update progress, configuration acknowledgements).
 //!
 //! A device judges an update by the archive's SHA-256, not by its version string. A
 //! command for the archive it already runs completes at once. A command for a new
@@ -11,11 +12,91 @@ use serde::{Deserialize, Serialize};
 ///
 /// Postcard encodes the variant by index, so new commands are added at the end. JSON
 /// names it as the only key, as in `{"install_bundle": {...}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Download, verify, check and switch to a bundle archive.
     InstallBundle(InstallBundle),
+    /// Replace the settings the server overrides on the device.
+    SetConfig(RemoteConfig),
+}
+
+/// Settings the fleet server sets on a device, each overriding the agent's own flag or
+/// config-file value. The message carries the whole set: a field left out goes back to
+/// the agent's own value, so a device that missed earlier changes still converges.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Id of this set, repeated in the device's acknowledgement.
+    #[serde(default)]
+    pub change_id: String,
+    /// Top-1 confidence under which an inference counts as low-confidence, 0 to 1.
+    #[serde(default)]
+    pub confidence_threshold: Option<f32>,
+    /// Seconds between telemetry messages, 0.05 to 3600.
+    #[serde(default)]
+    pub interval_seconds: Option<f64>,
+    /// Inferences per second, 0 for as fast as the model allows.
+    #[serde(default)]
+    pub rate: Option<f64>,
+    /// Backlog records sent per second at most, above 0.
+    #[serde(default)]
+    pub drain_rate: Option<f64>,
+    /// Seconds an update may wait for the commit, 1 to 86400.
+    #[serde(default)]
+    pub commit_timeout_seconds: Option<f64>,
+}
+
+impl RemoteConfig {
+    /// Checks every value against its range; the error names the first field outside it.
+    pub fn validate(&self) -> Result<(), String> {
+        let within =
+            |name: &str, value: Option<f64>, low: f64, high: f64, excl_low: bool| match value {
+                Some(value)
+                    if !value.is_finite()
+                        || value < low
+                        || value > high
+                        || (excl_low && value == low) =>
+                {
+                    Err(format!(
+                        "invalid {name} {value}: expected {}",
+                        range(low, high, excl_low)
+                    ))
+                }
+                _ => Ok(()),
+            };
+        within(
+            "confidence_threshold",
+            self.confidence_threshold.map(f64::from),
+            0.0,
+            1.0,
+            false,
+        )?;
+        within(
+            "interval_seconds",
+            self.interval_seconds,
+            0.05,
+            3600.0,
+            false,
+        )?;
+        within("rate", self.rate, 0.0, f64::MAX, false)?;
+        within("drain_rate", self.drain_rate, 0.0, f64::MAX, true)?;
+        within(
+            "commit_timeout_seconds",
+            self.commit_timeout_seconds,
+            1.0,
+            86_400.0,
+            false,
+        )
+    }
+}
+
+fn range(low: f64, high: f64, exclusive_low: bool) -> String {
+    match (high == f64::MAX, exclusive_low) {
+        (true, true) => format!("a number above {low}"),
+        (true, false) => format!("a number of {low} or more"),
+        (false, _) => format!("{low} to {high}"),
+    }
 }
 
 /// Location, size and hash of a bundle archive to install.
@@ -50,6 +131,19 @@ pub struct Event {
 pub enum EventKind {
     /// One stage of an update, in the order listed by [`UpdateStage`].
     Update(UpdateEvent),
+    /// The outcome of a [`Command::SetConfig`].
+    Config(ConfigAck),
+}
+
+/// A device's answer to a [`RemoteConfig`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigAck {
+    pub change_id: String,
+    /// Whether the settings were stored and are in use; false when the device rejected
+    /// them and kept its previous settings.
+    pub applied: bool,
+    /// The settings in use after the change, or why it was rejected.
+    pub detail: String,
 }
 
 /// Progress of one update on one device.
@@ -165,6 +259,73 @@ mod tests {
         }
         let json = String::from_utf8(encode(&event, Encoding::Json).unwrap()).unwrap();
         assert!(json.contains(r#""stage":"health_checked""#), "{json}");
+    }
+
+    #[test]
+    fn remote_config_ranges_are_checked() {
+        let valid = RemoteConfig {
+            change_id: "c-1".into(),
+            confidence_threshold: Some(0.7),
+            interval_seconds: Some(2.0),
+            rate: Some(0.0),
+            drain_rate: Some(5.0),
+            commit_timeout_seconds: None,
+        };
+        assert_eq!(valid.validate(), Ok(()));
+        let cases = [
+            (
+                RemoteConfig {
+                    confidence_threshold: Some(1.5),
+                    ..valid.clone()
+                },
+                "confidence_threshold",
+            ),
+            (
+                RemoteConfig {
+                    interval_seconds: Some(0.0),
+                    ..valid.clone()
+                },
+                "interval_seconds",
+            ),
+            (
+                RemoteConfig {
+                    rate: Some(f64::NAN),
+                    ..valid.clone()
+                },
+                "rate",
+            ),
+            (
+                RemoteConfig {
+                    drain_rate: Some(0.0),
+                    ..valid.clone()
+                },
+                "drain_rate",
+            ),
+            (
+                RemoteConfig {
+                    commit_timeout_seconds: Some(1e9),
+                    ..valid.clone()
+                },
+                "commit_timeout_seconds",
+            ),
+        ];
+        for (config, field) in cases {
+            let error = config.validate().unwrap_err();
+            assert!(error.starts_with(&format!("invalid {field} ")), "{error}");
+        }
+    }
+
+    #[test]
+    fn set_config_round_trips() {
+        let command = Command::SetConfig(RemoteConfig {
+            change_id: "c-2".into(),
+            rate: Some(3.0),
+            ..RemoteConfig::default()
+        });
+        for encoding in [Encoding::Postcard, Encoding::Json] {
+            let bytes = encode(&command, encoding).unwrap();
+            assert_eq!(decode::<Command>(&bytes).unwrap(), command);
+        }
     }
 
     #[test]
