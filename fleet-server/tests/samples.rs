@@ -5,9 +5,11 @@
 
 use std::time::Duration;
 
+mod fleet_support;
+mod gateway_support;
+
 use fleet_server::samples::SampleSettings;
-use fleet_server::store::access::CredentialRole;
-use fleet_server::{BrokerMode, Server, ServerConfig};
+use fleet_support::TestServer;
 use fleet_wire::sample::SampleMetadata;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -16,17 +18,19 @@ use sha2::{Digest, Sha256};
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 const JPEG_SIGNATURE: &[u8] = b"\xff\xd8\xff\xe0";
 
-/// A fleet server on free ports with an operator token and two provisioned devices.
+/// A fleet server on free ports with an operator token and devices `dev-1` and `dev-2`.
 struct SampleServer {
-    server: Server,
-    base: String,
-    /// API token of an operator script.
-    token: String,
-    /// Secrets of devices `dev-1` and `dev-2`.
+    inner: TestServer,
     dev1: String,
     dev2: String,
-    http: reqwest::Client,
-    dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for SampleServer {
+    type Target = TestServer;
+
+    fn deref(&self) -> &TestServer {
+        &self.inner
+    }
 }
 
 /// A response's status, headers and body.
@@ -49,43 +53,11 @@ impl Reply {
 
 impl SampleServer {
     async fn start(settings: SampleSettings) -> SampleServer {
-        let dir = tempfile::tempdir().expect("temporary folder");
-        let config = ServerConfig {
-            http_listen: "127.0.0.1:0".parse().unwrap(),
-            broker: BrokerMode::Embedded {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                access: fleet_server::broker::ClientAccess::Credentials,
-            },
-            database: dir.path().join("fleet.db").to_str().unwrap().to_owned(),
-            mqtt_client_id: format!("samples-test-{}", std::process::id()),
-            shared_group: None,
-            clean_session: true,
-            mqtt_credentials: None,
-            telemetry_retention: None,
-            updates: Default::default(),
-            samples: settings,
-        };
-        let server = Server::start(config).await.expect("start server");
-        let store = &server.store;
-        let token = fleet_server::access::create_api_token(store, "script")
-            .await
-            .unwrap();
-        let mut secrets = Vec::new();
-        for id in ["dev-1", "dev-2"] {
-            let secret = fleet_server::access::provision(store, id, CredentialRole::Device, false)
-                .await
-                .unwrap();
-            secrets.push(secret);
-        }
-        let [dev1, dev2] = <[String; 2]>::try_from(secrets).unwrap();
+        let inner = TestServer::start_with(|config| config.samples = settings).await;
         SampleServer {
-            base: format!("http://{}", server.http_addr),
-            server,
-            token,
-            dev1,
-            dev2,
-            http: reqwest::Client::new(),
-            dir,
+            dev1: inner.device_secret.clone(),
+            dev2: inner.second_device_secret.clone(),
+            inner,
         }
     }
 
@@ -514,5 +486,5 @@ async fn operators_list_and_read_samples() {
         .get(&format!("/api/samples/{}", hashes[0]), Some(&server.dev1))
         .await;
     assert_eq!(content_as_device.status, StatusCode::FORBIDDEN);
-    server.server.shutdown().await;
+    server.inner.server.shutdown().await;
 }

@@ -30,16 +30,22 @@ pub struct TestServer {
     pub base: String,
     /// API token of an operator script.
     pub token: String,
-    /// Secret of device `dev-1`. Device `dev-2` is provisioned too.
+    /// Secrets of devices `dev-1` and `dev-2`.
     pub device_secret: String,
+    pub second_device_secret: String,
     pub http: reqwest::Client,
     pub dir: tempfile::TempDir,
 }
 
 impl TestServer {
     pub async fn start(settings: UpdateSettings) -> TestServer {
+        TestServer::start_with(|config| config.updates = settings).await
+    }
+
+    /// Starts the server after `adjust` changed its default test configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let dir = tempfile::tempdir().expect("temporary folder");
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             http_listen: "127.0.0.1:0".parse().unwrap(),
             broker: BrokerMode::Embedded {
                 listen: "127.0.0.1:0".parse().unwrap(),
@@ -51,9 +57,10 @@ impl TestServer {
             clean_session: true,
             mqtt_credentials: None,
             telemetry_retention: None,
-            updates: settings,
+            updates: Default::default(),
             samples: Default::default(),
         };
+        adjust(&mut config);
         let server = Server::start(config).await.expect("start server");
         let store = &server.store;
         let token = fleet_server::access::create_api_token(store, "script")
@@ -63,14 +70,16 @@ impl TestServer {
             fleet_server::access::provision(store, "dev-1", CredentialRole::Device, false)
                 .await
                 .unwrap();
-        fleet_server::access::provision(store, "dev-2", CredentialRole::Device, false)
-            .await
-            .unwrap();
+        let second_device_secret =
+            fleet_server::access::provision(store, "dev-2", CredentialRole::Device, false)
+                .await
+                .unwrap();
         TestServer {
             base: format!("http://{}", server.http_addr),
             server,
             token,
             device_secret,
+            second_device_secret,
             http: reqwest::Client::new(),
             dir,
         }
