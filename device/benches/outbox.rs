@@ -107,6 +107,7 @@ fn telemetry_payload(seq: u64) -> Vec<u8> {
             memory_total_bytes: 8_000_000_000,
             temperature_celsius: Some(48.0),
         },
+        fallback: Default::default(),
     };
     fleet_wire::encode(&telemetry, Encoding::Postcard).expect("encode telemetry")
 }

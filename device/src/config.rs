@@ -9,6 +9,7 @@ use clap::Args;
 use fleet_wire::{Encoding, MqttCredentials};
 use serde::Deserialize;
 
+use crate::api::FallbackPolicy;
 use crate::hard_samples::HardSampleOptions;
 use crate::outbox::{DEFAULT_SEGMENT_BYTES, FsyncPolicy, MIN_SEGMENT_BYTES, OutboxOptions};
 
@@ -106,6 +107,34 @@ pub struct DeviceArgs {
     /// are dropped and counted past it, stored ones are kept [default: 64].
     #[arg(long)]
     pub hard_sample_max_mib: Option<u64>,
+    /// Model the fleet server's inference gateway serves as the cloud fallback of the
+    /// local inference API [default: the local model's name]. Requests go to the cloud
+    /// only with --server, and always when the local model fails.
+    #[arg(long)]
+    pub fallback_model: Option<String>,
+    /// Send a request to the cloud when the lowest top-1 confidence of its local answer
+    /// is under this value, 0 to 1; off when unset.
+    #[arg(long)]
+    pub fallback_threshold: Option<f32>,
+    /// Send a request to the cloud when more than this many requests would run locally
+    /// at once; 0 sends every request; off when unset.
+    #[arg(long)]
+    pub max_local_queue: Option<usize>,
+    /// Send requests to the cloud while the average local request latency is over this
+    /// many milliseconds; off when unset.
+    #[arg(long)]
+    pub latency_slo_ms: Option<f64>,
+    /// Time limit of one request to the cloud in milliseconds [default: 2000].
+    #[arg(long)]
+    pub fallback_timeout_ms: Option<u64>,
+    /// Consecutive cloud failures (errors, timeouts, 5xx, 429) after which requests stay
+    /// local for a cool-down [default: 3].
+    #[arg(long)]
+    pub fallback_failures: Option<u32>,
+    /// First cool-down after the cloud failed, in milliseconds; it doubles after each
+    /// failed retry, up to 60 s [default: 5000].
+    #[arg(long)]
+    pub fallback_cooldown_ms: Option<u64>,
 }
 
 /// The keys a config file may contain; the same meaning as the flags.
@@ -135,6 +164,13 @@ struct FileConfig {
     commit_timeout: Option<f64>,
     hard_sample_rate: Option<u32>,
     hard_sample_max_mib: Option<u64>,
+    fallback_model: Option<String>,
+    fallback_threshold: Option<f32>,
+    max_local_queue: Option<usize>,
+    latency_slo_ms: Option<f64>,
+    fallback_timeout_ms: Option<u64>,
+    fallback_failures: Option<u32>,
+    fallback_cooldown_ms: Option<u64>,
 }
 
 /// Settings after merging the file and the flags and checking every value.
@@ -171,6 +207,8 @@ pub struct DeviceConfig {
     /// Capture rate and size bound of hard samples; the folder is
     /// `state_dir/hard-samples`.
     pub hard_samples: HardSampleOptions,
+    /// When the local inference API sends requests to `server`'s inference gateway.
+    pub fallback: FallbackPolicy,
 }
 
 impl DeviceConfig {
@@ -261,6 +299,15 @@ impl DeviceConfig {
             args.hard_sample_rate.or(file.hard_sample_rate),
             args.hard_sample_max_mib.or(file.hard_sample_max_mib),
         )?;
+        let fallback = fallback_policy(FallbackFlags {
+            model: args.fallback_model.or(file.fallback_model),
+            threshold: args.fallback_threshold.or(file.fallback_threshold),
+            max_local_queue: args.max_local_queue.or(file.max_local_queue),
+            latency_slo_ms: args.latency_slo_ms.or(file.latency_slo_ms),
+            timeout_ms: args.fallback_timeout_ms.or(file.fallback_timeout_ms),
+            failures: args.fallback_failures.or(file.fallback_failures),
+            cooldown_ms: args.fallback_cooldown_ms.or(file.fallback_cooldown_ms),
+        })?;
         Ok(DeviceConfig {
             bundle: args
                 .bundle
@@ -292,8 +339,67 @@ impl DeviceConfig {
             server,
             commit_timeout: Duration::from_secs_f64(commit_timeout),
             hard_samples,
+            fallback,
         })
     }
+}
+
+/// The cloud fallback flags after merging the file and the command line.
+struct FallbackFlags {
+    model: Option<String>,
+    threshold: Option<f32>,
+    max_local_queue: Option<usize>,
+    latency_slo_ms: Option<f64>,
+    timeout_ms: Option<u64>,
+    failures: Option<u32>,
+    cooldown_ms: Option<u64>,
+}
+
+/// Checks the cloud fallback flags and builds the policy from them.
+fn fallback_policy(flags: FallbackFlags) -> anyhow::Result<FallbackPolicy> {
+    let defaults = FallbackPolicy::default();
+    if let Some(model) = &flags.model
+        && (model.is_empty() || model.contains(['/', '?', '#', ' ']))
+    {
+        bail!(
+            "invalid --fallback-model {model:?}: expected a model name without '/', '?', '#' or spaces"
+        );
+    }
+    if let Some(threshold) = flags.threshold
+        && !(0.0..=1.0).contains(&threshold)
+    {
+        bail!("invalid --fallback-threshold {threshold}: expected a confidence from 0 to 1");
+    }
+    let latency_slo = match flags.latency_slo_ms {
+        None => None,
+        Some(ms) if ms.is_finite() && ms > 0.0 => Some(Duration::from_secs_f64(ms / 1000.0)),
+        Some(ms) => bail!("invalid --latency-slo-ms {ms}: expected milliseconds, above 0"),
+    };
+    let timeout_ms = flags
+        .timeout_ms
+        .unwrap_or(defaults.timeout.as_millis() as u64);
+    if !(1..=600_000).contains(&timeout_ms) {
+        bail!("invalid --fallback-timeout-ms {timeout_ms}: expected 1 to 600000 milliseconds");
+    }
+    let failures = flags.failures.unwrap_or(defaults.breaker_failures);
+    if failures == 0 {
+        bail!("invalid --fallback-failures 0: expected 1 or more");
+    }
+    let cooldown_ms = flags
+        .cooldown_ms
+        .unwrap_or(defaults.breaker_cooldown.as_millis() as u64);
+    if !(1..=3_600_000).contains(&cooldown_ms) {
+        bail!("invalid --fallback-cooldown-ms {cooldown_ms}: expected 1 to 3600000 milliseconds");
+    }
+    Ok(FallbackPolicy {
+        model: flags.model,
+        threshold: flags.threshold,
+        max_local_queue: flags.max_local_queue,
+        latency_slo,
+        timeout: Duration::from_millis(timeout_ms),
+        breaker_failures: failures,
+        breaker_cooldown: Duration::from_millis(cooldown_ms),
+    })
 }
 
 /// Builds the outbox options from the fsync policy and the size bound in MiB.
@@ -527,5 +633,87 @@ mod tests {
             error.to_string().contains("--hard-sample-max-mib"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn fallback_settings_come_from_flags_or_file() {
+        let defaults = DeviceConfig::resolve(minimal_args()).unwrap();
+        assert_eq!(defaults.fallback, FallbackPolicy::default());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "fallback_model = \"digit-large\"\nfallback_threshold = 0.6\n\
+             max_local_queue = 4\nlatency_slo_ms = 50.0\nfallback_cooldown_ms = 250\n",
+        )
+        .unwrap();
+        let config = DeviceConfig::resolve(DeviceArgs {
+            config: Some(path),
+            fallback_timeout_ms: Some(300),
+            fallback_failures: Some(5),
+            ..minimal_args()
+        })
+        .unwrap();
+        let policy = config.fallback;
+        assert_eq!(policy.model.as_deref(), Some("digit-large"));
+        assert_eq!(policy.threshold, Some(0.6));
+        assert_eq!(policy.max_local_queue, Some(4));
+        assert_eq!(policy.latency_slo, Some(Duration::from_millis(50)));
+        assert_eq!(policy.timeout, Duration::from_millis(300));
+        assert_eq!(policy.breaker_failures, 5);
+        assert_eq!(policy.breaker_cooldown, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn bad_fallback_values_are_named() {
+        let cases: [(DeviceArgs, &str); 6] = [
+            (
+                DeviceArgs {
+                    fallback_threshold: Some(1.5),
+                    ..minimal_args()
+                },
+                "--fallback-threshold",
+            ),
+            (
+                DeviceArgs {
+                    latency_slo_ms: Some(0.0),
+                    ..minimal_args()
+                },
+                "--latency-slo-ms",
+            ),
+            (
+                DeviceArgs {
+                    fallback_timeout_ms: Some(0),
+                    ..minimal_args()
+                },
+                "--fallback-timeout-ms",
+            ),
+            (
+                DeviceArgs {
+                    fallback_failures: Some(0),
+                    ..minimal_args()
+                },
+                "--fallback-failures",
+            ),
+            (
+                DeviceArgs {
+                    fallback_cooldown_ms: Some(0),
+                    ..minimal_args()
+                },
+                "--fallback-cooldown-ms",
+            ),
+            (
+                DeviceArgs {
+                    fallback_model: Some("a/b".into()),
+                    ..minimal_args()
+                },
+                "--fallback-model",
+            ),
+        ];
+        for (args, expected) in cases {
+            let error = DeviceConfig::resolve(args).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error:?} lacks {expected:?}");
+        }
     }
 }

@@ -129,7 +129,8 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         "agent starting"
     );
     let (config_applier, settings) = ConfigApplier::open(&config, events.clone())?;
-    let api = start_api(&config, &slot).await?;
+    let fallback_counters = Arc::new(api::FallbackCounters::default());
+    let api = start_api(&config, &slot, fallback_counters.clone()).await?;
 
     let (publisher, eventloop) = mqtt::connect(&config)?;
     let status_topic = topic::device_topic(&config.device_id, topic::TopicKind::Status);
@@ -223,6 +224,7 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         model: slot,
         sequence,
         stats,
+        fallback: fallback_counters,
         system: SystemSampler::new(),
         outbox,
         appended,
@@ -417,8 +419,13 @@ fn start_hard_samples(
     Ok(samples)
 }
 
-/// Binds and starts the local inference API when `--api-listen` is set.
-async fn start_api(config: &DeviceConfig, slot: &ModelSlot) -> anyhow::Result<Option<RunningApi>> {
+/// Binds and starts the local inference API when `--api-listen` is set, with the cloud
+/// fallback when `--server` is set too.
+async fn start_api(
+    config: &DeviceConfig,
+    slot: &ModelSlot,
+    fallback_counters: Arc<api::FallbackCounters>,
+) -> anyhow::Result<Option<RunningApi>> {
     let Some(address) = config.api_listen else {
         return Ok(None);
     };
@@ -430,7 +437,31 @@ async fn start_api(config: &DeviceConfig, slot: &ModelSlot) -> anyhow::Result<Op
         tracing::warn!(%address, "inference API listens beyond localhost and has no authentication");
     }
     tracing::info!(%address, model = %slot.current().info().name, "inference API listening");
-    let state = ApiState::with_slot(slot.clone());
+    let mut state = ApiState::with_slot(slot.clone());
+    if let Some(server) = &config.server {
+        let token = config
+            .credentials
+            .as_ref()
+            .map(|credentials| credentials.password.clone());
+        if token.is_none() {
+            tracing::warn!(
+                server = %server,
+                "cloud fallback sends no token: the gateway rejects requests without --username and --password-file"
+            );
+        }
+        let policy = config.fallback.clone();
+        tracing::info!(
+            server = %server,
+            model = policy.model.as_deref().unwrap_or("the local model"),
+            threshold = policy.threshold,
+            max_local_queue = policy.max_local_queue,
+            latency_slo_ms = policy.latency_slo.map(|slo| slo.as_millis() as u64),
+            timeout_ms = policy.timeout.as_millis() as u64,
+            "inference API cloud fallback on"
+        );
+        let fallback = api::Fallback::new(server.clone(), token, policy, fallback_counters);
+        state = state.with_fallback(fallback);
+    }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(api::serve(listener, state.clone(), async {
         let _ = stopped.await;

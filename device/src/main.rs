@@ -21,8 +21,7 @@ enum Check {
     SelfTest(SelfTestArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -30,9 +29,14 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The self-test starts no thread, so it also runs where threads cannot be created,
+    // such as under qemu-user on some build machines.
     if let Some(Check::SelfTest(args)) = cli.command {
         return fleet_device::check::self_test(&args);
     }
     let config = DeviceConfig::resolve(cli.args)?;
-    fleet_device::run(config).await
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(fleet_device::run(config))
 }

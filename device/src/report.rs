@@ -5,6 +5,7 @@ use std::sync::Arc;
 use fleet_wire::Telemetry;
 use tokio::sync::Notify;
 
+use crate::api::FallbackCounters;
 use crate::config::DeviceConfig;
 use crate::forward::{SharedOutbox, error_chain, with_outbox};
 use crate::model::ModelSlot;
@@ -21,6 +22,8 @@ pub struct Reporter<'a> {
     pub model: ModelSlot,
     pub sequence: SequenceFile,
     pub stats: Arc<SharedStats>,
+    /// Cloud fallback counters of the local inference API.
+    pub fallback: Arc<FallbackCounters>,
     pub system: SystemSampler,
     pub outbox: SharedOutbox,
     /// Notified after each append, so the forwarder sends at once.
@@ -87,6 +90,7 @@ impl Reporter<'_> {
             low_confidence: interval.low_confidence,
             latency: interval.latency,
             system: self.system.sample(),
+            fallback: self.fallback.take(),
         };
         self.last_report_ms = now;
         Ok(telemetry)
@@ -94,9 +98,9 @@ impl Reporter<'_> {
 
     /// Logs the outbox's drop and damage totals when they grew since the last report.
     ///
-    /// NOTE: these totals reach only the log. `Telemetry` is postcard-encoded by field
-    /// order, so servers that know a new trailing field reject every message from agents
-    /// without it. Carrying the totals needs a new schema version in `fleet-wire`.
+    /// NOTE: these totals reach only the log. A field appended to `Telemetry` reaches the
+    /// server when `fleet_wire::decode_telemetry` also decodes the layout without it, as
+    /// it does for `fallback`; these totals have no such field yet.
     fn log_outbox_losses(&mut self, stats: OutboxStats) {
         let last = self.last_outbox_stats;
         if stats.dropped_records > last.dropped_records

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use fleet_wire::{DeviceState, EventKind, Status, Telemetry, topic};
+use fleet_wire::{DeviceState, EventKind, Status, topic};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -271,9 +271,12 @@ fn decode(publish: &Publish, metrics: &ServerMetrics) -> Option<Message> {
         return None;
     };
     match kind {
-        topic::TopicKind::Telemetry => match fleet_wire::decode::<Telemetry>(&publish.payload) {
+        topic::TopicKind::Telemetry => match fleet_wire::decode_telemetry(&publish.payload) {
             Ok(telemetry) if telemetry.device_id == device_id => {
                 record_lag(metrics, telemetry.device_time_ms, received_ms);
+                // NOTE: a message the broker delivers twice is counted twice here, while
+                // the store keeps it once.
+                metrics.count_fallbacks(&telemetry.fallback);
                 Some(Message::Record(Record::Telemetry(Received {
                     telemetry,
                     received_ms,

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use fleet_wire::FallbackCounts;
+
 use crate::store::updates::EventOutcome;
 
 /// Devices whose clock differs from the server's by more than this are counted as
@@ -42,6 +44,60 @@ impl EncodeLabelValue for Outcome {
             Outcome::Stored => "stored",
             Outcome::Duplicate => "duplicate",
             Outcome::Rejected => "rejected",
+        };
+        encoder.write_str(value)
+    }
+}
+
+/// Label set naming why a device's inference API forwarded a request to the cloud, or
+/// why the cloud did not respond.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabel {
+    pub reason: FallbackReason,
+}
+
+/// Label values of [`FallbackLabel`], one per field of [`FallbackCounts`].
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum FallbackReason {
+    LocalError,
+    Overloaded,
+    Slow,
+    LowConfidence,
+    CloudUnavailable,
+    CloudRejected,
+}
+
+impl FallbackReason {
+    const ALL: [FallbackReason; 6] = [
+        FallbackReason::LocalError,
+        FallbackReason::Overloaded,
+        FallbackReason::Slow,
+        FallbackReason::LowConfidence,
+        FallbackReason::CloudUnavailable,
+        FallbackReason::CloudRejected,
+    ];
+
+    fn count_in(self, counts: &FallbackCounts) -> u32 {
+        match self {
+            FallbackReason::LocalError => counts.local_error,
+            FallbackReason::Overloaded => counts.overloaded,
+            FallbackReason::Slow => counts.slow,
+            FallbackReason::LowConfidence => counts.low_confidence,
+            FallbackReason::CloudUnavailable => counts.cloud_unavailable,
+            FallbackReason::CloudRejected => counts.cloud_rejected,
+        }
+    }
+}
+
+impl EncodeLabelValue for FallbackReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let value = match self {
+            FallbackReason::LocalError => "local_error",
+            FallbackReason::Overloaded => "overloaded",
+            FallbackReason::Slow => "slow",
+            FallbackReason::LowConfidence => "low_confidence",
+            FallbackReason::CloudUnavailable => "cloud_unavailable",
+            FallbackReason::CloudRejected => "cloud_rejected",
         };
         encoder.write_str(value)
     }
@@ -84,6 +140,8 @@ pub struct ServerMetrics {
     samples: Family<OutcomeLabel, Counter>,
     /// Metrics of the inference gateway, exported empty when it does not run.
     pub gateway: crate::gateway::GatewayMetrics,
+    /// Cloud fallback counts that devices reported in their telemetry, by reason.
+    device_fallbacks: Family<FallbackLabel, Counter>,
 }
 
 impl Default for ServerMetrics {
@@ -100,6 +158,10 @@ impl ServerMetrics {
         // Every outcome is exported from the start, as 0, so a query or alert on one
         // that has not happened yet finds a series.
         let samples = Family::<OutcomeLabel, Counter>::default();
+        let device_fallbacks = Family::<FallbackLabel, Counter>::default();
+        for reason in FallbackReason::ALL {
+            let _ = device_fallbacks.get_or_create(&FallbackLabel { reason });
+        }
         for outcome in [Outcome::Stored, Outcome::Duplicate, Outcome::Rejected] {
             let _ = messages.get_or_create(&OutcomeLabel { outcome });
             let _ = samples.get_or_create(&OutcomeLabel { outcome });
@@ -122,6 +184,12 @@ impl ServerMetrics {
             "ingest_messages",
             "MQTT messages taken in, by outcome",
             messages.clone(),
+        );
+        registry.register(
+            "device_fallbacks",
+            "Requests to devices' inference APIs forwarded to the cloud, by reason, \
+             and those answered locally because the cloud did not answer",
+            device_fallbacks.clone(),
         );
         registry.register(
             "sample_uploads",
@@ -176,6 +244,19 @@ impl ServerMetrics {
             remote_config,
             samples,
             gateway,
+            device_fallbacks,
+        }
+    }
+
+    /// Adds the cloud fallback counts of one telemetry message.
+    pub fn count_fallbacks(&self, counts: &FallbackCounts) {
+        for reason in FallbackReason::ALL {
+            let count = reason.count_in(counts);
+            if count > 0 {
+                self.device_fallbacks
+                    .get_or_create(&FallbackLabel { reason })
+                    .inc_by(u64::from(count));
+            }
         }
     }
 
@@ -350,5 +431,25 @@ mod tests {
         assert!(text.contains("fleet_ingest_lag_seconds_count 1"), "{text}");
         assert_eq!(metrics.total(Outcome::Stored), 7);
         assert_eq!(metrics.total(Outcome::Duplicate), 0);
+    }
+
+    #[test]
+    fn fallback_counts_are_summed_by_reason() {
+        let metrics = ServerMetrics::new();
+        let counts = FallbackCounts {
+            low_confidence: 3,
+            cloud_unavailable: 1,
+            ..FallbackCounts::default()
+        };
+        metrics.count_fallbacks(&counts);
+        metrics.count_fallbacks(&counts);
+        let text = metrics.render();
+        for expected in [
+            "fleet_device_fallbacks_total{reason=\"low_confidence\"} 6",
+            "fleet_device_fallbacks_total{reason=\"cloud_unavailable\"} 2",
+            "fleet_device_fallbacks_total{reason=\"slow\"} 0",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from {text}");
+        }
     }
 }

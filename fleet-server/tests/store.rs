@@ -217,6 +217,7 @@ fn telemetry_at(device_id: &str, seq: u64, correct: u32, received_ms: u64) -> Re
                 memory_total_bytes: 1 << 32,
                 temperature_celsius: Some(f32::INFINITY),
             },
+            fallback: Default::default(),
         },
         received_ms,
     })

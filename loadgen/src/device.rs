@@ -172,6 +172,7 @@ impl SimulatedDevice {
             low_confidence,
             latency,
             system: self.system_stats(),
+            fallback: Default::default(),
         }
     }
 

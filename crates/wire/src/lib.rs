@@ -106,6 +106,82 @@ pub struct Telemetry {
     pub low_confidence: u32,
     pub latency: LatencyHistogram,
     pub system: SystemStats,
+    /// Requests of the local inference API sent to the cloud, and why. Agents older than
+    /// this field do not send it; [`decode_telemetry`] then fills it with zeros.
+    #[serde(default)]
+    pub fallback: FallbackCounts,
+}
+
+/// Cloud fallback counters of the local inference API during one telemetry interval.
+///
+/// Each reason counts the requests forwarded to the cloud for it, whether or not the
+/// cloud then responded. The last two count requests answered locally because
+/// the cloud could not answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FallbackCounts {
+    /// The local model failed.
+    pub local_error: u32,
+    /// More requests were running locally than the agent allows.
+    pub overloaded: u32,
+    /// The recent local latency was over the agent's objective.
+    pub slow: u32,
+    /// The lowest top-1 confidence in the batch was under the fallback threshold.
+    pub low_confidence: u32,
+    /// The circuit breaker was open, or the request to the cloud failed, timed out, or
+    /// returned 5xx or 429.
+    pub cloud_unavailable: u32,
+    /// The cloud returned another 4xx status, such as 401 or 404.
+    pub cloud_rejected: u32,
+}
+
+impl FallbackCounts {
+    /// Returns the number of requests forwarded to the cloud.
+    pub fn requests(&self) -> u32 {
+        self.local_error
+            .saturating_add(self.overloaded)
+            .saturating_add(self.slow)
+            .saturating_add(self.low_confidence)
+    }
+}
+
+/// [`Telemetry`] as agents sent it before `fallback` was appended, kept to decode their
+/// postcard payloads.
+#[derive(Deserialize)]
+struct TelemetryWithoutFallback {
+    device_id: String,
+    seq: u64,
+    device_time_ms: u64,
+    interval_ms: u32,
+    model: ModelRef,
+    inferences: u32,
+    input_errors: u32,
+    labeled: u32,
+    correct: u32,
+    confidence_sum: f32,
+    low_confidence: u32,
+    latency: LatencyHistogram,
+    system: SystemStats,
+}
+
+impl From<TelemetryWithoutFallback> for Telemetry {
+    fn from(old: TelemetryWithoutFallback) -> Telemetry {
+        Telemetry {
+            device_id: old.device_id,
+            seq: old.seq,
+            device_time_ms: old.device_time_ms,
+            interval_ms: old.interval_ms,
+            model: old.model,
+            inferences: old.inferences,
+            input_errors: old.input_errors,
+            labeled: old.labeled,
+            correct: old.correct,
+            confidence_sum: old.confidence_sum,
+            low_confidence: old.low_confidence,
+            latency: old.latency,
+            system: old.system,
+            fallback: FallbackCounts::default(),
+        }
+    }
 }
 
 /// Whether a device is connected, published retained on `fleet/v1/{device}/status`.
@@ -211,19 +287,46 @@ pub fn encode<T: Serialize>(message: &T, encoding: Encoding) -> Result<Vec<u8>, 
 }
 
 /// Decodes a message, choosing postcard or JSON by the first byte.
+///
+/// Telemetry should go through [`decode_telemetry`], which also accepts the postcard
+/// layout of older agents.
 pub fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, WireError> {
-    if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(WireError::TooLarge {
-            size: payload.len(),
-            limit: MAX_PAYLOAD_BYTES,
-        });
-    }
+    check_size(payload)?;
     match payload.first() {
         None => Err(WireError::Empty),
         Some(&SCHEMA_POSTCARD_V1) => Ok(postcard::from_bytes(&payload[1..])?),
         Some(&SCHEMA_JSON_V1) => Ok(serde_json::from_slice(payload)?),
         Some(&other) => Err(WireError::UnknownSchema(other)),
     }
+}
+
+/// Decodes a telemetry message from an agent of any version.
+///
+/// postcard ignores trailing bytes, so older servers read newer agents' messages and
+/// skip the appended fields. The other way round, a postcard body that ends before
+/// `fallback` fails to decode, and is decoded again in the layout without it, with the
+/// counts as zeros. JSON fills the missing field with zeros through `serde(default)`.
+pub fn decode_telemetry(payload: &[u8]) -> Result<Telemetry, WireError> {
+    match decode::<Telemetry>(payload) {
+        Err(WireError::Postcard(error)) => {
+            match postcard::from_bytes::<TelemetryWithoutFallback>(&payload[1..]) {
+                Ok(old) => Ok(old.into()),
+                // The error of the current layout is the one worth reporting.
+                Err(_) => Err(WireError::Postcard(error)),
+            }
+        }
+        other => other,
+    }
+}
+
+fn check_size(payload: &[u8]) -> Result<(), WireError> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(WireError::TooLarge {
+            size: payload.len(),
+            limit: MAX_PAYLOAD_BYTES,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -258,7 +361,51 @@ mod tests {
                 memory_total_bytes: 8_000_000_000,
                 temperature_celsius: Some(51.0),
             },
+            fallback: FallbackCounts {
+                local_error: 1,
+                overloaded: 2,
+                slow: 3,
+                low_confidence: 4,
+                cloud_unavailable: 5,
+                cloud_rejected: 6,
+            },
         }
+    }
+
+    /// Encodes `telemetry` in the layout of agents older than `fallback`.
+    fn encode_without_fallback(telemetry: &Telemetry, encoding: Encoding) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Old<'a> {
+            device_id: &'a str,
+            seq: u64,
+            device_time_ms: u64,
+            interval_ms: u32,
+            model: &'a ModelRef,
+            inferences: u32,
+            input_errors: u32,
+            labeled: u32,
+            correct: u32,
+            confidence_sum: f32,
+            low_confidence: u32,
+            latency: &'a LatencyHistogram,
+            system: &'a SystemStats,
+        }
+        let old = Old {
+            device_id: &telemetry.device_id,
+            seq: telemetry.seq,
+            device_time_ms: telemetry.device_time_ms,
+            interval_ms: telemetry.interval_ms,
+            model: &telemetry.model,
+            inferences: telemetry.inferences,
+            input_errors: telemetry.input_errors,
+            labeled: telemetry.labeled,
+            correct: telemetry.correct,
+            confidence_sum: telemetry.confidence_sum,
+            low_confidence: telemetry.low_confidence,
+            latency: &telemetry.latency,
+            system: &telemetry.system,
+        };
+        encode(&old, encoding).unwrap()
     }
 
     #[test]
@@ -330,5 +477,63 @@ mod tests {
                 "a payload cut to {cut} bytes decoded"
             );
         }
+        // Cut inside the old layout, the compatible decoder fails too.
+        let old_len = encode_without_fallback(&sample_telemetry(), Encoding::Postcard).len();
+        for cut in 1..old_len {
+            assert!(
+                decode_telemetry(&bytes[..cut]).is_err(),
+                "a payload cut to {cut} bytes decoded"
+            );
+        }
+    }
+
+    #[test]
+    fn old_postcard_telemetry_decodes_with_zero_fallbacks() {
+        let telemetry = sample_telemetry();
+        let old = encode_without_fallback(&telemetry, Encoding::Postcard);
+        assert!(decode::<Telemetry>(&old).is_err());
+
+        let decoded = decode_telemetry(&old).unwrap();
+        assert_eq!(decoded.fallback, FallbackCounts::default());
+        assert_eq!(
+            decoded,
+            Telemetry {
+                fallback: FallbackCounts::default(),
+                ..telemetry
+            }
+        );
+    }
+
+    #[test]
+    fn old_json_telemetry_decodes_with_zero_fallbacks() {
+        let telemetry = sample_telemetry();
+        let old = encode_without_fallback(&telemetry, Encoding::Json);
+        let decoded = decode_telemetry(&old).unwrap();
+        assert_eq!(decoded.fallback, FallbackCounts::default());
+        assert_eq!(decoded.seq, telemetry.seq);
+    }
+
+    #[test]
+    fn new_telemetry_round_trips_through_the_compatible_decoder() {
+        let telemetry = sample_telemetry();
+        for encoding in [Encoding::Postcard, Encoding::Json] {
+            let bytes = encode(&telemetry, encoding).unwrap();
+            assert_eq!(decode_telemetry(&bytes).unwrap(), telemetry, "{encoding:?}");
+        }
+    }
+
+    #[test]
+    fn new_postcard_telemetry_reads_in_the_old_layout() {
+        // What a server built before `fallback` existed does with a new agent's message.
+        let telemetry = sample_telemetry();
+        let bytes = encode(&telemetry, Encoding::Postcard).unwrap();
+        let old: TelemetryWithoutFallback = postcard::from_bytes(&bytes[1..]).unwrap();
+        assert_eq!(old.seq, telemetry.seq);
+        assert_eq!(old.system, telemetry.system);
+    }
+
+    #[test]
+    fn fallback_requests_sum_the_reasons() {
+        assert_eq!(sample_telemetry().fallback.requests(), 10);
     }
 }

@@ -58,6 +58,9 @@ pub struct InferResponse {
     pub model_version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Response parameters; the cloud fallback flags local answers here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Map<String, Value>>,
     pub outputs: Vec<ResponseOutput>,
 }
 
@@ -357,6 +360,14 @@ pub fn build_response(
         model_name: info.name.clone(),
         model_version: info.version.clone(),
         id,
+        parameters: None,
         outputs,
     })
+}
+
+/// Returns the lowest top-1 confidence among the model's output rows, 1 for none.
+pub fn lowest_top1(info: &ModelInfo, rows: &[Vec<f32>]) -> f32 {
+    rows.iter()
+        .map(|row| top1(&info.confidences(row)).1)
+        .fold(1.0, f32::min)
 }

@@ -18,7 +18,13 @@
 //! Triton's Python client); outputs always come back as JSON.
 //! TODO: return binary outputs when a request sets `binary_data`. Clients read JSON
 //! outputs either way, at about three times the bytes.
+//!
+//! With a [`Fallback`], requests the local model cannot answer well go on to the fleet
+//! server's inference gateway ([`fallback`]). Every answer carries the
+//! `fleet-inference-source` header, `local` or `cloud`.
 
+pub mod breaker;
+pub mod fallback;
 pub mod infer;
 
 use std::future::Future;
@@ -35,15 +41,19 @@ use serde_json::json;
 
 use crate::model::{ModelSlot, SharedModel};
 
+pub use fallback::{Fallback, FallbackCounters, FallbackPolicy};
+
 /// Largest request body accepted. JSON text takes about 10 bytes per float, so this fits
 /// a few batches of 224x224 RGB images.
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 
-/// State shared by the handlers: the model slot and the readiness flag.
+/// State shared by the handlers: the model slot, the readiness flag and the cloud
+/// fallback, if any.
 #[derive(Debug, Clone)]
 pub struct ApiState {
     model: ModelSlot,
     ready: Arc<AtomicBool>,
+    fallback: Option<Arc<Fallback>>,
 }
 
 impl ApiState {
@@ -58,7 +68,21 @@ impl ApiState {
         ApiState {
             model,
             ready: Arc::new(AtomicBool::new(true)),
+            fallback: None,
         }
+    }
+
+    /// Sends requests that the local model cannot answer well to the cloud.
+    pub fn with_fallback(self, fallback: Fallback) -> ApiState {
+        ApiState {
+            fallback: Some(Arc::new(fallback)),
+            ..self
+        }
+    }
+
+    /// Returns the cloud fallback, if any.
+    pub fn fallback(&self) -> Option<&Fallback> {
+        self.fallback.as_deref()
     }
 
     /// Sets whether readiness checks pass; the agent clears it while stopping.
@@ -234,8 +258,8 @@ async fn infer(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<infer::InferResponse>, ApiError> {
-    run_inference(&state, &name, None, &headers, &body).await
+) -> Response {
+    run_inference(&state, &name, None, &headers, body).await
 }
 
 async fn versioned_infer(
@@ -243,43 +267,105 @@ async fn versioned_infer(
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<infer::InferResponse>, ApiError> {
-    run_inference(&state, &name, Some(&version), &headers, &body).await
+) -> Response {
+    run_inference(&state, &name, Some(&version), &headers, body).await
 }
 
-/// Checks the request, runs the model on tokio's blocking pool and builds the response.
+/// Checks the request, then answers it locally or, with a fallback, from the cloud when
+/// the policy says so. Invalid requests are rejected and never go to the cloud.
 async fn run_inference(
     state: &ApiState,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Json<infer::InferResponse>, ApiError> {
-    let model = state.model(name, version)?;
-    let info = model.info();
-    let (request, binary) = infer::parse_body(headers, body)?;
-    let input = infer::check_input(info, &request, binary)?;
-    let wanted = infer::requested_outputs(info, &request)?;
+    body: Bytes,
+) -> Response {
+    let local = match LocalRun::check(state, name, version, headers, &body) {
+        Ok(local) => local,
+        Err(error) => return error.into_response(),
+    };
+    match &state.fallback {
+        Some(fallback) => fallback.serve(local, headers, body).await,
+        None => match local.run().await {
+            Ok(answer) => fallback::local_response(answer.response, None),
+            Err(error) => error.into_response(),
+        },
+    }
+}
 
-    let batch = input.batch;
-    let runner = model.clone();
-    let rows = tokio::task::spawn_blocking(move || runner.run(batch, &input.data))
-        .await
-        .map_err(|error| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("inference task failed: {error}"),
-            )
-        })?
-        .map_err(|error| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("inference failed: {error}"),
-            )
-        })?;
-    let response = infer::build_response(info, request.id, &wanted, &rows)?;
-    tracing::debug!(model = %info.name, batch, "inference API request served");
-    Ok(Json(response))
+/// A checked request, ready to run on the local model.
+struct LocalRun {
+    model: SharedModel,
+    input: infer::CheckedInput,
+    request_id: Option<String>,
+    wanted: Vec<String>,
+}
+
+/// The local model's answer to a request.
+struct LocalAnswer {
+    response: infer::InferResponse,
+    /// Lowest top-1 confidence in the batch.
+    lowest_confidence: f32,
+}
+
+impl LocalRun {
+    /// Checks the model name, the body, the input and the requested outputs.
+    fn check(
+        state: &ApiState,
+        name: &str,
+        version: Option<&str>,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<LocalRun, ApiError> {
+        let model = state.model(name, version)?;
+        let info = model.info();
+        let (request, binary) = infer::parse_body(headers, body)?;
+        let input = infer::check_input(info, &request, binary)?;
+        let wanted = infer::requested_outputs(info, &request)?;
+        Ok(LocalRun {
+            model,
+            input,
+            request_id: request.id,
+            wanted,
+        })
+    }
+
+    fn model_name(&self) -> String {
+        self.model.info().name.clone()
+    }
+
+    fn request_id(&self) -> Option<String> {
+        self.request_id.clone()
+    }
+
+    /// Runs the model on tokio's blocking pool and builds the response.
+    async fn run(self) -> Result<LocalAnswer, ApiError> {
+        let info = self.model.info();
+        let batch = self.input.batch;
+        let runner = self.model.clone();
+        let input = self.input;
+        let rows = tokio::task::spawn_blocking(move || runner.run(batch, &input.data))
+            .await
+            .map_err(|error| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("inference task failed: {error}"),
+                )
+            })?
+            .map_err(|error| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("inference failed: {error}"),
+                )
+            })?;
+        let lowest_confidence = infer::lowest_top1(info, &rows);
+        let response = infer::build_response(info, self.request_id, &self.wanted, &rows)?;
+        tracing::debug!(model = %info.name, batch, "inference API request served");
+        Ok(LocalAnswer {
+            response,
+            lowest_confidence,
+        })
+    }
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

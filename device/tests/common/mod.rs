@@ -143,6 +143,11 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts the API for `model` on 127.0.0.1 with a port the system picks.
     pub fn start(model: SharedModel) -> ApiServer {
+        ApiServer::start_with(ApiState::new(model))
+    }
+
+    /// Starts the API with `state` on 127.0.0.1 with a port the system picks.
+    pub fn start_with(state: ApiState) -> ApiServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -152,7 +157,6 @@ impl ApiServer {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind a free port");
         let address = listener.local_addr().expect("local address");
-        let state = ApiState::new(model);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = state.clone();
         let thread = std::thread::spawn(move || {
