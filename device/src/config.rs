@@ -235,6 +235,12 @@ impl DeviceConfig {
         if !(rate.is_finite() && rate >= 0.0) {
             bail!("invalid --rate {rate}: expected inferences per second, 0 or more");
         }
+        if rate > 0.0 && rate < fleet_wire::MIN_RATE {
+            bail!(
+                "invalid --rate {rate}: expected 0 (unthrottled) or at least {} per second",
+                fleet_wire::MIN_RATE
+            );
+        }
         let interval = args.interval.or(file.interval).unwrap_or(5.0);
         if !(interval.is_finite() && (0.05..=3600.0).contains(&interval)) {
             bail!("invalid --interval {interval}: expected 0.05 to 3600 seconds");

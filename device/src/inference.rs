@@ -14,6 +14,8 @@ use crate::model::{ModelSlot, top1};
 use crate::settings::LiveSettings;
 use crate::stats::SharedStats;
 
+/// Longest sleep between checks of the stop flag and the rate.
+const SLEEP_SLICE: Duration = Duration::from_millis(100);
 /// Minimum time between two log lines about unusable inputs.
 const INPUT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -42,6 +44,9 @@ impl InferenceLoop {
         let mut suppressed_errors = 0u64;
         let mut completed_passes = 0u64;
         let mut position = 0usize;
+        // Period the pending `next_start` was scheduled with, so a faster rate set while
+        // waiting shortens the wait.
+        let mut scheduled_period = Duration::ZERO;
 
         while !self.stop.load(Ordering::Relaxed) {
             if self.passes.is_some_and(|limit| completed_passes >= limit) {
@@ -50,12 +55,22 @@ impl InferenceLoop {
             }
             let rate = self.settings.borrow().rate;
             if let Some(period) = rate.map(|rate| Duration::from_secs_f64(1.0 / rate)) {
+                if period < scheduled_period {
+                    let shorter = scheduled_period - period;
+                    next_start = next_start.checked_sub(shorter).unwrap_or(next_start);
+                    scheduled_period = period;
+                }
                 let now = Instant::now();
                 if next_start > now {
-                    std::thread::sleep(next_start - now);
+                    // Short slices, so a stop request or a new rate is seen within one.
+                    std::thread::sleep((next_start - now).min(SLEEP_SLICE));
+                    if Instant::now() < next_start {
+                        continue;
+                    }
                 }
                 // After a stall, carry on at the set rate instead of bursting to catch up.
                 next_start = next_start.max(now) + period;
+                scheduled_period = period;
             }
 
             let index = self.indices[position];

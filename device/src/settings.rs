@@ -117,6 +117,10 @@ impl ConfigApplier {
 
     /// Checks `remote`, stores it, puts it in use and acknowledges it. A rejected or
     /// unstorable change leaves the settings as they were, and the acknowledgement names the reason.
+    ///
+    /// TODO: change ids are random, so a repeat of an older change that arrives after a
+    /// newer one is applied last. The server needs to send a revision that only grows,
+    /// which the agent compares before applying.
     pub fn apply(&self, remote: RemoteConfig) {
         if let Err(reason) = remote.validate() {
             self.events.config(&remote.change_id, false, &reason);

@@ -19,6 +19,8 @@ use crate::{
     BundleError, MANIFEST_FILE, Manifest, SIGNATURE_FILE, checked_relative_path, read_file,
 };
 
+/// Most entries [`unpack`] accepts; a bundle has a handful of files.
+const MAX_ENTRIES: usize = 1000;
 /// Largest manifest or signature read out of an archive before the signature is checked.
 const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
 
@@ -189,7 +191,13 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), BundleError> {
     let mut tar = tar::Archive::new(file);
     let mut seen = BTreeSet::new();
     let mut directories = BTreeSet::from([partial.clone()]);
-    for entry in tar.entries().map_err(io_error(archive))? {
+    for (index, entry) in tar.entries().map_err(io_error(archive))?.enumerate() {
+        if index >= MAX_ENTRIES {
+            return Err(BundleError::InvalidRequest(format!(
+                "archive {} has more than {MAX_ENTRIES} entries",
+                archive.display()
+            )));
+        }
         let mut entry = entry.map_err(io_error(archive))?;
         let name = entry
             .path()

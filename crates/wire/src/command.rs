@@ -47,6 +47,10 @@ pub struct RemoteConfig {
     pub commit_timeout_seconds: Option<f64>,
 }
 
+/// Slowest inference rate a device accepts, one per 100 s; slower rates are almost
+/// certainly a unit mistake.
+pub const MIN_RATE: f64 = 0.01;
+
 impl RemoteConfig {
     /// Checks every value against its range; the error names the first field outside it.
     pub fn validate(&self) -> Result<(), String> {
@@ -80,6 +84,11 @@ impl RemoteConfig {
             false,
         )?;
         within("rate", self.rate, 0.0, f64::MAX, false)?;
+        if let Some(rate) = self.rate.filter(|&rate| rate > 0.0 && rate < MIN_RATE) {
+            return Err(format!(
+                "invalid rate {rate}: expected 0 (unthrottled) or at least {MIN_RATE} per second"
+            ));
+        }
         within("drain_rate", self.drain_rate, 0.0, f64::MAX, true)?;
         within(
             "commit_timeout_seconds",
@@ -290,6 +299,13 @@ mod tests {
             (
                 RemoteConfig {
                     rate: Some(f64::NAN),
+                    ..valid.clone()
+                },
+                "rate",
+            ),
+            (
+                RemoteConfig {
+                    rate: Some(1e-300),
                     ..valid.clone()
                 },
                 "rate",

@@ -14,7 +14,8 @@ pub mod topic;
 use serde::{Deserialize, Serialize};
 
 pub use command::{
-    Command, ConfigAck, Event, EventKind, InstallBundle, RemoteConfig, UpdateEvent, UpdateStage,
+    Command, ConfigAck, Event, EventKind, InstallBundle, MIN_RATE, RemoteConfig, UpdateEvent,
+    UpdateStage,
 };
 pub use histogram::LatencyHistogram;
 
@@ -309,10 +310,12 @@ pub fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, WireErr
 pub fn decode_telemetry(payload: &[u8]) -> Result<Telemetry, WireError> {
     match decode::<Telemetry>(payload) {
         Err(WireError::Postcard(error)) => {
-            match postcard::from_bytes::<TelemetryWithoutFallback>(&payload[1..]) {
-                Ok(old) => Ok(old.into()),
+            // The old layout must use up the whole body: a new-layout body cut inside
+            // `fallback` also decodes as the old layout, with bytes left over.
+            match postcard::take_from_bytes::<TelemetryWithoutFallback>(&payload[1..]) {
+                Ok((old, [])) => Ok(old.into()),
                 // The error of the current layout is the one worth reporting.
-                Err(_) => Err(WireError::Postcard(error)),
+                _ => Err(WireError::Postcard(error)),
             }
         }
         other => other,
@@ -477,9 +480,10 @@ mod tests {
                 "a payload cut to {cut} bytes decoded"
             );
         }
-        // Cut inside the old layout, the compatible decoder fails too.
+        // Cut inside the old layout or inside `fallback`, the compatible decoder fails
+        // too. Cut exactly after the old layout, the body is an old agent's message.
         let old_len = encode_without_fallback(&sample_telemetry(), Encoding::Postcard).len();
-        for cut in 1..old_len {
+        for cut in (1..bytes.len()).filter(|&cut| cut != old_len) {
             assert!(
                 decode_telemetry(&bytes[..cut]).is_err(),
                 "a payload cut to {cut} bytes decoded"

@@ -10,6 +10,10 @@
 //! Files the server rejected for good, or that cannot be read back, are moved into
 //! `rejected/` for inspection. They still count towards the size bound, so they never
 //! fill the disk; deleting them frees their space at the next start.
+//!
+//! TODO: a server that starts rejecting every sample fills the bound with rejected files
+//! and stops capture until someone deletes them. `rejected/` needs a bound of its own
+//! with the oldest files evicted.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;

@@ -172,12 +172,16 @@ impl Uploader {
         match self.spool.remove(name) {
             Ok(()) => HardSampleStats::bump(&self.stats.uploaded),
             // The server has the sample, so the next attempt gets a 200 for content it
-            // has and deletes the file then.
-            Err(error) => tracing::error!(
-                sample = %name,
-                error = %error_chain(&error),
-                "uploaded hard sample not deleted"
-            ),
+            // has and deletes the file then. The pause keeps a folder that refuses
+            // deletion (a read-only remount) from turning into an upload loop.
+            Err(error) => {
+                tracing::error!(
+                    sample = %name,
+                    error = %error_chain(&error),
+                    "uploaded hard sample not deleted"
+                );
+                self.sleep_unless_stopped(MAX_RETRY_WAIT);
+            }
         }
     }
 

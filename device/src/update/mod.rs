@@ -193,6 +193,8 @@ pub struct Updater {
 struct Prepared {
     installed: InstalledBundle,
     model: SharedModel,
+    /// Whether this attempt unpacked the folder, which it then removes on failure.
+    created: bool,
 }
 
 impl Updater {
@@ -209,10 +211,13 @@ impl Updater {
                 tracing::debug!(update_id = %command.update_id, "repeated command of a finished update ignored");
                 continue;
             }
-            self.install(&command);
-            finished.push_back(command.update_id);
-            if finished.len() > FINISHED_KEPT {
-                finished.pop_front();
+            // A failed update is not remembered: the server's next repeat tries again,
+            // which overcomes a short outage of the server or the network.
+            if self.install(&command) != UpdateStage::Failed {
+                finished.push_back(command.update_id);
+                if finished.len() > FINISHED_KEPT {
+                    finished.pop_front();
+                }
             }
         }
         tracing::debug!("updater stopped");
@@ -229,22 +234,25 @@ impl Updater {
         );
     }
 
-    fn install(&mut self, command: &InstallBundle) {
-        let emit = |stage, detail: &str| self.emit(command, stage, detail);
+    /// Carries out one command and returns the final stage it reported.
+    fn install(&mut self, command: &InstallBundle) -> UpdateStage {
+        let emit = |stage, detail: &str| {
+            self.emit(command, stage, detail);
+            stage
+        };
         if self.store.was_rolled_back(&command.update_id) {
-            emit(
-                UpdateStage::Failed,
+            // Reported as rolled back again, so the repeat is remembered and dropped.
+            return emit(
+                UpdateStage::RolledBack,
                 "this update was rolled back on this device; create a new update to try again",
             );
-            return;
         }
         let active = self.store.active();
         if active.sha256 == command.sha256 {
-            emit(
+            return emit(
                 UpdateStage::AlreadyInstalled,
                 &format!("{} {} is running", active.name, active.version),
             );
-            return;
         }
         match self.prepare(command) {
             Ok(prepared) => self.switch_and_commit(command, prepared),
@@ -262,12 +270,22 @@ impl Updater {
         );
 
         let dir = self.store.bundle_dir(&command.sha256);
-        if !dir.is_dir() {
+        // The folder exists when the archive is the kept previous bundle. Only a folder
+        // this attempt unpacked is removed on failure.
+        let created = !dir.is_dir();
+        if created {
             let part = self.store.staging_path(&command.sha256);
             let started = Instant::now();
             let fetched =
                 download::download(&command.url, self.token.as_deref(), &part, command.size)
-                    .map_err(|error| format!("download failed: {}", error_chain(&error)))?;
+                    .map_err(|error| {
+                        // A refused or oversized download cannot be resumed; one that
+                        // gave up on a bad link is resumed by the next attempt.
+                        if !matches!(error, download::DownloadError::GaveUp { .. }) {
+                            remove_file(&part);
+                        }
+                        format!("download failed: {}", error_chain(&error))
+                    })?;
             let sha256 = fleet_bundle::sha256_file(&part)
                 .map_err(|error| format!("download not readable: {}", error_chain(&error)))?;
             if sha256 != command.sha256 {
@@ -295,7 +313,9 @@ impl Updater {
         let bundle = match Bundle::open_verified(&dir, &self.key) {
             Ok(bundle) => bundle,
             Err(error) => {
-                remove_dir(&dir);
+                if created {
+                    remove_dir(&dir);
+                }
                 return Err(format!("verification failed: {}", error_chain(&error)));
             }
         };
@@ -317,7 +337,9 @@ impl Updater {
                 model
             }
             Err(reason) => {
-                remove_dir(&dir);
+                if created {
+                    remove_dir(&dir);
+                }
                 return Err(format!("health check failed: {reason}"));
             }
         };
@@ -329,6 +351,7 @@ impl Updater {
                 dir,
             },
             model,
+            created,
         })
     }
 
@@ -360,19 +383,21 @@ impl Updater {
 
     /// Records the trial, switches models, and commits once telemetry from the new model
     /// reached the broker, or rolls back.
-    fn switch_and_commit(&mut self, command: &InstallBundle, prepared: Prepared) {
+    fn switch_and_commit(&mut self, command: &InstallBundle, prepared: Prepared) -> UpdateStage {
         let from = self.store.active().clone();
         if let Err(error) = self
             .store
             .begin_trial(prepared.installed.clone(), &command.update_id)
         {
-            remove_dir(&prepared.installed.dir);
+            if prepared.created {
+                remove_dir(&prepared.installed.dir);
+            }
             self.emit(
                 command,
                 UpdateStage::Failed,
                 &format!("install state not written: {}", error_chain(&error)),
             );
-            return;
+            return UpdateStage::Failed;
         }
         let old_model = self.slot.replace(prepared.model);
         self.status.model_changed(&ModelRef {
@@ -391,14 +416,17 @@ impl Updater {
         let started = Instant::now();
         match self.wait_for_acknowledged_telemetry() {
             Ok(()) => match self.store.commit() {
-                Ok(()) => self.emit(
-                    command,
-                    UpdateStage::Committed,
-                    &format!(
-                        "telemetry from the new model acknowledged after {:.2} s",
-                        started.elapsed().as_secs_f64()
-                    ),
-                ),
+                Ok(()) => {
+                    self.emit(
+                        command,
+                        UpdateStage::Committed,
+                        &format!(
+                            "telemetry from the new model acknowledged after {:.2} s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    );
+                    UpdateStage::Committed
+                }
                 Err(error) => self.roll_back(
                     command,
                     old_model,
@@ -409,7 +437,12 @@ impl Updater {
         }
     }
 
-    fn roll_back(&mut self, command: &InstallBundle, old_model: SharedModel, reason: &str) {
+    fn roll_back(
+        &mut self,
+        command: &InstallBundle,
+        old_model: SharedModel,
+        reason: &str,
+    ) -> UpdateStage {
         let restored_ref = ModelRef {
             name: old_model.info().name.clone(),
             version: old_model.info().version.clone(),
@@ -428,12 +461,20 @@ impl Updater {
             ),
         };
         self.emit(command, UpdateStage::RolledBack, &detail);
+        UpdateStage::RolledBack
     }
 
     /// Asks for telemetry now and waits until the broker acknowledged it.
+    ///
+    /// The record waits behind the outbox's backlog, which drains at the drain rate, so
+    /// the time that backlog needs is added to the commit timeout: a device catching up
+    /// after an outage does not roll back a sound update.
     fn wait_for_acknowledged_telemetry(&self) -> Result<(), String> {
-        let commit_timeout = self.settings.borrow().commit_timeout;
-        let deadline = Instant::now() + commit_timeout;
+        let (commit_timeout, drain_rate) = {
+            let settings = self.settings.borrow();
+            (settings.commit_timeout, settings.drain_rate)
+        };
+        let started = Instant::now();
         let (reply, position) = oneshot::channel();
         self.report_now
             .blocking_send(reply)
@@ -442,6 +483,14 @@ impl Updater {
             .blocking_recv()
             .map_err(|_| "the agent is stopping".to_string())?
             .ok_or("telemetry from the new model could not be stored")?;
+        let ahead = position.saturating_sub(
+            self.outbox
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .acked_through(),
+        );
+        let allowed = commit_timeout + Duration::from_secs_f64(ahead as f64 / drain_rate);
+        let deadline = started + allowed;
         loop {
             let acked = self
                 .outbox
@@ -453,8 +502,10 @@ impl Updater {
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "telemetry from the new model was not acknowledged within {} s",
-                    commit_timeout.as_secs_f64()
+                    "telemetry from the new model was not acknowledged within {:.1} s \
+                     ({} records queued ahead of it)",
+                    allowed.as_secs_f64(),
+                    ahead.saturating_sub(1)
                 ));
             }
             std::thread::sleep(ACK_POLL);

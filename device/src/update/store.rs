@@ -122,7 +122,12 @@ impl BundleStore {
         let recovery = match store.state.trial.clone() {
             Some(trial) => {
                 let abandoned = store.active().clone();
-                store.roll_back()?;
+                // A storage device that refuses the write (full, or remounted read-only)
+                // must not keep the agent from starting: the rollback holds in memory,
+                // and the next start finds the trial again and retries.
+                if let Err(error) = store.roll_back() {
+                    tracing::error!(error = %crate::forward::error_chain(&error), "rollback not written to the install state");
+                }
                 tracing::warn!(update_id = %trial.update_id, version = %abandoned.version, "update was not committed before the agent stopped; rolled back");
                 Some(Recovery { trial, abandoned })
             }
@@ -201,11 +206,16 @@ impl BundleStore {
             trial: None,
             rolled_back,
         };
-        self.save(state)?;
+        if let Err(error) = self.save(state.clone()) {
+            self.state = state;
+            return Err(error);
+        }
         self.collect_garbage();
         Ok(self.active().clone())
     }
 
+    /// Writes `state` and then uses it. A rollback uses its state even when the write
+    /// fails, since the old model runs again either way.
     fn save(&mut self, state: InstallState) -> Result<(), StoreError> {
         let path = self.root.join(STATE_FILE);
         let temporary = self.root.join(format!("{STATE_FILE}.tmp"));
