@@ -172,7 +172,7 @@ fn detail_of(update: &Value, stage: &str) -> String {
 }
 
 #[test]
-fn update_survives_a_cut_download_commits_and_repeats_by_hash() {
+fn update_resumes_commits_and_repeats() {
     let fleet = Fleet::start("ota-commit");
     let mut device = fleet.start_device("1");
     fleet.wait_for_model("digit-cnn");
@@ -233,7 +233,7 @@ fn update_survives_a_cut_download_commits_and_repeats_by_hash() {
 }
 
 #[test]
-fn damaged_and_foreign_bundles_fail_and_the_model_keeps_running() {
+fn update_rejects_damaged_and_foreign_bundles() {
     let fleet = Fleet::start("ota-reject");
     let _device = fleet.start_device("1");
     fleet.wait_for_model("digit-cnn");
@@ -289,7 +289,7 @@ fn damaged_and_foreign_bundles_fail_and_the_model_keeps_running() {
 }
 
 #[test]
-fn agent_killed_while_downloading_or_on_trial_comes_back_whole() {
+fn update_survives_agent_kills() {
     let fleet = Fleet::start("ota-kill");
     let mut device = fleet.start_device("1");
     fleet.wait_for_model("digit-cnn");

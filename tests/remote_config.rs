@@ -42,7 +42,7 @@ fn rows_since(server: &Server, device_id: &str, since_ms: i64) -> Vec<Value> {
 }
 
 /// Checks that telemetry rows were built under the server's settings: short intervals,
-/// and low-confidence answers under the threshold of 1.
+/// and low-confidence results under the threshold of 1.
 fn assert_new_settings(rows: &[Value]) {
     for row in rows {
         assert!(row["interval_ms"].as_i64().unwrap() < 1000, "{row}");
@@ -96,9 +96,9 @@ fn server_sets_interval_and_threshold_and_they_persist() {
     }
     assert!(before["inferences"].as_i64().unwrap() > 0);
 
-    // Under a threshold of 1 every answer short of certainty is low-confidence (the
-    // digit model is certain, to f32 precision, of about half the test digits), and
-    // the telemetry interval shrinks from 2 s to 0.25 s.
+    // Under a threshold of 1 every result short of certainty is low-confidence. The digit
+    // model is certain, to f32 precision, of many test digits, so some results are not.
+    // The telemetry interval shrinks from 2 s to 0.25 s.
     let change = put_config(
         &server,
         &device_id,

@@ -112,7 +112,7 @@ pub struct DeviceArgs {
     /// only with --server, and always when the local model fails.
     #[arg(long)]
     pub fallback_model: Option<String>,
-    /// Send a request to the cloud when the lowest top-1 confidence of its local answer
+    /// Send a request to the cloud when the lowest top-1 confidence of its local result
     /// is under this value, 0 to 1; off when unset.
     #[arg(long)]
     pub fallback_threshold: Option<f32>,

@@ -23,7 +23,7 @@ use crate::settings::LiveSettings;
 /// The outbox, shared by the reporter that appends and the forwarder that reads.
 pub type SharedOutbox = Arc<Mutex<Outbox>>;
 
-/// First byte of an outbox record that holds an event rather than telemetry. Telemetry
+/// First byte of an outbox record that contains an event rather than telemetry. Telemetry
 /// records start with a payload's schema byte, 0x01 or `{`, never with this one.
 pub const EVENT_RECORD: u8 = 0xE5;
 

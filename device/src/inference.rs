@@ -14,7 +14,7 @@ use crate::model::{ModelSlot, top1};
 use crate::settings::LiveSettings;
 use crate::stats::SharedStats;
 
-/// Longest sleep between checks of the stop flag and the rate.
+/// Maximum sleep between checks of the stop flag and the rate.
 const SLEEP_SLICE: Duration = Duration::from_millis(100);
 /// Minimum time between two log lines about unusable inputs.
 const INPUT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -32,7 +32,7 @@ pub struct InferenceLoop {
     pub passes: Option<u64>,
     pub stats: Arc<SharedStats>,
     pub stop: Arc<AtomicBool>,
-    /// Where inputs under the confidence threshold go, `None` when capture is off.
+    /// Capture of inputs under the confidence threshold, `None` when capture is off.
     pub hard_samples: Option<Capture>,
 }
 

@@ -142,7 +142,7 @@ impl SharedModel {
     }
 }
 
-/// The model the agent runs now. An update replaces it as a whole; callers take a
+/// The model the agent runs now. An update replaces it as a whole. Callers take a
 /// [`SharedModel`] from it per request, so a request that started on the old model
 /// finishes on it.
 #[derive(Debug, Clone)]

@@ -37,7 +37,7 @@ pub struct Reporter<'a> {
 impl Reporter<'_> {
     /// Builds the telemetry of the interval that just ended and appends it to the outbox,
     /// returning its position. An outbox that fails to store it is logged and counted,
-    /// and the agent carries on; the server then records a gap in the sequence numbers.
+    /// and the agent carries on. The server then records a gap in the sequence numbers.
     pub async fn report(&mut self) -> anyhow::Result<Option<u64>> {
         let telemetry = self.build()?;
         let payload = fleet_wire::encode(&telemetry, self.config.encoding)?;
@@ -98,9 +98,9 @@ impl Reporter<'_> {
 
     /// Logs the outbox's drop and damage totals when they grew since the last report.
     ///
-    /// NOTE: these totals reach only the log. A field appended to `Telemetry` reaches the
-    /// server when `fleet_wire::decode_telemetry` also decodes the layout without it, as
-    /// it does for `fallback`; these totals have no such field yet.
+    /// NOTE: these totals reach only the log, because `Telemetry` has no field for them
+    /// yet. A new field goes at the end, with `fleet_wire::decode_telemetry` decoding the
+    /// layout without it, as it does for `fallback`.
     fn log_outbox_losses(&mut self, stats: OutboxStats) {
         let last = self.last_outbox_stats;
         if stats.dropped_records > last.dropped_records

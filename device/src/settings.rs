@@ -2,7 +2,7 @@
 //! them.
 //!
 //! Each setting starts from the agent's flag or config-file value. The fleet server may
-//! override any of them with a [`RemoteConfig`] on `fleet/v1/{device}/cmd`; the agent
+//! override any of them with a [`RemoteConfig`] on `fleet/v1/{device}/cmd`. The agent
 //! checks it, stores it in `STATE_DIR/remote-config.json`, puts it in use and
 //! acknowledges it with a [`ConfigAck`](fleet_wire::ConfigAck) event. The stored
 //! overrides apply again at the next start, so the server's choice outlives restarts.
@@ -261,7 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn applied_change_is_stored_and_used_at_the_next_start() {
+    fn applied_change_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
         let config = agent_config(dir.path());
         let events = sink(dir.path());

@@ -1,5 +1,5 @@
 //! Cloud fallback of the local inference API against a stand-in cloud: an HTTP server on
-//! a free loopback port that answers Open Inference Protocol requests, and can be made
+//! a free loopback port that serves Open Inference Protocol requests, and can be made
 //! to fail or stall.
 
 mod common;
@@ -27,7 +27,7 @@ const TOKEN: &str = "device-secret";
 /// Model the stand-in cloud returns 404 for.
 const MISSING_MODEL: &str = "missing";
 
-/// How the stand-in cloud answers.
+/// Behaviour of the stand-in cloud.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 enum Mode {
@@ -36,7 +36,7 @@ enum Mode {
     Stall = 2,
 }
 
-/// What the stand-in cloud saw, and how it answers.
+/// Requests the stand-in cloud received, and its behaviour.
 #[derive(Debug, Default)]
 struct CloudState {
     mode: AtomicU8,
@@ -58,15 +58,7 @@ impl Cloud {
         let app = Router::new()
             .route("/v2/models/{name}/infer", post(cloud_infer))
             .with_state(state.clone());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("build a runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind a free port");
-        let address = listener.local_addr().expect("local address");
+        let (runtime, listener, address) = common::bind_loopback(1);
         // Not stopped at the end: a stalled request would hold up a graceful stop.
         std::thread::spawn(move || runtime.block_on(axum::serve(listener, app).into_future()));
         Cloud { address, state }

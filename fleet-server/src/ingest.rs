@@ -474,65 +474,75 @@ async fn write_records(writer: &Writer, records: &[Record]) {
     }
 }
 
-/// Stores one update event, retrying until it commits, as [`write_records`] does.
-async fn write_event(writer: &Writer, received: &ReceivedEvent) {
-    let event = &received.event;
+/// Runs `write` until it commits, counting each failure and logging it with `on_error`,
+/// as [`write_records`] does for batches.
+async fn until_stored<T, F, Fut>(writer: &Writer, mut write: F, on_error: impl Fn(&str)) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
     loop {
-        match writer.store.record_update_event(received).await {
-            Ok(outcome) => {
-                writer.metrics.updates.count_event(outcome);
-                tracing::info!(
-                    device_id = %received.device_id,
-                    update_id = %event.update_id,
-                    stage = event.stage.as_str(),
-                    ?outcome,
-                    detail = %event.detail,
-                    "update event stored"
-                );
-                return;
-            }
+        match write().await {
+            Ok(value) => return value,
             Err(error) => {
                 writer.metrics.write_errors.inc();
-                tracing::error!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    device_id = %received.device_id,
-                    update_id = %event.update_id,
-                    "update event not stored, retrying"
-                );
+                on_error(&format!("{:#}", anyhow::Error::from(error)));
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
 }
 
-/// Stores one configuration acknowledgement, retrying until it commits, as
-/// [`write_records`] does.
+/// Stores one update event, retrying until it commits.
+async fn write_event(writer: &Writer, received: &ReceivedEvent) {
+    let event = &received.event;
+    let outcome = until_stored(
+        writer,
+        || writer.store.record_update_event(received),
+        |error| {
+            tracing::error!(
+                error,
+                device_id = %received.device_id,
+                update_id = %event.update_id,
+                "update event not stored, retrying"
+            )
+        },
+    )
+    .await;
+    writer.metrics.updates.count_event(outcome);
+    tracing::info!(
+        device_id = %received.device_id,
+        update_id = %event.update_id,
+        stage = event.stage.as_str(),
+        ?outcome,
+        detail = %event.detail,
+        "update event stored"
+    );
+}
+
+/// Stores one configuration acknowledgement, retrying until it commits.
 async fn write_config_ack(writer: &Writer, received: &ReceivedConfigAck) {
     let ack = &received.ack;
-    loop {
-        match writer.store.record_config_ack(received).await {
-            Ok(outcome) => {
-                writer.metrics.remote_config.count_ack(outcome);
-                tracing::info!(
-                    device_id = %received.device_id,
-                    change_id = %ack.change_id,
-                    applied = ack.applied,
-                    ?outcome,
-                    detail = %ack.detail,
-                    "configuration acknowledgement stored"
-                );
-                return;
-            }
-            Err(error) => {
-                writer.metrics.write_errors.inc();
-                tracing::error!(
-                    error = format!("{:#}", anyhow::Error::from(error)),
-                    device_id = %received.device_id,
-                    change_id = %ack.change_id,
-                    "configuration acknowledgement not stored, retrying"
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
+    let outcome = until_stored(
+        writer,
+        || writer.store.record_config_ack(received),
+        |error| {
+            tracing::error!(
+                error,
+                device_id = %received.device_id,
+                change_id = %ack.change_id,
+                "configuration acknowledgement not stored, retrying"
+            )
+        },
+    )
+    .await;
+    writer.metrics.remote_config.count_ack(outcome);
+    tracing::info!(
+        device_id = %received.device_id,
+        change_id = %ack.change_id,
+        applied = ack.applied,
+        ?outcome,
+        detail = %ack.detail,
+        "configuration acknowledgement stored"
+    );
 }

@@ -144,7 +144,7 @@ pub enum EventKind {
     Config(ConfigAck),
 }
 
-/// A device's answer to a [`RemoteConfig`].
+/// A device's acknowledgement of a [`RemoteConfig`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfigAck {
     pub change_id: String,

@@ -116,8 +116,8 @@ pub struct Telemetry {
 /// Cloud fallback counters of the local inference API during one telemetry interval.
 ///
 /// Each reason counts the requests forwarded to the cloud for it, whether or not the
-/// cloud then responded. The last two count requests answered locally because
-/// the cloud could not answer.
+/// cloud then responded. The last two count requests served locally because the
+/// cloud failed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FallbackCounts {
     /// The local model failed.

@@ -17,14 +17,14 @@ pub struct BreakerConfig {
     pub failure_threshold: u32,
     /// How long the breaker stays open after it first opens.
     pub cooldown: Duration,
-    /// Longest cool-down, reached by doubling after each failed probe.
+    /// Maximum cool-down, reached by doubling after each failed probe.
     pub max_cooldown: Duration,
     /// Time after which a probe that never reported back no longer blocks the next one,
     /// for a request whose client went away before the probe finished.
     pub probe_timeout: Duration,
 }
 
-/// Where the breaker stands, as [`Breaker::state`] reports it.
+/// State of the breaker, as [`Breaker::state`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
     /// Requests go through; `failures` consecutive ones have failed.
@@ -35,7 +35,7 @@ pub enum BreakerState {
     HalfOpen { since: Instant },
 }
 
-/// What [`Breaker::try_acquire`] allows.
+/// Outcome of [`Breaker::try_acquire`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permit {
     /// The breaker is closed: send the request.
@@ -102,7 +102,7 @@ impl Breaker {
         }
     }
 
-    /// Records a request the cloud answered: the breaker closes and its cool-down starts
+    /// Records a request the cloud served: the breaker closes and its cool-down starts
     /// over from the configured one.
     pub fn record_success(&self) {
         let mut inner = self.lock();
@@ -225,7 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn failed_probes_double_the_cooldown_up_to_the_cap() {
+    fn cooldown_doubles_up_to_cap() {
         let breaker = breaker();
         let mut now = open(&breaker, Instant::now()) + COOLDOWN;
         for expected in [2, 3, 3] {

@@ -1,11 +1,11 @@
 //! Cloud fallback: forwards an inference request to the fleet server's gateway when the
 //! local model cannot produce a good result, and returns the gateway's response instead.
 //!
-//! A request goes to the cloud, as the client sent it, when the local model fails, when
-//! more requests are running locally than allowed, when the recent local latency is over
-//! its objective, or when the local answer's lowest top-1 confidence in the batch is
-//! under the threshold. A [`Breaker`] stops sending while the cloud fails, so the local
-//! answer comes back at once, flagged as such.
+//! A request goes to the cloud, as the client sent it, in four cases: the local model
+//! fails, more requests are running locally than allowed, the recent local latency is
+//! over its objective, or the lowest top-1 confidence of the local result is under the
+//! threshold. A [`Breaker`] stops sending while the cloud fails, so the local result
+//! comes back at once, flagged as such.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -25,8 +25,8 @@ use super::{ApiError, LocalRun, MAX_BODY_BYTES};
 pub const SOURCE_HEADER: &str = "fleet-inference-source";
 /// Response header of a cloud response naming why the request went to the cloud.
 pub const REASON_HEADER: &str = "fleet-fallback-reason";
-/// Response header of a local answer that the cloud should have given but could not:
-/// `unavailable` or `rejected`.
+/// Response header of a local result returned because the cloud failed: `unavailable`
+/// or `rejected`.
 pub const FALLBACK_HEADER: &str = "fleet-fallback";
 
 /// Weight of the newest request in the local latency average.
@@ -34,7 +34,7 @@ const LATENCY_EWMA_WEIGHT: f64 = 0.2;
 /// Age after which a latency average over the objective no longer sends requests to the
 /// cloud, so one request runs locally again and refreshes it.
 const LATENCY_REFRESH: Duration = Duration::from_secs(1);
-/// Longest cool-down of the circuit breaker, unless the configured one is longer.
+/// Maximum cool-down of the circuit breaker, unless the configured one is longer.
 const MAX_COOLDOWN: Duration = Duration::from_secs(60);
 /// Characters of a cloud error body kept for the log and the error message.
 const CLOUD_ERROR_CHARS: usize = 200;
@@ -44,7 +44,8 @@ const CLOUD_ERROR_CHARS: usize = 200;
 pub struct FallbackPolicy {
     /// Model the gateway serves as the fallback; the local model's name when `None`.
     pub model: Option<String>,
-    /// Lowest top-1 confidence in a batch under which the cloud answers instead.
+    /// Top-1 confidence under which a batch's lowest result sends the request to the
+    /// cloud.
     pub threshold: Option<f32>,
     /// Requests running locally at most; one more goes to the cloud.
     pub max_local_queue: Option<usize>,
@@ -72,7 +73,7 @@ impl Default for FallbackPolicy {
     }
 }
 
-/// Why a request went to the cloud.
+/// Reason a request went to the cloud.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FallbackReason {
     LocalError,
@@ -137,7 +138,7 @@ impl FallbackCounters {
     }
 }
 
-/// Why the cloud did not answer a request that went to it.
+/// Failure of a request sent to the cloud.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CloudError {
     #[error("circuit breaker open after repeated cloud failures")]
@@ -427,7 +428,7 @@ impl Fallback {
     }
 }
 
-/// What a request to the cloud needs besides the URL.
+/// Contents of a request to the cloud besides the URL.
 struct CloudRequest<'a> {
     model: String,
     request_id: Option<String>,

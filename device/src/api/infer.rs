@@ -58,7 +58,7 @@ pub struct InferResponse {
     pub model_version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// Response parameters; the cloud fallback flags local answers here.
+    /// Response parameters, where the cloud fallback flags local results.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Map<String, Value>>,
     pub outputs: Vec<ResponseOutput>,

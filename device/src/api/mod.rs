@@ -19,8 +19,8 @@
 //! TODO: return binary outputs when a request sets `binary_data`. Clients read JSON
 //! outputs either way, at about three times the bytes.
 //!
-//! With a [`Fallback`], requests the local model cannot answer well go on to the fleet
-//! server's inference gateway ([`fallback`]). Every answer carries the
+//! With a [`Fallback`], requests the local model cannot serve well go on to the fleet
+//! server's inference gateway ([`fallback`]). Every response carries the
 //! `fleet-inference-source` header, `local` or `cloud`.
 
 pub mod breaker;
@@ -72,7 +72,7 @@ impl ApiState {
         }
     }
 
-    /// Sends requests that the local model cannot answer well to the cloud.
+    /// Sends requests that the local model cannot serve well to the cloud.
     pub fn with_fallback(self, fallback: Fallback) -> ApiState {
         ApiState {
             fallback: Some(Arc::new(fallback)),
@@ -271,8 +271,8 @@ async fn versioned_infer(
     run_inference(&state, &name, Some(&version), &headers, body).await
 }
 
-/// Checks the request, then answers it locally or, with a fallback, from the cloud when
-/// the policy says so. Invalid requests are rejected and never go to the cloud.
+/// Checks the request, then serves it locally or, with a fallback, from the cloud when
+/// the policy requires. Invalid requests are rejected and never go to the cloud.
 async fn run_inference(
     state: &ApiState,
     name: &str,

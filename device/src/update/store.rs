@@ -94,8 +94,8 @@ pub struct BundleStore {
 
 impl BundleStore {
     /// Opens the store in `root`, creating it when missing. An update left on trial is
-    /// rolled back and returned; a damaged state file is set aside and the agent runs the
-    /// factory bundle, since no record names a sound installed bundle.
+    /// rolled back and returned. A damaged state file is set aside, and the agent runs the
+    /// factory bundle, because no record names a sound installed bundle.
     pub fn open(
         root: &Path,
         factory_dir: &Path,
@@ -122,8 +122,8 @@ impl BundleStore {
         let recovery = match store.state.trial.clone() {
             Some(trial) => {
                 let abandoned = store.active().clone();
-                // A storage device that refuses the write (full, or remounted read-only)
-                // must not keep the agent from starting: the rollback holds in memory,
+                // A storage device that rejects the write (full, or remounted read-only)
+                // must not keep the agent from starting. The rollback applies in memory,
                 // and the next start finds the trial again and retries.
                 if let Err(error) = store.roll_back() {
                     tracing::error!(error = %crate::forward::error_chain(&error), "rollback not written to the install state");
@@ -343,7 +343,7 @@ mod tests {
     }
 
     #[test]
-    fn a_trial_left_behind_is_rolled_back_at_start() {
+    fn open_rolls_back_leftover_trial() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("bundles");
         let factory = factory(dir.path());
@@ -370,7 +370,7 @@ mod tests {
     }
 
     #[test]
-    fn commit_keeps_only_the_running_and_previous_bundles() {
+    fn commit_keeps_running_and_previous() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("bundles");
         let factory = factory(dir.path());
@@ -398,7 +398,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_state_file_is_set_aside_and_the_factory_bundle_runs() {
+    fn damaged_state_file_falls_back_to_factory() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("bundles");
         let factory = factory(dir.path());

@@ -148,15 +148,7 @@ impl ApiServer {
 
     /// Starts the API with `state` on 127.0.0.1 with a port the system picks.
     pub fn start_with(state: ApiState) -> ApiServer {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("build a runtime");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind a free port");
-        let address = listener.local_addr().expect("local address");
+        let (runtime, listener, address) = bind_loopback(2);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let serving = state.clone();
         let thread = std::thread::spawn(move || {
@@ -178,6 +170,22 @@ impl ApiServer {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
+}
+
+/// Builds a runtime with `workers` threads and binds a listener on a free loopback port.
+pub fn bind_loopback(
+    workers: usize,
+) -> (tokio::runtime::Runtime, tokio::net::TcpListener, SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("build a runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind a free port");
+    let address = listener.local_addr().expect("local address");
+    (runtime, listener, address)
 }
 
 impl Drop for ApiServer {

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::SampleError;
 
@@ -149,30 +149,9 @@ fn write_durably(dir: &Path, destination: &Path, bytes: &[u8]) -> Result<(), Sam
 
 /// Deletes temporary upload files older than [`STALE_AFTER`].
 fn remove_stale_partials(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let partial = name.starts_with(PARTIAL_PREFIX) && name.ends_with(PARTIAL_SUFFIX);
-        let old = entry
-            .metadata()
-            .and_then(|metadata| metadata.modified())
-            .ok()
-            .and_then(|modified| SystemTime::now().duration_since(modified).ok())
-            .is_some_and(|age| age > STALE_AFTER);
-        if !(partial && old) {
-            continue;
-        }
-        let path = entry.path();
-        match std::fs::remove_file(&path) {
-            Ok(()) => tracing::info!(path = %path.display(), "stale sample upload deleted"),
-            Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "failed to delete stale sample upload")
-            }
-        }
-    }
+    crate::updates::archives::remove_stale_entries(dir, STALE_AFTER, "sample upload", |name| {
+        name.starts_with(PARTIAL_PREFIX) && name.ends_with(PARTIAL_SUFFIX)
+    });
 }
 
 #[cfg(test)]

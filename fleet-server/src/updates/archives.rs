@@ -244,21 +244,32 @@ fn printable(text: &str) -> String {
 /// Deletes temporary upload files and check folders older than [`STALE_AFTER`]. Younger
 /// ones may belong to an upload that another server sharing the folder is receiving.
 fn remove_stale_leftovers(dir: &Path) {
+    remove_stale_entries(dir, STALE_AFTER, "upload leftover", |name| {
+        (name.starts_with(PARTIAL_PREFIX) && name.ends_with(PARTIAL_SUFFIX))
+            || name.starts_with(VERIFY_PREFIX)
+    });
+}
+
+/// Deletes the files and folders in `dir` whose name `is_leftover` accepts and that were
+/// last modified more than `max_age` ago, logging each deletion as a `what`.
+pub(crate) fn remove_stale_entries(
+    dir: &Path,
+    max_age: Duration,
+    what: &str,
+    is_leftover: impl Fn(&str) -> bool,
+) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let leftover = (name.starts_with(PARTIAL_PREFIX) && name.ends_with(PARTIAL_SUFFIX))
-            || name.starts_with(VERIFY_PREFIX);
         let old = entry
             .metadata()
             .and_then(|metadata| metadata.modified())
             .ok()
             .and_then(|modified| SystemTime::now().duration_since(modified).ok())
-            .is_some_and(|age| age > STALE_AFTER);
-        if !(leftover && old) {
+            .is_some_and(|age| age > max_age);
+        if !(old && is_leftover(&name.to_string_lossy())) {
             continue;
         }
         let path = entry.path();
@@ -268,9 +279,9 @@ fn remove_stale_leftovers(dir: &Path) {
             std::fs::remove_file(&path)
         };
         match removed {
-            Ok(()) => tracing::info!(path = %path.display(), "stale upload leftover deleted"),
+            Ok(()) => tracing::info!(path = %path.display(), what, "stale file deleted"),
             Err(error) => {
-                tracing::warn!(path = %path.display(), %error, "failed to delete stale upload leftover")
+                tracing::warn!(path = %path.display(), what, %error, "failed to delete stale file")
             }
         }
     }
