@@ -114,7 +114,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let bundle_dir = work_dir.join("bundles").join(&recipe.name);
     println!("building and measuring bundle {} ...", bundle_dir.display());
     let bundle = tokio::task::block_in_place(|| {
-        fleet_compress::build_bundle(&recipe, &key, &bundle_dir, true)
+        fleet_compress::build_bundle(
+            &recipe,
+            &key,
+            &bundle_dir,
+            true,
+            fleet_compress::BundleRuntime::Tract,
+        )
     })?;
     if let Some(metrics) = &bundle.manifest.metrics {
         println!(

@@ -102,7 +102,11 @@ fn server_sets_interval_and_threshold_and_they_persist() {
     let change = put_config(
         &server,
         &device_id,
-        &json!({ "confidence_threshold": 1.0, "interval_seconds": 0.25 }),
+        &json!({
+            "confidence_threshold": 1.0,
+            "interval_seconds": 0.25,
+            "fallback_threshold": 0.35,
+        }),
     );
     let change_id = change["change_id"].as_str().expect("change id").to_string();
     let acked = wait_for_ack(&server, &device_id, &change_id);
@@ -112,6 +116,13 @@ fn server_sets_interval_and_threshold_and_they_persist() {
             .as_str()
             .unwrap()
             .contains("interval 0.25 s"),
+        "{acked}"
+    );
+    assert!(
+        acked["detail"]
+            .as_str()
+            .unwrap()
+            .contains("fallback_threshold 0.35"),
         "{acked}"
     );
 

@@ -12,7 +12,7 @@ use crate::distill::{DistillOptions, DistillRecipe, distill};
 use crate::fp16::{self, Fp16Mode};
 use crate::quantize::LayerMode;
 use crate::variants::{Budget, Compute, Measured, QuantizeOptions, Workbench, write_checked};
-use crate::{Recipe, build_bundle, evaluate, inspect};
+use crate::{BundleRuntime, Recipe, build_bundle, evaluate, inspect};
 use crate::{pipeline, prune};
 
 /// Compressor commands.
@@ -195,6 +195,10 @@ pub struct BundleArgs {
     /// Skip measuring accuracy and latency, leaving them out of the manifest.
     #[arg(long)]
     pub skip_evaluation: bool,
+    /// Backend the bundle is written for: tract runs the ONNX model as it is, candle a
+    /// safetensors conversion of it (digit CNN family only).
+    #[arg(long, value_enum, default_value_t = BundleRuntime::Tract)]
+    pub runtime: BundleRuntime,
 }
 
 /// Runs one compressor command, printing its result on standard output.
@@ -223,7 +227,13 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let recipe = Recipe::read(&args.recipe)?;
             let key = SecretKey::read(&args.key)
                 .with_context(|| format!("failed to read secret key {}", args.key.display()))?;
-            let bundle = build_bundle(&recipe, &key, &args.out, !args.skip_evaluation)?;
+            let bundle = build_bundle(
+                &recipe,
+                &key,
+                &args.out,
+                !args.skip_evaluation,
+                args.runtime,
+            )?;
             print_bundle(&bundle);
         }
         Command::Verify { bundle, public_key } => {
@@ -235,9 +245,11 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 bundle.manifest.files.len()
             );
             if bundle.manifest.self_test.is_some() {
-                let report = fleet_runtime::run_self_test(&bundle).with_context(|| {
-                    format!("bundle {} failed its self-test", bundle.dir.display())
-                })?;
+                let format = bundle.manifest.model.format.clone();
+                let report = fleet_runtime::run_self_test_with(&bundle, |path, shape| {
+                    fleet_train::load_backend(&format, path, shape)
+                })
+                .with_context(|| format!("bundle {} failed its self-test", bundle.dir.display()))?;
                 println!(
                     "ok: self-test reproduced {} reference outputs (largest difference {:.1e}, \
                      tolerance {:.1e})",

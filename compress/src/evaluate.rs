@@ -1,5 +1,6 @@
 //! Measuring a model's accuracy and latency in our runtime.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -29,14 +30,33 @@ impl Evaluation {
     }
 }
 
-/// Classifies every labelled sample of `set` and times single-sample inference.
+/// Classifies every labelled sample of `set` and times single-sample inference of the
+/// recipe's ONNX model in tract.
 pub fn evaluate(
     recipe: &Recipe,
     set: &EvaluationSet,
     summary: &ModelSummary,
 ) -> anyhow::Result<Evaluation> {
+    evaluate_model(
+        recipe,
+        set,
+        summary,
+        &recipe.model,
+        fleet_train::ONNX_FORMAT,
+    )
+}
+
+/// Evaluates as [`evaluate`] does, but `model` in `format` (see
+/// [`fleet_train::load_backend`]), such as the safetensors file of a candle bundle.
+pub fn evaluate_model(
+    recipe: &Recipe,
+    set: &EvaluationSet,
+    summary: &ModelSummary,
+    model: &Path,
+    format: &str,
+) -> anyhow::Result<Evaluation> {
     let config = ClassifierConfig {
-        model: recipe.model.clone(),
+        model: model.to_path_buf(),
         inputs: summary.inputs.clone(),
         preprocessing: recipe.preprocessing.clone(),
         postprocessing: recipe.postprocessing,
@@ -44,23 +64,45 @@ pub fn evaluate(
     };
     let data = Dataset::open(&set.images, set.labels.as_deref())
         .with_context(|| format!("failed to open evaluation data {}", set.images.display()))?;
-    let (samples, correct) = measure_accuracy(&config, &data)?;
-    let latency_ms_p50 = measure_latency(&config, &data, set.latency_runs)?;
+    let (samples, correct) = measure_accuracy(&config, format, &data)?;
+    let latency_ms_p50 = measure_latency(&config, format, &data, set.latency_runs)?;
     let profile = if cfg!(debug_assertions) {
         "debug build"
     } else {
         "release build"
     };
+    // tract runs on the calling thread; candle's CPU kernels use a thread pool.
+    let runtime = match format {
+        fleet_train::SAFETENSORS_FORMAT => "candle 0.11, all cores",
+        _ => "tract 0.23, 1 thread",
+    };
     Ok(Evaluation {
         samples,
         correct,
         latency_ms_p50,
-        measured_with: format!("tract 0.23, {profile}, 1 thread"),
+        measured_with: format!("{runtime}, {profile}"),
     })
 }
 
-fn measure_accuracy(config: &ClassifierConfig, data: &Dataset) -> anyhow::Result<(usize, usize)> {
-    let mut classifier = Classifier::new(config.clone(), ACCURACY_BATCH)?;
+/// Loads `config`'s model with the backend `format` needs, for batches of `batch_size`.
+fn open_classifier(
+    config: &ClassifierConfig,
+    format: &str,
+    batch_size: usize,
+) -> anyhow::Result<Classifier> {
+    Ok(Classifier::with_backend(
+        config.clone(),
+        batch_size,
+        |path, shape| fleet_train::load_backend(format, path, shape),
+    )?)
+}
+
+fn measure_accuracy(
+    config: &ClassifierConfig,
+    format: &str,
+    data: &Dataset,
+) -> anyhow::Result<(usize, usize)> {
+    let mut classifier = open_classifier(config, format, ACCURACY_BATCH)?;
     let progress = ProgressBar::new(data.len() as u64).with_style(
         ProgressStyle::with_template("evaluating {bar:40} {pos}/{len} {per_sec} eta {eta}")
             .expect("progress template is valid"),
@@ -87,8 +129,13 @@ fn measure_accuracy(config: &ClassifierConfig, data: &Dataset) -> anyhow::Result
 }
 
 /// Runs the first sample `runs` times, one at a time, and returns the median in ms.
-fn measure_latency(config: &ClassifierConfig, data: &Dataset, runs: usize) -> anyhow::Result<f64> {
-    let mut classifier = Classifier::new(config.clone(), 1)?;
+fn measure_latency(
+    config: &ClassifierConfig,
+    format: &str,
+    data: &Dataset,
+    runs: usize,
+) -> anyhow::Result<f64> {
+    let mut classifier = open_classifier(config, format, 1)?;
     let input = classifier.prepare(&data.sample(0)?)?;
     let inputs = [input];
     classifier.classify_prepared(&inputs)?;

@@ -400,6 +400,7 @@ fn write_pipeline_bundle(
     crate::write_recipe_bundle(
         recipe,
         &model_path,
+        fleet_train::ONNX_FORMAT,
         &summary,
         metrics,
         vec![report_file],

@@ -20,6 +20,14 @@ use crate::outbox::{DEFAULT_SEGMENT_BYTES, FsyncPolicy, MIN_SEGMENT_BYTES, Outbo
 /// sends a 10-minute backlog at the demo's rate (300 records) in 30 s.
 pub const DEFAULT_DRAIN_RATE: f64 = 10.0;
 
+/// Default largest MQTT packet: the largest payload the wire format allows plus room for
+/// the topic and headers.
+pub const DEFAULT_MAX_PACKET_BYTES: usize = fleet_wire::MAX_PAYLOAD_BYTES + 1024;
+/// Smallest accepted `--max-packet-bytes`; status messages and commands must still fit.
+const MIN_MAX_PACKET_BYTES: usize = 1024;
+/// Largest packet MQTT can encode: a remaining length of at most 268,435,455 bytes.
+const MQTT_MAX_PACKET_BYTES: usize = 268_435_460;
+
 /// Command-line flags of the agent; each one overrides the same key of `--config`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct DeviceArgs {
@@ -29,9 +37,27 @@ pub struct DeviceArgs {
     /// Device id, used as a topic level: letters, digits, '-', '_' or '.'.
     #[arg(long)]
     pub device_id: Option<String>,
-    /// MQTT broker as mqtt://HOST:PORT [default: mqtt://127.0.0.1:1883].
+    /// MQTT broker as mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS
+    /// [default: mqtt://127.0.0.1:1883].
     #[arg(long)]
     pub broker: Option<String>,
+    /// PEM file with the CA certificates an mqtts:// broker's certificate must chain to
+    /// [default: the operating system's trust store].
+    #[arg(long)]
+    pub broker_ca: Option<PathBuf>,
+    /// PEM client certificate for an mqtts:// broker that requires one (mutual TLS);
+    /// needs --client-key.
+    #[arg(long)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
+    /// Largest MQTT packet the agent sends or accepts, in bytes; set it to the broker's
+    /// limit (Mosquitto's max_packet_size, or a cloud broker's documented maximum). A
+    /// record that does not fit is set aside with an error in the log, since a broker
+    /// drops the connection on an oversized packet [default: 66560].
+    #[arg(long)]
+    pub max_packet_bytes: Option<usize>,
     /// Bundle folder written by `compress bundle`.
     #[arg(long)]
     pub bundle: Option<PathBuf>,
@@ -143,6 +169,10 @@ pub struct DeviceArgs {
 struct FileConfig {
     device_id: Option<String>,
     broker: Option<String>,
+    broker_ca: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    max_packet_bytes: Option<usize>,
     bundle: Option<PathBuf>,
     public_key: Option<PathBuf>,
     input: Option<PathBuf>,
@@ -177,8 +207,11 @@ struct FileConfig {
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
     pub device_id: String,
-    pub broker_host: String,
-    pub broker_port: u16,
+    pub broker: fleet_mqtt::BrokerUrl,
+    /// CA and client certificate files for an `mqtts://` broker.
+    pub broker_tls: fleet_mqtt::TlsFiles,
+    /// Largest MQTT packet sent or accepted, in bytes.
+    pub max_packet_bytes: usize,
     pub bundle: PathBuf,
     pub public_key: PathBuf,
     pub input: PathBuf,
@@ -227,8 +260,31 @@ impl DeviceConfig {
             .broker
             .or(file.broker)
             .unwrap_or_else(|| "mqtt://127.0.0.1:1883".into());
-        let (broker_host, broker_port) =
-            fleet_wire::parse_broker_url(&broker).map_err(anyhow::Error::msg)?;
+        let broker = fleet_mqtt::BrokerUrl::parse(&broker)?;
+        let broker_tls = fleet_mqtt::TlsFiles {
+            ca: args.broker_ca.or(file.broker_ca),
+            client_cert: args.client_cert.or(file.client_cert),
+            client_key: args.client_key.or(file.client_key),
+        };
+        if broker_tls != fleet_mqtt::TlsFiles::default() && !broker.tls {
+            bail!(
+                "--broker-ca, --client-cert and --client-key need a TLS broker, but {broker} \
+                 is plain TCP: use mqtts://"
+            );
+        }
+        if broker_tls.client_cert.is_some() != broker_tls.client_key.is_some() {
+            bail!("--client-cert and --client-key go together: pass both or neither");
+        }
+        let max_packet_bytes = args
+            .max_packet_bytes
+            .or(file.max_packet_bytes)
+            .unwrap_or(DEFAULT_MAX_PACKET_BYTES);
+        if !(MIN_MAX_PACKET_BYTES..=MQTT_MAX_PACKET_BYTES).contains(&max_packet_bytes) {
+            bail!(
+                "invalid --max-packet-bytes {max_packet_bytes}: expected \
+                 {MIN_MAX_PACKET_BYTES} to {MQTT_MAX_PACKET_BYTES} bytes"
+            );
+        }
         let shard = args.shard.or(file.shard).unwrap_or_else(|| "0/1".into());
         let (shard_index, shard_count) = parse_shard(&shard)?;
         let rate = args.rate.or(file.rate).unwrap_or(10.0);
@@ -328,8 +384,9 @@ impl DeviceConfig {
                 .context("missing input: pass --input or set input in the config file")?,
             labels: args.labels.or(file.labels),
             device_id,
-            broker_host,
-            broker_port,
+            broker,
+            broker_tls,
+            max_packet_bytes,
             shard_index,
             shard_count,
             rate: (rate > 0.0).then_some(rate),
@@ -464,6 +521,9 @@ fn read_file_config(path: &Path) -> anyhow::Result<FileConfig> {
         &mut config.labels,
         &mut config.state_dir,
         &mut config.password_file,
+        &mut config.broker_ca,
+        &mut config.client_cert,
+        &mut config.client_key,
     ]
     .into_iter()
     .flatten()
@@ -519,7 +579,7 @@ mod tests {
         assert_eq!(config.state_dir, dir.path().join("state"));
         assert_eq!(config.rate, Some(7.0));
         assert_eq!((config.shard_index, config.shard_count), (1, 4));
-        assert_eq!(config.broker_port, 1883);
+        assert_eq!(config.broker.port, 1883);
         assert_eq!(config.outbox.fsync, FsyncPolicy::Never);
         assert_eq!(config.outbox.max_bytes, 4 * 1024 * 1024);
         assert_eq!(config.outbox.segment_bytes, 256 * 1024);
@@ -529,7 +589,22 @@ mod tests {
 
     #[test]
     fn bad_values_are_named() {
-        let cases: [(DeviceArgs, &str); 8] = [
+        let cases: [(DeviceArgs, &str); 10] = [
+            (
+                DeviceArgs {
+                    broker_ca: Some("ca.pem".into()),
+                    ..minimal_args()
+                },
+                "use mqtts://",
+            ),
+            (
+                DeviceArgs {
+                    broker: Some("mqtts://broker".into()),
+                    client_cert: Some("device.pem".into()),
+                    ..minimal_args()
+                },
+                "--client-key",
+            ),
             (
                 DeviceArgs {
                     shard: Some("3/3".into()),

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::mqtt::{PublishKind, Publisher, SessionEvent};
+use crate::mqtt::{PublishKind, Publisher, SessionEvent, publish_packet_size};
 use crate::outbox::{Outbox, OutboxStats};
 use crate::settings::LiveSettings;
 
@@ -65,6 +65,8 @@ pub struct ForwarderConfig {
     pub settings: watch::Receiver<LiveSettings>,
     /// Records sent and not yet acknowledged at most.
     pub window: usize,
+    /// Largest MQTT packet the broker takes; a record that does not fit is set aside.
+    pub max_packet_bytes: usize,
 }
 
 /// One record sent and not yet known to be acknowledged in order.
@@ -98,6 +100,8 @@ pub struct Forwarder {
     caught_up: bool,
     drain: Option<Drain>,
     read_failures: u64,
+    /// Records dropped because they exceed the maximum packet size.
+    oversized: u64,
 }
 
 impl Forwarder {
@@ -122,6 +126,7 @@ impl Forwarder {
             caught_up: false,
             drain: None,
             read_failures: 0,
+            oversized: 0,
         }
     }
 
@@ -153,6 +158,12 @@ impl Forwarder {
         session_stop.send_replace(true);
         while let Some(event) = self.events.recv().await {
             self.handle(event).await;
+        }
+        if self.oversized > 0 {
+            tracing::warn!(
+                records = self.oversized,
+                "records dropped since start for exceeding the maximum packet size"
+            );
         }
         let (closed, stats) =
             with_outbox(&self.outbox, |outbox| (outbox.sync(), outbox.stats())).await;
@@ -197,6 +208,26 @@ impl Forwarder {
                 Some((&EVENT_RECORD, event)) => (&self.config.events_topic, event.to_vec()),
                 _ => (&self.config.topic, record.payload),
             };
+            let packet_bytes = publish_packet_size(topic, payload.len());
+            if packet_bytes > self.config.max_packet_bytes {
+                // A broker closes the connection on an oversized packet, so sending this
+                // record would block every record behind it on each reconnect.
+                tracing::error!(
+                    position = record.position,
+                    packet_bytes,
+                    max_packet_bytes = self.config.max_packet_bytes,
+                    topic = %topic,
+                    "record larger than the maximum packet size dropped from the outbox; raise --max-packet-bytes if the broker takes larger packets"
+                );
+                self.oversized += 1;
+                self.cursor = record.position;
+                self.in_flight.push_back(InFlight {
+                    position: record.position,
+                    acked: false,
+                });
+                self.acked(record.position).await;
+                continue;
+            }
             if self.publisher.publish(topic, kind, false, payload).is_err() {
                 return Some(now + RETRY_DELAY);
             }

@@ -54,7 +54,7 @@ use crate::mqtt::{SessionConfig, StatusPayloads};
 use crate::outbox::Outbox;
 use crate::report::Reporter;
 use crate::sequence::SequenceFile;
-use crate::settings::ConfigApplier;
+use crate::settings::{ConfigApplier, LiveSettings};
 use crate::stats::SharedStats;
 use crate::system::SystemSampler;
 use crate::update::store::BundleStore;
@@ -75,6 +75,11 @@ pub fn unix_millis() -> u64 {
 /// status before returning. Telemetry the broker has not acknowledged by then stays in
 /// the outbox for the next start.
 pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
+    // Checked before any bundle loads, so that a mistyped device stops the agent instead
+    // of failing the installed bundle's start-up, which would roll back its update.
+    if std::env::var_os(fleet_train::CANDLE_DEVICE_VARIABLE).is_some() {
+        fleet_train::inference_device().map_err(anyhow::Error::msg)?;
+    }
     let key = PublicKey::read(&config.public_key)
         .with_context(|| format!("failed to read public key {}", config.public_key.display()))?;
     let outbox_dir = config.state_dir.join("outbox");
@@ -124,20 +129,21 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
         device_id = %config.device_id,
         model = %model_ref.name,
         version = %model_ref.version,
+        backend = slot.current().backend_name(),
         samples = indices.len(),
-        broker = %format!("{}:{}", config.broker_host, config.broker_port),
+        broker = %config.broker,
         "agent starting"
     );
     let (config_applier, settings) = ConfigApplier::open(&config, events.clone())?;
     let fallback_counters = Arc::new(api::FallbackCounters::default());
-    let api = start_api(&config, &slot, fallback_counters.clone()).await?;
+    let api = start_api(&config, &slot, fallback_counters.clone(), settings.clone()).await?;
 
     let (publisher, eventloop) = mqtt::connect(&config)?;
     let status_topic = topic::device_topic(&config.device_id, topic::TopicKind::Status);
     let (status_tx, status_rx) = watch::channel(StatusPayloads::new(&config, &model_ref)?);
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let session_config = SessionConfig {
-        broker: format!("{}:{}", config.broker_host, config.broker_port),
+        broker: config.broker.to_string(),
         status_topic: status_topic.clone(),
         status: status_rx,
         command_topic: topic::device_topic(&config.device_id, topic::TopicKind::Command),
@@ -160,6 +166,7 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
             events_topic: topic::device_topic(&config.device_id, topic::TopicKind::Events),
             settings: settings.clone(),
             window: FORWARD_WINDOW,
+            max_packet_bytes: config.max_packet_bytes,
         },
         session_events_rx,
         appended.clone(),
@@ -299,7 +306,7 @@ fn dispatch_commands(
     config: ConfigApplier,
 ) {
     while let Some(payload) = commands.blocking_recv() {
-        match fleet_wire::decode::<fleet_wire::Command>(&payload) {
+        match fleet_wire::decode_command(&payload) {
             Ok(fleet_wire::Command::InstallBundle(install)) => {
                 if installs.send(install).is_err() {
                     tracing::error!("updater thread stopped; install command dropped");
@@ -425,6 +432,7 @@ async fn start_api(
     config: &DeviceConfig,
     slot: &ModelSlot,
     fallback_counters: Arc<api::FallbackCounters>,
+    settings: watch::Receiver<LiveSettings>,
 ) -> anyhow::Result<Option<RunningApi>> {
     let Some(address) = config.api_listen else {
         return Ok(None);
@@ -453,13 +461,14 @@ async fn start_api(
         tracing::info!(
             server = %server,
             model = policy.model.as_deref().unwrap_or("the local model"),
-            threshold = policy.threshold,
+            threshold = settings.borrow().fallback_threshold,
             max_local_queue = policy.max_local_queue,
             latency_slo_ms = policy.latency_slo.map(|slo| slo.as_millis() as u64),
             timeout_ms = policy.timeout.as_millis() as u64,
             "inference API cloud fallback on"
         );
-        let fallback = api::Fallback::new(server.clone(), token, policy, fallback_counters);
+        let fallback = api::Fallback::new(server.clone(), token, policy, fallback_counters)
+            .with_settings(settings);
         state = state.with_fallback(fallback);
     }
     let (stop, stopped) = oneshot::channel::<()>();

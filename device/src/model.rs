@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use fleet_bundle::{Bundle, Postprocessing, Preprocessing, TensorSpec};
-use fleet_runtime::{Backend, RuntimeError, Tensor, TractBackend, softmax};
+use fleet_runtime::{Backend, RuntimeError, Tensor, softmax};
 
 /// Description of the model and its input, readable without the lock.
 #[derive(Debug, Clone)]
@@ -72,16 +72,11 @@ impl std::fmt::Debug for SharedModel {
 }
 
 impl SharedModel {
-    /// Loads the bundle's ONNX model with tract, for one sample per run or for the
-    /// model's own batch size when its input declares a fixed one.
+    /// Loads the bundle's model, with tract for ONNX and candle for safetensors, for one
+    /// sample per run or for the model's own batch size when its input declares a fixed
+    /// one.
     pub fn load(bundle: &Bundle) -> Result<SharedModel, RuntimeError> {
         let manifest = &bundle.manifest;
-        if manifest.model.format != "onnx" {
-            return Err(RuntimeError::Unsupported(format!(
-                "model format {:?}, expected \"onnx\"",
-                manifest.model.format
-            )));
-        }
         let (Some(input), Some(output)) = (manifest.inputs.first(), manifest.outputs.first())
         else {
             return Err(RuntimeError::Unsupported(
@@ -95,7 +90,11 @@ impl SharedModel {
         };
         let shape = [batch, channels, height, width];
         check_declared_input(input, &shape)?;
-        let backend = TractBackend::load_onnx(&bundle.path_of(&manifest.model.path), &shape)?;
+        let backend = fleet_train::load_backend(
+            &manifest.model.format,
+            &bundle.path_of(&manifest.model.path),
+            &shape,
+        )?;
         let info = ModelInfo {
             name: manifest.name.clone(),
             version: manifest.version.clone(),
@@ -107,8 +106,16 @@ impl SharedModel {
         };
         Ok(SharedModel {
             info: Arc::new(info),
-            backend: Arc::new(Mutex::new(Box::new(backend))),
+            backend: Arc::new(Mutex::new(backend)),
         })
+    }
+
+    /// Returns the name of the backend running the model, `tract` or `candle`.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .name()
     }
 
     /// Returns the model's description.

@@ -1,6 +1,6 @@
 //! The MQTT session: connects with a last will, keeps reconnecting with backoff,
-//! publishes the retained online status and subscribes to the device's command topic
-//! after every connection, hands commands to the updater, and traces each PUBACK back to
+//! subscribes to the device's command topic after every connection and then publishes
+//! the retained online status, hands commands to the updater, and traces each PUBACK back to
 //! the outbox record it acknowledges.
 //!
 //! rumqttc reports a publish only by its packet id, which the event loop assigns when it
@@ -12,11 +12,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use fleet_wire::{DeviceState, ModelRef, Status, topic};
 use rumqttc::{
-    AsyncClient, ClientError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    AsyncClient, ClientError, Event, EventLoop, LastWill, Outgoing, Packet, QoS,
+    SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -27,6 +29,8 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 /// First and largest wait between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// How long a connection must last before a failure starts the backoff from its minimum.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// Requests the client buffers while the event loop is busy or disconnected.
 const REQUEST_CAPACITY: usize = 256;
 /// How long a clean shutdown waits for the offline status and the disconnect to go out.
@@ -34,19 +38,17 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the client and its event loop; nothing connects until the loop is polled.
 pub fn connect(config: &DeviceConfig) -> anyhow::Result<(Publisher, EventLoop)> {
-    let mut options = MqttOptions::new(
+    let mut options = fleet_mqtt::options(
         format!("fleet-device-{}", config.device_id),
-        config.broker_host.clone(),
-        config.broker_port,
-    );
+        &config.broker,
+        &config.broker_tls,
+    )
+    .with_context(|| format!("invalid TLS settings for broker {}", config.broker))?;
     options.set_keep_alive(KEEPALIVE);
     if let Some(credentials) = &config.credentials {
         options.set_credentials(credentials.username.clone(), credentials.password.clone());
     }
-    options.set_max_packet_size(
-        fleet_wire::MAX_PAYLOAD_BYTES + 1024,
-        fleet_wire::MAX_PAYLOAD_BYTES + 1024,
-    );
+    options.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
     let will = status_payload(config, None, DeviceState::Offline)?;
     options.set_last_will(LastWill::new(
         topic::device_topic(&config.device_id, topic::TopicKind::Status),
@@ -230,6 +232,7 @@ pub async fn drive(
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u64;
+    let mut connected_at: Option<Instant> = None;
     loop {
         let event = tokio::select! {
             event = eventloop.poll() => event,
@@ -238,21 +241,28 @@ pub async fn drive(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 tracing::info!(code = ?ack.code, after_failures = failures, "connected to broker");
-                backoff = BACKOFF_MIN;
-                failures = 0;
+                connected_at = Some(Instant::now());
                 let _ = events.send(SessionEvent::Connected);
-                let online = session.status.borrow().online.clone();
-                if let Err(error) =
-                    publisher.publish(&session.status_topic, PublishKind::Status, true, online)
-                {
-                    tracing::warn!(%error, "online status not queued");
-                }
+                // The server repeats missed commands as soon as it sees the online
+                // status, and a clean session holds no subscription yet, so the status
+                // waits for the broker to confirm the command subscription.
                 if let Err(error) = publisher
                     .client
                     .try_subscribe(&session.command_topic, QoS::AtLeastOnce)
                 {
                     tracing::warn!(%error, topic = %session.command_topic, "command subscription not queued");
+                    publish_online(&publisher, &session);
                 }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|code| matches!(code, SubscribeReasonCode::Failure))
+                {
+                    tracing::warn!(topic = %session.command_topic, "broker rejected the command subscription, so no commands will arrive");
+                }
+                publish_online(&publisher, &session);
             }
             Ok(Event::Incoming(Packet::Publish(message))) => {
                 if message.topic == session.command_topic {
@@ -265,11 +275,26 @@ pub async fn drive(
             Err(error) => {
                 publisher.discard_unacknowledged(&mut eventloop);
                 let _ = events.send(SessionEvent::Disconnected);
+                // Only a connection that lasted resets the backoff: a broker that accepts
+                // and then closes at once (a packet over its size limit, a second client
+                // with the same id, an ACL rule) would otherwise be retried every 250 ms.
+                let lasted = connected_at.take().map(|at| at.elapsed());
+                if lasted.is_some_and(|lasted| lasted >= STABLE_CONNECTION) {
+                    backoff = BACKOFF_MIN;
+                    failures = 0;
+                }
                 failures += 1;
                 // Log the first failures and then every tenth, so a long outage does not
                 // flood the log.
                 if failures <= 3 || failures.is_multiple_of(10) {
-                    tracing::warn!(%error, broker = %session.broker, failures, retry_in_ms = backoff.as_millis() as u64, "broker connection failed, retrying");
+                    match lasted.filter(|&lasted| lasted < STABLE_CONNECTION) {
+                        Some(lasted) => {
+                            tracing::warn!(%error, broker = %session.broker, failures, connected_ms = lasted.as_millis() as u64, retry_in_ms = backoff.as_millis() as u64, "broker closed the connection soon after accepting it, retrying; check the broker's maximum packet size against --max-packet-bytes and that no other client uses this device id")
+                        }
+                        None => {
+                            tracing::warn!(%error, broker = %session.broker, failures, retry_in_ms = backoff.as_millis() as u64, "broker connection failed, retrying")
+                        }
+                    }
                 }
                 let wait = jittered(backoff);
                 tokio::select! {
@@ -281,6 +306,29 @@ pub async fn drive(
         }
     }
     flush_and_disconnect(&mut eventloop, &publisher, &session, &events).await;
+}
+
+/// Returns the size in bytes of an MQTT 3.1.1 QoS 1 PUBLISH packet, headers included,
+/// as rumqttc measures it against the maximum packet size.
+pub fn publish_packet_size(topic: &str, payload_len: usize) -> usize {
+    // Topic with its 2-byte length, then the 2-byte packet id, then the payload.
+    let remaining = 2 + topic.len() + 2 + payload_len;
+    let length_bytes = match remaining {
+        0..128 => 1,
+        128..16_384 => 2,
+        16_384..2_097_152 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + remaining
+}
+
+/// Queues the retained online status of the model in use.
+fn publish_online(publisher: &Publisher, session: &SessionConfig) {
+    let online = session.status.borrow().online.clone();
+    if let Err(error) = publisher.publish(&session.status_topic, PublishKind::Status, true, online)
+    {
+        tracing::warn!(%error, "online status not queued");
+    }
 }
 
 /// Pairs sent publishes with packet ids and reports telemetry acknowledgements.
@@ -338,4 +386,25 @@ fn jittered(base: Duration) -> Duration {
         .map_or(0, |d| d.subsec_nanos());
     let factor = 0.5 + f64::from(nanos % 1000) / 1000.0;
     base.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_size_matches_rumqttc() {
+        let topic = "fleet/v1/pi-07/telemetry";
+        for payload_len in [0, 1, 90, 100, 16_350, 16_400, 70_000, 2_100_000] {
+            let mut publish =
+                rumqttc::Publish::new(topic, QoS::AtLeastOnce, vec![0u8; payload_len]);
+            // The event loop assigns the packet id before it checks the size.
+            publish.pkid = 1;
+            assert_eq!(
+                publish_packet_size(topic, payload_len),
+                publish.size(),
+                "payload of {payload_len} bytes"
+            );
+        }
+    }
 }

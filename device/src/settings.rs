@@ -30,6 +30,9 @@ pub struct LiveSettings {
     /// when it was lower.
     pub drain_rate: f64,
     pub commit_timeout: Duration,
+    /// Top-1 confidence under which the local inference API asks the cloud; `None` sends
+    /// no request to the cloud for low confidence.
+    pub fallback_threshold: Option<f32>,
 }
 
 impl LiveSettings {
@@ -66,6 +69,7 @@ impl LiveSettings {
             commit_timeout: remote
                 .commit_timeout_seconds
                 .map_or(config.commit_timeout, Duration::from_secs_f64),
+            fallback_threshold: remote.fallback_threshold.or(config.fallback.threshold),
         }
     }
 
@@ -73,9 +77,12 @@ impl LiveSettings {
         let rate = self
             .rate
             .map_or("unthrottled".to_string(), |rate| format!("{rate}/s"));
+        let fallback = self
+            .fallback_threshold
+            .map_or("off".to_string(), |threshold| threshold.to_string());
         format!(
             "confidence_threshold {}, interval {} s, rate {rate}, drain_rate {}/s, \
-             commit_timeout {} s",
+             commit_timeout {} s, fallback_threshold {fallback}",
             self.confidence_threshold,
             self.interval.as_secs_f64(),
             self.drain_rate,

@@ -22,6 +22,7 @@ use common::{ApiServer, Reference, digit_bundle};
 use fleet_device::api::breaker::BreakerState;
 use fleet_device::api::{ApiState, Fallback, FallbackCounters, FallbackPolicy};
 use fleet_device::model::{SharedModel, top1};
+use fleet_device::settings::LiveSettings;
 
 const TOKEN: &str = "device-secret";
 /// Model the stand-in cloud returns 404 for.
@@ -356,4 +357,54 @@ fn invalid_request_is_not_forwarded() {
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert_eq!(cloud.requests(), 0);
     assert_eq!(counters.snapshot().overloaded, 0);
+}
+
+#[test]
+fn remote_threshold_applies_to_next_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model(&dir);
+    let reference = Reference::load();
+    let confidences = confidences(&model, &reference);
+    let (unsure, lowest) = confidences
+        .iter()
+        .copied()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let cloud = Cloud::start();
+    // No threshold among the flags: low confidence alone sends nothing to the cloud.
+    let (settings, settings_rx) = tokio::sync::watch::channel(LiveSettings {
+        confidence_threshold: 0.5,
+        interval: Duration::from_secs(5),
+        rate: None,
+        drain_rate: 10.0,
+        commit_timeout: Duration::from_secs(60),
+        fallback_threshold: None,
+    });
+    let counters = Arc::new(FallbackCounters::default());
+    let fallback = Fallback::new(
+        cloud.url(),
+        Some(TOKEN.into()),
+        FallbackPolicy::default(),
+        counters.clone(),
+    )
+    .with_settings(settings_rx);
+    let server = ApiServer::start_with(ApiState::new(model).with_fallback(fallback));
+    let body = sample_body(&reference, unsure);
+
+    let answer = infer(&server, &body);
+    assert_eq!(answer.source.as_deref(), Some("local"), "{}", answer.body);
+    assert_eq!(cloud.requests(), 0);
+
+    settings.send_modify(|settings| settings.fallback_threshold = Some(lowest + 0.01));
+    let answer = infer(&server, &body);
+    assert_eq!(answer.source.as_deref(), Some("cloud"), "{}", answer.body);
+    assert_eq!(answer.reason.as_deref(), Some("low_confidence"));
+    assert_eq!(cloud.requests(), 1);
+
+    settings.send_modify(|settings| settings.fallback_threshold = Some(0.0));
+    let answer = infer(&server, &body);
+    assert_eq!(answer.source.as_deref(), Some("local"), "{}", answer.body);
+    assert_eq!(cloud.requests(), 1);
+    assert_eq!(counters.snapshot().low_confidence, 1);
 }

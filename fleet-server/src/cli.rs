@@ -67,9 +67,21 @@ pub struct ServerArgs {
     /// Address for the HTTP API and web console.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
-    /// Use an existing MQTT broker, as mqtt://HOST:PORT, instead of the embedded one.
+    /// Use an existing MQTT broker instead of the embedded one, as mqtt://HOST:PORT, or
+    /// mqtts://HOST:PORT for TLS.
     #[arg(long)]
     pub broker: Option<String>,
+    /// PEM file with the CA certificates an mqtts:// broker's certificate must chain to
+    /// [default: the operating system's trust store].
+    #[arg(long, requires = "broker")]
+    pub broker_ca: Option<PathBuf>,
+    /// PEM client certificate for an mqtts:// broker that requires one; needs
+    /// --broker-client-key.
+    #[arg(long, requires = "broker_client_key")]
+    pub broker_client_cert: Option<PathBuf>,
+    /// PEM private key of --broker-client-cert.
+    #[arg(long, requires = "broker_client_cert")]
+    pub broker_client_key: Option<PathBuf>,
     /// Address the embedded broker listens on when --broker is not given.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt_listen: SocketAddr,
@@ -156,12 +168,14 @@ impl ServerArgs {
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
         let broker = match &self.broker {
             Some(url) => {
-                let (host, port) = fleet_wire::parse_broker_url(url)
-                    .map_err(anyhow::Error::msg)
-                    .context("invalid --broker")?;
+                let url = fleet_mqtt::BrokerUrl::parse(url).context("invalid --broker")?;
                 BrokerMode::External {
-                    host,
-                    port,
+                    url,
+                    tls: fleet_mqtt::TlsFiles {
+                        ca: self.broker_ca.clone(),
+                        client_cert: self.broker_client_cert.clone(),
+                        client_key: self.broker_client_key.clone(),
+                    },
                     connections: self.ingest_connections,
                 }
             }

@@ -30,10 +30,12 @@ const RECONNECT_DELAY_MIN: Duration = Duration::from_secs(1);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
 
 /// Address of the broker the ingester subscribes to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BrokerAddress {
     pub host: String,
     pub port: u16,
+    /// TCP, or TLS with its certificates already loaded.
+    pub transport: rumqttc::Transport,
 }
 
 /// Session settings of the ingester on the broker.
@@ -95,6 +97,7 @@ pub fn spawn(
             _ => format!("{}-{index}", ingest.client_id),
         };
         let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+        options.set_transport(broker.transport.clone());
         options.set_keep_alive(Duration::from_secs(15));
         options.set_manual_acks(true);
         options.set_clean_session(ingest.clean_session);

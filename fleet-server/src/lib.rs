@@ -43,8 +43,9 @@ pub enum BrokerMode {
     /// Subscribe to an existing broker over `connections` connections (see
     /// [`DEFAULT_INGEST_CONNECTIONS`]).
     External {
-        host: String,
-        port: u16,
+        url: fleet_mqtt::BrokerUrl,
+        /// CA and client certificate files for an `mqtts://` URL.
+        tls: fleet_mqtt::TlsFiles,
         connections: usize,
     },
 }
@@ -170,21 +171,24 @@ impl Server {
                 let internal = ingest::BrokerAddress {
                     host: embedded.internal.ip().to_string(),
                     port: embedded.internal.port(),
+                    transport: rumqttc::Transport::Tcp,
                 };
                 // rumqttd is configured with a window of 500 messages per
                 // connection, so one connection is enough.
                 (internal, embedded.listen.to_string(), 1)
             }
             BrokerMode::External {
-                host,
-                port,
+                url,
+                tls,
                 connections,
             } => (
                 ingest::BrokerAddress {
-                    host: host.clone(),
-                    port: *port,
+                    host: url.host.clone(),
+                    port: url.port,
+                    transport: fleet_mqtt::transport(url, tls)
+                        .with_context(|| format!("invalid TLS settings for broker {url}"))?,
                 },
-                format!("{host}:{port}"),
+                url.to_string(),
                 *connections,
             ),
         };

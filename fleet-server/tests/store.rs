@@ -1164,6 +1164,7 @@ async fn config_change_replaces_previous_one(backend: Backend) {
             rate: Some(0.0),
             drain_rate: Some(12.5),
             commit_timeout_seconds: Some(900.0),
+            fallback_threshold: Some(0.25),
         },
     );
     store.put_config(&first).await.unwrap();

@@ -537,8 +537,12 @@ async fn start_bench_server(
     settings: &Settings,
 ) -> anyhow::Result<Server> {
     let broker = BrokerMode::External {
-        host: BROKER_HOST.into(),
-        port: BROKER_PORT,
+        url: fleet_mqtt::BrokerUrl {
+            host: BROKER_HOST.into(),
+            port: BROKER_PORT,
+            tls: false,
+        },
+        tls: fleet_mqtt::TlsFiles::default(),
         connections: settings.ingest_connections.max(1),
     };
     let server = support::start_server(broker, &database.location(), client_id).await?;

@@ -120,6 +120,117 @@ pub fn save_checkpoint(
     Ok(())
 }
 
+/// Saves only the model's architecture and parameters to `path`, atomically: the form
+/// a bundle carries for the candle backend. [`load_model`] reads it, and checkpoints too.
+pub fn save_model(path: &Path, model: &Cnn) -> Result<()> {
+    let architecture =
+        serde_json::to_string(model.config()).map_err(|error| TrainError::InvalidCheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("architecture does not serialise: {error}"),
+        })?;
+    let metadata = HashMap::from([
+        (FORMAT_KEY.to_string(), FORMAT_VERSION.to_string()),
+        (ARCHITECTURE_KEY.to_string(), architecture),
+    ]);
+    let tensors: Vec<(String, Tensor)> = model
+        .tensors()
+        .into_iter()
+        .map(|(name, tensor)| (format!("{MODEL_PREFIX}{name}"), tensor))
+        .collect();
+    let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(|error| {
+        TrainError::InvalidCheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("tensors do not serialise: {error}"),
+        }
+    })?;
+    write_atomically(path, &bytes)
+}
+
+/// Loads the model of a file written by [`save_model`] or [`save_checkpoint`] onto
+/// `device`, ignoring any optimizer state.
+pub fn load_model(path: &Path, device: &candle_core::Device) -> Result<Cnn> {
+    let file = ModelFile::read(path)?;
+    let architecture = file.architecture()?;
+    Cnn::from_tensors(architecture, &file.model_tensors(), device).map_err(|error| {
+        TrainError::InvalidCheckpoint {
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        }
+    })
+}
+
+/// A safetensors file written by this crate: its metadata and tensors, on the CPU.
+struct ModelFile {
+    path: PathBuf,
+    metadata: HashMap<String, String>,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl ModelFile {
+    fn read(path: &Path) -> Result<ModelFile> {
+        let bytes = fs::read(path).map_err(|source| TrainError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |reason: String| TrainError::InvalidCheckpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|error| invalid(format!("not a safetensors file: {error}")))?;
+        let metadata = header.metadata().clone().unwrap_or_default();
+        let file = ModelFile {
+            path: path.to_path_buf(),
+            metadata,
+            tensors: HashMap::new(),
+        };
+        let format = file.field(FORMAT_KEY)?;
+        if format != FORMAT_VERSION {
+            return Err(invalid(format!(
+                "format version {format}, this build reads {FORMAT_VERSION}"
+            )));
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+            .map_err(|error| invalid(format!("tensors do not load: {error}")))?;
+        Ok(ModelFile { tensors, ..file })
+    }
+
+    fn invalid(&self, reason: String) -> TrainError {
+        TrainError::InvalidCheckpoint {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    fn field(&self, key: &str) -> Result<&str> {
+        self.metadata.get(key).map(String::as_str).ok_or_else(|| {
+            self.invalid(format!(
+                "metadata has no {key}; it was not written by fleet-train"
+            ))
+        })
+    }
+
+    fn architecture(&self) -> Result<CnnConfig> {
+        serde_json::from_str(self.field(ARCHITECTURE_KEY)?)
+            .map_err(|error| self.invalid(format!("architecture does not parse: {error}")))
+    }
+
+    fn model_tensors(&self) -> HashMap<String, Tensor> {
+        model_tensors(&self.tensors)
+    }
+}
+
+/// Returns the model's parameters among `tensors`, without their name prefix.
+fn model_tensors(tensors: &HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    tensors
+        .iter()
+        .filter_map(|(name, tensor)| {
+            let name = name.strip_prefix(MODEL_PREFIX)?;
+            Some((name.to_string(), tensor.clone()))
+        })
+        .collect()
+}
+
 /// A checkpoint read from disk, before it is applied to a model.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -132,41 +243,15 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Reads a checkpoint and its metadata; tensors are loaded on the CPU.
     pub fn read(path: &Path) -> Result<Checkpoint> {
-        let invalid = |reason: String| TrainError::InvalidCheckpoint {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let bytes = fs::read(path).map_err(|source| TrainError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|error| invalid(format!("not a safetensors file: {error}")))?;
-        let metadata = header.metadata().clone().unwrap_or_default();
-        let field = |key: &str| {
-            metadata.get(key).ok_or_else(|| {
-                invalid(format!(
-                    "metadata has no {key}; it was not written by fleet-train"
-                ))
-            })
-        };
-        let format = field(FORMAT_KEY)?;
-        if format != FORMAT_VERSION {
-            return Err(invalid(format!(
-                "format version {format}, this build reads {FORMAT_VERSION}"
-            )));
-        }
-        let architecture: CnnConfig = serde_json::from_str(field(ARCHITECTURE_KEY)?)
-            .map_err(|error| invalid(format!("architecture does not parse: {error}")))?;
-        let state: TrainingState = serde_json::from_str(field(STATE_KEY)?)
-            .map_err(|error| invalid(format!("training state does not parse: {error}")))?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-            .map_err(|error| invalid(format!("tensors do not load: {error}")))?;
+        let file = ModelFile::read(path)?;
+        let architecture = file.architecture()?;
+        let state: TrainingState = serde_json::from_str(file.field(STATE_KEY)?)
+            .map_err(|error| file.invalid(format!("training state does not parse: {error}")))?;
         Ok(Checkpoint {
-            path: path.to_path_buf(),
+            path: file.path,
             architecture,
             state,
-            tensors,
+            tensors: file.tensors,
         })
     }
 
@@ -196,12 +281,6 @@ impl Checkpoint {
     }
 
     fn model_tensors(&self) -> HashMap<String, Tensor> {
-        self.tensors
-            .iter()
-            .filter_map(|(name, tensor)| {
-                let name = name.strip_prefix(MODEL_PREFIX)?;
-                Some((name.to_string(), tensor.clone()))
-            })
-            .collect()
+        model_tensors(&self.tensors)
     }
 }

@@ -12,6 +12,10 @@
 //!   label smoothing, saves a checkpoint per epoch and writes a JSON-lines log.
 //! - [`export_and_verify`] writes the result as ONNX and checks tract against candle.
 //!
+//! Trained models also run on devices: [`save_model`] writes the safetensors model file
+//! a bundle carries, and [`load_backend`] loads a bundle's model with the backend its
+//! format needs, [`CandleBackend`] for that file and tract for ONNX.
+//!
 //! ```no_run
 //! use std::path::Path;
 //! use fleet_train::{CnnConfig, ImageSet, ImageShape, RunOptions, TeacherLogits, TrainConfig};
@@ -48,6 +52,7 @@
 
 mod atomic;
 mod augment;
+mod backend;
 mod checkpoint;
 mod data;
 mod device;
@@ -69,8 +74,13 @@ pub use candle_core::Device;
 
 pub use atomic::write_atomically;
 pub use augment::{Augmentation, DigitAugmentation, PhotoAugmentation, TrainRng};
+pub use backend::{
+    CANDLE_DEVICE_VARIABLE, CandleBackend, ONNX_FORMAT, SAFETENSORS_FORMAT, inference_device,
+    load_backend,
+};
 pub use checkpoint::{
-    Checkpoint, TrainingState, checkpoint_path, latest_checkpoint, save_checkpoint,
+    Checkpoint, TrainingState, checkpoint_path, latest_checkpoint, load_model, save_checkpoint,
+    save_model,
 };
 pub use data::{ImageSet, ImageShape};
 pub use device::{DeviceKind, Precision, select_device};

@@ -179,3 +179,62 @@ fn teacher_logits_are_cached() {
     let (_, outcome) = TeacherLogits::load_or_compute(&digit_cnn(), &data, dir.path(), 16).unwrap();
     assert_eq!(outcome, CacheOutcome::Computed(path));
 }
+
+#[test]
+fn model_file_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = import_onnx(&digit_cnn(), &Device::Cpu).unwrap();
+    let path = dir.path().join("model.safetensors");
+    fleet_train::save_model(&path, &model).unwrap();
+
+    let loaded = fleet_train::load_model(&path, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config(), model.config());
+    let images = mnist_test(8).scaled_batch(&(0..8).collect::<Vec<_>>());
+    assert_eq!(
+        loaded.predict(&images, 8).unwrap(),
+        model.predict(&images, 8).unwrap()
+    );
+
+    // A model file has no training state, so it does not resume a run.
+    let error = fleet_train::Checkpoint::read(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("fleet_train.state"), "{error}");
+}
+
+#[test]
+fn candle_backend_checks_format_and_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = import_onnx(&digit_cnn(), &Device::Cpu).unwrap();
+    let path = dir.path().join("model.safetensors");
+    fleet_train::save_model(&path, &model).unwrap();
+
+    let mut backend = fleet_train::load_backend("safetensors", &path, &[2, 1, 28, 28]).unwrap();
+    assert_eq!(backend.name(), "candle");
+    let output = backend
+        .run(fleet_runtime::Tensor::new(vec![2, 1, 28, 28], vec![0.5; 2 * 28 * 28]).unwrap())
+        .unwrap();
+    assert_eq!(output.shape, vec![2, 10]);
+    let wrong_input = fleet_runtime::Tensor::new(vec![1, 1, 28, 28], vec![0.5; 28 * 28]).unwrap();
+    assert!(
+        backend.run(wrong_input).is_err(),
+        "a batch of the wrong size"
+    );
+
+    let error = fleet_train::load_backend("safetensors", &path, &[1, 3, 28, 28])
+        .err()
+        .expect("three channels for a grayscale model")
+        .to_string();
+    assert!(error.contains("[1, 3, 28, 28]"), "{error}");
+    let error = fleet_train::load_backend("pytorch", &path, &[1, 1, 28, 28])
+        .err()
+        .expect("unknown format")
+        .to_string();
+    assert!(error.contains("\"pytorch\""), "{error}");
+    assert!(error.contains("safetensors"), "{error}");
+    let error = fleet_train::load_backend("safetensors", &digit_cnn(), &[1, 1, 28, 28])
+        .err()
+        .expect("an ONNX file is not a model file")
+        .to_string();
+    assert!(error.contains("digit-cnn.onnx"), "{error}");
+}

@@ -83,6 +83,19 @@ impl Classifier {
 
     /// Loads an ONNX model described by `config`; see [`Classifier::load`].
     pub fn new(config: ClassifierConfig, batch_size: usize) -> Result<Classifier, RuntimeError> {
+        Classifier::with_backend(config, batch_size, |path, shape| {
+            Ok(Box::new(TractBackend::load_onnx(path, shape)?))
+        })
+    }
+
+    /// Loads the model described by `config` with `load`, which receives the model path
+    /// and the input shape (batch first) the backend must be prepared for. The batch is
+    /// `batch_size`, or the model's own when its input declares a fixed one.
+    pub fn with_backend(
+        config: ClassifierConfig,
+        batch_size: usize,
+        load: impl FnOnce(&std::path::Path, &[usize]) -> Result<Box<dyn Backend>, RuntimeError>,
+    ) -> Result<Classifier, RuntimeError> {
         let batch_size = match config.inputs.first().and_then(|input| input.shape.first()) {
             Some(&fixed) if fixed > 0 => fixed as usize,
             _ => batch_size.max(1),
@@ -90,9 +103,9 @@ impl Classifier {
         let (channels, height, width) = config.preprocessing.sample_shape();
         let input_shape = [batch_size, channels, height, width];
         check_declared_input(&config.inputs, &input_shape)?;
-        let backend = TractBackend::load_onnx(&config.model, &input_shape)?;
+        let backend = load(&config.model, &input_shape)?;
         Ok(Classifier {
-            backend: Box::new(backend),
+            backend,
             preprocessing: config.preprocessing,
             postprocessing: config.postprocessing,
             labels: config.labels,

@@ -30,7 +30,7 @@ pub use dataset::{Dataset, Sample, SampleData};
 pub use preprocess::preprocess;
 pub use self_test::{
     SELF_TEST_INPUTS, SELF_TEST_OUTPUTS, SelfTestError, SelfTestReport, check_self_test,
-    run_self_test, self_test_entry, write_f32,
+    relative_differences, run_self_test, run_self_test_with, self_test_entry, write_f32,
 };
 pub use tract_backend::TractBackend;
 

@@ -96,18 +96,14 @@ pub fn check_self_test(
                 expected.len()
             )));
         }
-        let scale = expected
-            .iter()
-            .fold(1.0f32, |max, value| max.max(value.abs()));
-        for (element, (&found, &expected)) in found.iter().zip(expected).enumerate() {
-            let difference = (found - expected).abs() / scale;
+        for (element, difference) in relative_differences(expected, &found).enumerate() {
             // A NaN output fails too.
             if difference.is_nan() || difference > test.tolerance {
                 return Err(SelfTestError::Mismatch {
                     sample,
                     element,
-                    found,
-                    expected,
+                    found: found[element],
+                    expected: expected[element],
                     difference,
                     tolerance: test.tolerance,
                 });
@@ -130,9 +126,35 @@ pub fn check_self_test(
     })
 }
 
-/// Loads the bundle's model with tract, one sample per run (padded to the model's batch
-/// when its input declares a fixed one), and runs the bundle's self-test.
+/// Returns each element's difference from `expected`, relative to the largest expected
+/// magnitude (at least 1): the measure the self-test compares with its tolerance.
+pub fn relative_differences<'a>(
+    expected: &'a [f32],
+    found: &'a [f32],
+) -> impl Iterator<Item = f32> + 'a {
+    let scale = expected
+        .iter()
+        .fold(1.0f32, |max, value| max.max(value.abs()));
+    found
+        .iter()
+        .zip(expected)
+        .map(move |(found, expected)| (found - expected).abs() / scale)
+}
+
+/// Loads the bundle's ONNX model with tract, one sample per run (padded to the model's
+/// batch when its input declares a fixed one), and runs the bundle's self-test.
 pub fn run_self_test(bundle: &Bundle) -> Result<SelfTestReport, SelfTestError> {
+    run_self_test_with(bundle, |path, shape| {
+        Ok(Box::new(TractBackend::load_onnx(path, shape)?))
+    })
+}
+
+/// Runs the bundle's self-test as [`run_self_test`] does, on the backend `load` returns
+/// for the model path and input shape (batch first).
+pub fn run_self_test_with(
+    bundle: &Bundle,
+    load: impl FnOnce(&Path, &[usize]) -> Result<Box<dyn Backend>, RuntimeError>,
+) -> Result<SelfTestReport, SelfTestError> {
     let manifest = &bundle.manifest;
     let (channels, height, width) = manifest.preprocessing.sample_shape();
     let batch = match manifest
@@ -144,7 +166,7 @@ pub fn run_self_test(bundle: &Bundle) -> Result<SelfTestReport, SelfTestError> {
         _ => 1,
     };
     let shape = vec![batch, channels, height, width];
-    let mut backend = TractBackend::load_onnx(&bundle.path_of(&manifest.model.path), &shape)?;
+    let mut backend = load(&bundle.path_of(&manifest.model.path), &shape)?;
     check_self_test(bundle, |input| {
         let mut padded = input.to_vec();
         padded.resize(shape.iter().product(), 0.0);

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{WireError, decode};
+
 /// Server-to-device command, published at QoS 1 on `fleet/v1/{device}/cmd`.
 ///
 /// Postcard encodes the variant by index, so new commands are added at the end. JSON
@@ -45,6 +47,10 @@ pub struct RemoteConfig {
     /// Seconds an update may wait for the commit, 1 to 86400.
     #[serde(default)]
     pub commit_timeout_seconds: Option<f64>,
+    /// Top-1 confidence under which the local inference API sends a request to the cloud,
+    /// 0 to 1. Appended last: see [`decode_command`] for older servers.
+    #[serde(default)]
+    pub fallback_threshold: Option<f32>,
 }
 
 /// Slowest inference rate a device accepts, one per 100 s; slower rates are almost
@@ -96,7 +102,35 @@ impl RemoteConfig {
             1.0,
             86_400.0,
             false,
+        )?;
+        within(
+            "fallback_threshold",
+            self.fallback_threshold.map(f64::from),
+            0.0,
+            1.0,
+            false,
         )
+    }
+}
+
+/// Decodes a command from a fleet server of any version.
+///
+/// postcard ignores trailing bytes, so older agents read newer servers' commands and skip
+/// fields appended since. A `SetConfig` body from a server older than
+/// `fallback_threshold` ends before that field, and is decoded again with `None`
+/// appended, which postcard writes as one zero byte.
+pub fn decode_command(payload: &[u8]) -> Result<Command, WireError> {
+    match decode::<Command>(payload) {
+        Err(WireError::Postcard(error)) => {
+            let mut body = payload[1..].to_vec();
+            body.push(0);
+            match postcard::take_from_bytes::<Command>(&body) {
+                Ok((command @ Command::SetConfig(_), [])) => Ok(command),
+                // The error of the current layout is the one worth reporting.
+                _ => Err(WireError::Postcard(error)),
+            }
+        }
+        other => other,
     }
 }
 
@@ -279,6 +313,7 @@ mod tests {
             rate: Some(0.0),
             drain_rate: Some(5.0),
             commit_timeout_seconds: None,
+            fallback_threshold: Some(0.4),
         };
         assert_eq!(valid.validate(), Ok(()));
         let cases = [
@@ -324,6 +359,13 @@ mod tests {
                 },
                 "commit_timeout_seconds",
             ),
+            (
+                RemoteConfig {
+                    fallback_threshold: Some(-0.1),
+                    ..valid.clone()
+                },
+                "fallback_threshold",
+            ),
         ];
         for (config, field) in cases {
             let error = config.validate().unwrap_err();
@@ -342,6 +384,56 @@ mod tests {
             let bytes = encode(&command, encoding).unwrap();
             assert_eq!(decode::<Command>(&bytes).unwrap(), command);
         }
+    }
+
+    #[test]
+    fn set_config_from_older_server_decodes() {
+        /// `RemoteConfig` as servers before `fallback_threshold` sent it.
+        #[derive(Serialize)]
+        struct OlderRemoteConfig {
+            change_id: String,
+            confidence_threshold: Option<f32>,
+            interval_seconds: Option<f64>,
+            rate: Option<f64>,
+            drain_rate: Option<f64>,
+            commit_timeout_seconds: Option<f64>,
+        }
+        #[derive(Serialize)]
+        enum OlderCommand {
+            #[allow(dead_code)]
+            InstallBundle(InstallBundle),
+            SetConfig(OlderRemoteConfig),
+        }
+        let older = OlderCommand::SetConfig(OlderRemoteConfig {
+            change_id: "c-3".into(),
+            confidence_threshold: Some(0.6),
+            interval_seconds: None,
+            rate: Some(2.0),
+            drain_rate: None,
+            commit_timeout_seconds: Some(30.0),
+        });
+        let bytes = encode(&older, Encoding::Postcard).unwrap();
+        assert!(
+            decode::<Command>(&bytes).is_err(),
+            "the current layout needs the field"
+        );
+        let expected = Command::SetConfig(RemoteConfig {
+            change_id: "c-3".into(),
+            confidence_threshold: Some(0.6),
+            rate: Some(2.0),
+            commit_timeout_seconds: Some(30.0),
+            ..RemoteConfig::default()
+        });
+        assert_eq!(decode_command(&bytes).unwrap(), expected);
+
+        let current = Command::SetConfig(RemoteConfig {
+            fallback_threshold: Some(0.3),
+            ..RemoteConfig::default()
+        });
+        let bytes = encode(&current, Encoding::Postcard).unwrap();
+        assert_eq!(decode_command(&bytes).unwrap(), current);
+        let cut = &bytes[..bytes.len() - 3];
+        assert!(decode_command(cut).is_err(), "a body cut inside a value");
     }
 
     #[test]

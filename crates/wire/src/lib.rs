@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use command::{
     Command, ConfigAck, Event, EventKind, InstallBundle, MIN_RATE, RemoteConfig, UpdateEvent,
-    UpdateStage,
+    UpdateStage, decode_command,
 };
 pub use histogram::LatencyHistogram;
 
@@ -247,34 +247,6 @@ impl std::fmt::Debug for MqttCredentials {
     }
 }
 
-/// Parses a broker address given as `mqtt://HOST:PORT`, `tcp://HOST:PORT` or
-/// `HOST:PORT` into host and port.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
-    let address = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url)
-        .trim_end_matches('/');
-    if address.contains("://") {
-        return Err(format!(
-            "invalid broker URL {url:?}: only mqtt:// is supported"
-        ));
-    }
-    let Some((host, port)) = address.rsplit_once(':') else {
-        return Err(format!(
-            "invalid broker URL {url:?}: expected mqtt://HOST:PORT"
-        ));
-    };
-    let port = port
-        .parse()
-        .map_err(|_| format!("invalid port in broker URL {url:?}"))?;
-    let host = host.trim_matches(['[', ']']);
-    if host.is_empty() {
-        return Err(format!("invalid broker URL {url:?}: the host is empty"));
-    }
-    Ok((host.to_string(), port))
-}
-
 /// Encodes a message with its schema prefix.
 pub fn encode<T: Serialize>(message: &T, encoding: Encoding) -> Result<Vec<u8>, WireError> {
     match encoding {
@@ -454,21 +426,6 @@ mod tests {
             decode::<Telemetry>(&oversized),
             Err(WireError::TooLarge { .. })
         ));
-    }
-
-    #[test]
-    fn broker_urls() {
-        let parse = parse_broker_url;
-        assert_eq!(
-            parse("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".into(), 1883)
-        );
-        assert_eq!(parse("localhost:9").unwrap(), ("localhost".into(), 9));
-        assert_eq!(parse("mqtt://[::1]:1883/").unwrap(), ("::1".into(), 1883));
-        assert!(parse("mqtt://nohost").is_err());
-        assert!(parse("http://host:80").is_err());
-        assert!(parse("mqtt://:1883").is_err());
-        assert!(parse("mqtt://host:99999").is_err());
     }
 
     #[test]

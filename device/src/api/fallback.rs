@@ -16,10 +16,12 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use fleet_wire::FallbackCounts;
 use serde_json::{Map, Value};
+use tokio::sync::watch;
 
 use super::breaker::{Breaker, BreakerConfig, BreakerState, Permit};
 use super::infer::{InferResponse, JSON_LENGTH_HEADER};
 use super::{ApiError, LocalRun, MAX_BODY_BYTES};
+use crate::settings::LiveSettings;
 
 /// Response header naming where the inference ran: `local` or `cloud`.
 pub const SOURCE_HEADER: &str = "fleet-inference-source";
@@ -176,6 +178,9 @@ pub struct Fallback {
     local_in_progress: AtomicUsize,
     counters: std::sync::Arc<FallbackCounters>,
     rejections: AtomicU64,
+    /// Settings in use, whose `fallback_threshold` remote configuration may change;
+    /// without them the policy's threshold applies.
+    settings: Option<watch::Receiver<LiveSettings>>,
 }
 
 impl Fallback {
@@ -209,6 +214,22 @@ impl Fallback {
             local_in_progress: AtomicUsize::new(0),
             counters,
             rejections: AtomicU64::new(0),
+            settings: None,
+        }
+    }
+
+    /// Takes the low-confidence threshold from `settings` from now on, so a remote
+    /// configuration change applies to the next request.
+    pub fn with_settings(mut self, settings: watch::Receiver<LiveSettings>) -> Fallback {
+        self.settings = Some(settings);
+        self
+    }
+
+    /// Returns the top-1 confidence under which a request goes to the cloud, if any.
+    fn threshold(&self) -> Option<f32> {
+        match &self.settings {
+            Some(settings) => settings.borrow().fallback_threshold,
+            None => self.policy.threshold,
         }
     }
 
@@ -277,8 +298,7 @@ impl Fallback {
         self.latency.record(started.elapsed(), Instant::now());
 
         let low = self
-            .policy
-            .threshold
+            .threshold()
             .is_some_and(|threshold| answer.lowest_confidence < threshold);
         if low && earlier_failure.is_none() {
             match self.forward(FallbackReason::LowConfidence, &request).await {

@@ -30,6 +30,23 @@ pub struct DigitBundle {
 
 /// Writes the digit-cnn bundle into `dir`, signed with a new key.
 pub fn digit_bundle(dir: &Path) -> DigitBundle {
+    let model = repo().join("models/digit-cnn/digit-cnn.onnx");
+    write_digit_bundle(dir, &model, "digit-cnn.onnx", "onnx")
+}
+
+/// Writes a digit-cnn bundle for candle into `dir`: the ONNX model converted to a
+/// safetensors model file, signed with a new key.
+pub fn candle_digit_bundle(dir: &Path) -> DigitBundle {
+    let onnx = repo().join("models/digit-cnn/digit-cnn.onnx");
+    let model = fleet_train::import_onnx(&onnx, &fleet_train::Device::Cpu).expect("convert");
+    let converted = dir.join("digit-cnn.safetensors");
+    fleet_train::save_model(&converted, &model).expect("write the model file");
+    write_digit_bundle(dir, &converted, "model.safetensors", "safetensors")
+}
+
+/// Writes a digit-cnn bundle of `model` (stored as `model_path`, in `format`) into
+/// `dir/bundle`, signed with a new key.
+fn write_digit_bundle(dir: &Path, model: &Path, model_path: &str, format: &str) -> DigitBundle {
     let models = repo().join("models/digit-cnn");
     let (secret, public) = generate_key_pair().expect("generate a key pair");
     let public_key = dir.join("fleet.pub");
@@ -41,8 +58,8 @@ pub fn digit_bundle(dir: &Path) -> DigitBundle {
         target: "any".into(),
         created_by: "fleet-device tests".into(),
         model: ModelFile {
-            path: "digit-cnn.onnx".into(),
-            format: "onnx".into(),
+            path: model_path.into(),
+            format: format.into(),
         },
         inputs: vec![TensorSpec {
             name: "input".into(),
@@ -69,8 +86,8 @@ pub fn digit_bundle(dir: &Path) -> DigitBundle {
     };
     let files = [
         BundleFile {
-            source: models.join("digit-cnn.onnx"),
-            path: "digit-cnn.onnx".into(),
+            source: model.to_path_buf(),
+            path: model_path.into(),
         },
         BundleFile {
             source: models.join("labels.txt"),

@@ -53,6 +53,37 @@ pub struct SettingsArgs {
     /// Seconds an update may wait for its commit, 1 to 86400.
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     pub commit_timeout_seconds: Option<f64>,
+    /// Top-1 confidence under which the device's local inference API sends a request to
+    /// the cloud, 0 to 1.
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub fallback_threshold: Option<f32>,
+}
+
+impl SettingsArgs {
+    /// Rejects NaN and infinite values, which JSON cannot carry: they would reach the
+    /// server as `null` and clear the setting instead of being rejected.
+    fn check_finite(&self) -> anyhow::Result<()> {
+        let values = [
+            (
+                "--confidence-threshold",
+                self.confidence_threshold.map(f64::from),
+            ),
+            ("--interval-seconds", self.interval_seconds),
+            ("--rate", self.rate),
+            ("--drain-rate", self.drain_rate),
+            ("--commit-timeout-seconds", self.commit_timeout_seconds),
+            (
+                "--fallback-threshold",
+                self.fallback_threshold.map(f64::from),
+            ),
+        ];
+        for (flag, value) in values {
+            if let Some(value) = value.filter(|value| !value.is_finite()) {
+                anyhow::bail!("invalid {flag} {value}: expected a finite number");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl From<SettingsArgs> for ConfigSettings {
@@ -63,6 +94,7 @@ impl From<SettingsArgs> for ConfigSettings {
             rate: args.rate,
             drain_rate: args.drain_rate,
             commit_timeout_seconds: args.commit_timeout_seconds,
+            fallback_threshold: args.fallback_threshold,
         }
     }
 }
@@ -75,6 +107,7 @@ pub async fn run_config(command: ConfigCommand) -> anyhow::Result<()> {
             settings,
             connection,
         } => {
+            settings.check_finite()?;
             let record = connection.client()?.set_config(&device, &settings.into())?;
             print_record(&record);
             Ok(())
@@ -123,6 +156,10 @@ fn settings_text(settings: &ConfigSettings) -> String {
                 .commit_timeout_seconds
                 .map(|value| value.to_string()),
         ),
+        (
+            "fallback_threshold",
+            settings.fallback_threshold.map(|value| value.to_string()),
+        ),
     ];
     let pairs: Vec<String> = values
         .iter()
@@ -145,12 +182,34 @@ mod tests {
             confidence_threshold: Some(0.7),
             rate: Some(2.5),
             commit_timeout_seconds: Some(600.0),
+            fallback_threshold: Some(0.3),
             ..ConfigSettings::default()
         };
         assert_eq!(
             settings_text(&settings),
-            "confidence_threshold=0.7 rate=2.5 commit_timeout_seconds=600"
+            "confidence_threshold=0.7 rate=2.5 commit_timeout_seconds=600 fallback_threshold=0.3"
         );
         assert!(settings_text(&ConfigSettings::default()).starts_with("none"));
+    }
+
+    #[test]
+    fn non_finite_settings_rejected() {
+        let args = SettingsArgs {
+            confidence_threshold: None,
+            interval_seconds: None,
+            rate: Some(f64::INFINITY),
+            drain_rate: None,
+            commit_timeout_seconds: None,
+            fallback_threshold: None,
+        };
+        let error = args.check_finite().unwrap_err().to_string();
+        assert!(error.contains("--rate inf"), "{error}");
+        let args = SettingsArgs {
+            rate: None,
+            fallback_threshold: Some(f32::NAN),
+            ..args
+        };
+        let error = args.check_finite().unwrap_err().to_string();
+        assert!(error.contains("--fallback-threshold NaN"), "{error}");
     }
 }

@@ -148,8 +148,8 @@ impl TestDevice {
     /// Connects with the device's credential and returns once its command subscription
     /// is acknowledged.
     pub async fn connect(server: &TestServer, id: &str, secret: &str) -> TestDevice {
-        let (host, port) = fleet_wire::parse_broker_url(&server.server.mqtt_addr).unwrap();
-        let mut options = MqttOptions::new(id, host, port);
+        let url = fleet_mqtt::BrokerUrl::parse(&server.server.mqtt_addr).unwrap();
+        let mut options = MqttOptions::new(id, url.host, url.port);
         options.set_credentials(id, secret);
         options.set_keep_alive(Duration::from_secs(30));
         let (client, mut eventloop) = AsyncClient::new(options, 64);

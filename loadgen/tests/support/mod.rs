@@ -54,7 +54,8 @@ pub fn stored_total(server: &Server) -> u64 {
 
 /// Splits the server's `HOST:PORT` broker address.
 pub fn broker_address(server: &Server) -> anyhow::Result<(String, u16)> {
-    fleet_wire::parse_broker_url(&server.mqtt_addr).map_err(anyhow::Error::msg)
+    let url = fleet_mqtt::BrokerUrl::parse(&server.mqtt_addr)?;
+    Ok((url.host, url.port))
 }
 
 /// Publishes telemetry of the probe device `probe_id` until the server has stored one

@@ -1,0 +1,93 @@
+//! A record larger than the broker's maximum packet size: Mosquitto closes the connection
+//! of a client that sends one, so the agent must set it aside instead of sending it on
+//! every reconnect while the records behind it wait.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Workspace, unique_device_id};
+use fleet_wire::{Command, Encoding, InstallBundle, topic};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+#[test]
+fn oversized_record_does_not_block_telemetry() {
+    let workspace = Workspace::new();
+    let device_id = unique_device_id("packet-size");
+
+    // An install command with a long update id. The agent, started without --server,
+    // rejects it with a `failed` event that repeats the id and adds the device id and a
+    // reason, so the event is larger than the command by at least that reason.
+    let command = Command::InstallBundle(InstallBundle {
+        update_id: "u".repeat(1200),
+        name: String::new(),
+        version: String::new(),
+        url: String::new(),
+        size: 1,
+        sha256: "0".repeat(64),
+    });
+    let payload = fleet_wire::encode(&command, Encoding::Postcard).unwrap();
+    let command_topic = topic::device_topic(&device_id, topic::TopicKind::Command);
+    let max_packet = payload.len() + command_topic.len() + 40;
+
+    let broker_dir = tempfile::tempdir().unwrap();
+    let (_mosquitto, port) = common::start_mosquitto(
+        broker_dir.path(),
+        &format!("allow_anonymous true\nmax_packet_size {max_packet}\n"),
+    );
+    let broker = format!("mqtt://127.0.0.1:{port}");
+
+    let mut options = MqttOptions::new(unique_device_id("packet-size-observer"), "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(max_packet, max_packet);
+    let (client, mut connection) = Client::new(options, 16);
+    client
+        .subscribe(format!("fleet/v1/{device_id}/#"), QoS::AtLeastOnce)
+        .unwrap();
+
+    let max_packet_flag = max_packet.to_string();
+    let _agent = workspace.start_device(
+        &device_id,
+        &broker,
+        &["--interval", "0.2", "--max-packet-bytes", &max_packet_flag],
+    );
+
+    let telemetry_topic = topic::device_topic(&device_id, topic::TopicKind::Telemetry);
+    let events_topic = topic::device_topic(&device_id, topic::TopicKind::Events);
+    let mut telemetry_before = 0;
+    let mut telemetry_after = 0;
+    // Events after the command; the only one the agent has for it is oversized.
+    let mut events = 0;
+    let mut command_sent = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for notification in connection.iter() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out: {telemetry_before} telemetry messages before the command, \
+             {telemetry_after} after"
+        );
+        let Ok(Event::Incoming(Packet::Publish(message))) = notification else {
+            continue;
+        };
+        if message.topic == events_topic && command_sent {
+            events += 1;
+        } else if message.topic == telemetry_topic {
+            if command_sent {
+                telemetry_after += 1;
+            } else {
+                telemetry_before += 1;
+            }
+        }
+        if telemetry_before >= 3 && !command_sent {
+            client
+                .publish(&command_topic, QoS::AtLeastOnce, false, payload.clone())
+                .unwrap();
+            command_sent = true;
+        }
+        if telemetry_after >= 10 {
+            break;
+        }
+    }
+    assert_eq!(events, 0, "the oversized event reached the broker");
+    assert!(telemetry_after >= 10, "telemetry stopped after the command");
+}
