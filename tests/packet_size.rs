@@ -91,3 +91,55 @@ fn oversized_record_does_not_block_telemetry() {
     assert_eq!(events, 0, "the oversized event reached the broker");
     assert!(telemetry_after >= 10, "telemetry stopped after the command");
 }
+
+#[test]
+fn broker_closing_at_once_slows_reconnects() {
+    let workspace = Workspace::new();
+    let device_id = unique_device_id("packet-backoff");
+
+    // JSON telemetry is several hundred bytes, so this broker closes the connection on
+    // the first record the agent sends, right after accepting the connection.
+    let broker_dir = tempfile::tempdir().unwrap();
+    let (_mosquitto, port) = common::start_mosquitto(
+        broker_dir.path(),
+        "allow_anonymous true\nmax_packet_size 400\n",
+    );
+    let broker = format!("mqtt://127.0.0.1:{port}");
+
+    let mut options = MqttOptions::new(unique_device_id("backoff-observer"), "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut connection) = Client::new(options, 16);
+    let status_topic = topic::device_topic(&device_id, topic::TopicKind::Status);
+    client.subscribe(&status_topic, QoS::AtLeastOnce).unwrap();
+
+    let _agent = workspace.start_device(
+        &device_id,
+        &broker,
+        &["--interval", "0.2", "--encoding", "json"],
+    );
+
+    // Each connection publishes the online status and ends with the offline last will.
+    // Retrying every 250 ms would give about 80 messages in 10 s; a backoff that doubles
+    // from 250 ms gives about 12.
+    let watch = Duration::from_secs(10);
+    let started = Instant::now();
+    let mut statuses = 0;
+    for notification in connection.iter() {
+        if started.elapsed() > watch {
+            break;
+        }
+        if let Ok(Event::Incoming(Packet::Publish(message))) = notification
+            && message.topic == status_topic
+        {
+            statuses += 1;
+        }
+    }
+    assert!(
+        statuses >= 2,
+        "the agent never connected: {statuses} statuses"
+    );
+    assert!(
+        statuses <= 24,
+        "{statuses} status messages in {watch:?}: the agent reconnects without backing off"
+    );
+}
