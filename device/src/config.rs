@@ -275,6 +275,9 @@ impl DeviceConfig {
         if broker_tls.client_cert.is_some() != broker_tls.client_key.is_some() {
             bail!("--client-cert and --client-key go together: pass both or neither");
         }
+        // Read the files now, so a bad one stops the agent before it opens its state.
+        fleet_mqtt::transport(&broker, &broker_tls)
+            .with_context(|| format!("invalid TLS settings for broker {broker}"))?;
         let max_packet_bytes = args
             .max_packet_bytes
             .or(file.max_packet_bytes)

@@ -113,6 +113,7 @@ pub fn spawn(
         let connection = Connection {
             index,
             client,
+            broker: format!("{}:{}", broker.host, broker.port),
             shared_group: shared_group.clone(),
             connected: connected.clone(),
         };
@@ -140,6 +141,8 @@ struct Connection {
     /// Position among the connections; only the first subscribes to status.
     index: usize,
     client: AsyncClient,
+    /// `HOST:PORT` of the broker, for logs.
+    broker: String,
     shared_group: Option<String>,
     /// Whether each connection is up; the server counts as connected when all are.
     connected: Arc<[AtomicBool]>,
@@ -224,6 +227,7 @@ async fn read_broker(
                 if failures <= 3 || failures.is_multiple_of(10) {
                     tracing::warn!(
                         %error,
+                        broker = %connection.broker,
                         connection = connection.index,
                         failures,
                         retry_in_ms = reconnect_delay.as_millis() as u64,

@@ -60,24 +60,9 @@ pub const MIN_RATE: f64 = 0.01;
 impl RemoteConfig {
     /// Checks every value against its range; the error names the first field outside it.
     pub fn validate(&self) -> Result<(), String> {
-        let within =
-            |name: &str, value: Option<f64>, low: f64, high: f64, excl_low: bool| match value {
-                Some(value)
-                    if !value.is_finite()
-                        || value < low
-                        || value > high
-                        || (excl_low && value == low) =>
-                {
-                    Err(format!(
-                        "invalid {name} {value}: expected {}",
-                        range(low, high, excl_low)
-                    ))
-                }
-                _ => Ok(()),
-            };
         within(
             "confidence_threshold",
-            self.confidence_threshold.map(f64::from),
+            self.confidence_threshold,
             0.0,
             1.0,
             false,
@@ -105,7 +90,7 @@ impl RemoteConfig {
         )?;
         within(
             "fallback_threshold",
-            self.fallback_threshold.map(f64::from),
+            self.fallback_threshold,
             0.0,
             1.0,
             false,
@@ -132,6 +117,29 @@ pub fn decode_command(payload: &[u8]) -> Result<Command, WireError> {
         }
         other => other,
     }
+}
+
+/// Checks that `value`, when set, is finite and in `low..=high` (above `low` with
+/// `exclusive_low`). The error shows the value as its own type prints it, so an `f32` of
+/// -0.1 reads -0.1.
+fn within<T: Copy + Into<f64> + std::fmt::Display>(
+    name: &str,
+    value: Option<T>,
+    low: f64,
+    high: f64,
+    exclusive_low: bool,
+) -> Result<(), String> {
+    let Some(value) = value else {
+        return Ok(());
+    };
+    let number: f64 = value.into();
+    if !number.is_finite() || number < low || number > high || (exclusive_low && number == low) {
+        return Err(format!(
+            "invalid {name} {value}: expected {}",
+            range(low, high, exclusive_low)
+        ));
+    }
+    Ok(())
 }
 
 fn range(low: f64, high: f64, exclusive_low: bool) -> String {
@@ -371,6 +379,16 @@ mod tests {
             let error = config.validate().unwrap_err();
             assert!(error.starts_with(&format!("invalid {field} ")), "{error}");
         }
+        let error = RemoteConfig {
+            fallback_threshold: Some(-0.1),
+            ..valid
+        }
+        .validate()
+        .unwrap_err();
+        assert!(
+            error.starts_with("invalid fallback_threshold -0.1: "),
+            "{error}"
+        );
     }
 
     #[test]
