@@ -9,23 +9,6 @@ use std::time::Duration;
 use common::{Server, Workspace, free_port, unique_device_id, wait_for};
 use serde_json::{Value, json};
 
-fn put_config(server: &Server, device_id: &str, body: &Value) -> Value {
-    ureq::put(&format!("{}/api/devices/{device_id}/config", server.base))
-        .set("Authorization", &format!("Bearer {}", server.token))
-        .send_json(body.clone())
-        .expect("PUT the configuration")
-        .into_json()
-        .expect("JSON body")
-}
-
-/// Waits until the device acknowledged the change and returns the stored record.
-fn wait_for_ack(server: &Server, device_id: &str, change_id: &str) -> Value {
-    wait_for(Duration::from_secs(30), "the acknowledgement", || {
-        let config = server.get(&format!("/api/devices/{device_id}/config"));
-        (config["change_id"] == change_id && config["status"] != "pending").then_some(config)
-    })
-}
-
 /// Returns the telemetry rows whose interval started after `since_ms` (the agent runs
 /// on this machine, so its clock is the test's).
 fn rows_since(server: &Server, device_id: &str, since_ms: i64) -> Vec<Value> {
@@ -99,8 +82,7 @@ fn server_sets_interval_and_threshold_and_they_persist() {
     // Under a threshold of 1 every result short of certainty is low-confidence. The digit
     // model is certain, to f32 precision, of many test digits, so some results are not.
     // The telemetry interval shrinks from 2 s to 0.25 s.
-    let change = put_config(
-        &server,
+    let change = server.put_config(
         &device_id,
         &json!({
             "confidence_threshold": 1.0,
@@ -109,7 +91,7 @@ fn server_sets_interval_and_threshold_and_they_persist() {
         }),
     );
     let change_id = change["change_id"].as_str().expect("change id").to_string();
-    let acked = wait_for_ack(&server, &device_id, &change_id);
+    let acked = server.wait_for_config_ack(&device_id, &change_id);
     assert_eq!(acked["status"], "applied", "{acked}");
     assert!(
         acked["detail"]

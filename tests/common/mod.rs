@@ -367,6 +367,26 @@ impl Api {
         seqs
     }
 
+    /// Replaces the remote configuration of `device_id` with `settings` and returns the
+    /// stored change.
+    pub fn put_config(&self, device_id: &str, settings: &serde_json::Value) -> serde_json::Value {
+        ureq::put(&format!("{}/api/devices/{device_id}/config", self.base))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .send_json(settings.clone())
+            .expect("PUT the configuration")
+            .into_json()
+            .expect("JSON body")
+    }
+
+    /// Waits until the device acknowledged configuration change `change_id` and returns
+    /// the stored record.
+    pub fn wait_for_config_ack(&self, device_id: &str, change_id: &str) -> serde_json::Value {
+        wait_for(Duration::from_secs(30), "the acknowledgement", || {
+            let config = self.get(&format!("/api/devices/{device_id}/config"));
+            (config["change_id"] == change_id && config["status"] != "pending").then_some(config)
+        })
+    }
+
     /// Returns the `/api/devices` entry of one device, if the server has one.
     pub fn device(&self, device_id: &str) -> Option<serde_json::Value> {
         self.get("/api/devices")

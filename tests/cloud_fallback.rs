@@ -1,0 +1,131 @@
+//! Cloud fallback end to end: an agent's local inference API sends a low-confidence
+//! request to the real gateway of `fleet server`, which runs the model on a replica
+//! process; the device's secret authenticates it there, the fallback is counted in
+//! telemetry, and a remote configuration change turns the threshold off again.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Workspace, free_port, path_str, repo, unique_device_id, wait_for};
+use serde_json::{Value, json};
+
+const SAMPLE_LEN: usize = 28 * 28;
+
+/// Returns an ambiguous input: the average of the first two preprocessed reference
+/// inputs of the digit model (a 7 and a 2). A clear digit gets a softmax confidence of
+/// exactly 1.0 in f32, which no threshold can be over.
+fn ambiguous_input() -> Vec<f32> {
+    let bytes = std::fs::read(repo().join("models/digit-cnn/reference/inputs.f32")).unwrap();
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .take(2 * SAMPLE_LEN)
+        .map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap()))
+        .collect();
+    let (seven, two) = values.split_at(SAMPLE_LEN);
+    seven.iter().zip(two).map(|(a, b)| (a + b) / 2.0).collect()
+}
+
+/// Calls the agent's local inference API and returns the status, the
+/// `fleet-inference-source` and `fleet-fallback-reason` headers and the body.
+fn infer(api: &str, input: &[f32]) -> (u16, Option<String>, Option<String>, Value) {
+    let body = json!({
+        "inputs": [{ "name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": input }],
+    });
+    let response = match ureq::post(&format!("{api}/v2/models/digit-cnn/infer")).send_json(body) {
+        Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+        Err(error) => panic!("local inference API: {error}"),
+    };
+    let header = |name: &str| response.header(name).map(str::to_string);
+    let (source, reason) = (
+        header("fleet-inference-source"),
+        header("fleet-fallback-reason"),
+    );
+    (
+        response.status(),
+        source,
+        reason,
+        response.into_json().unwrap(),
+    )
+}
+
+#[test]
+fn low_confidence_reaches_gateway() {
+    let workspace = Workspace::new();
+    let gateway = workspace.path("gateway.toml");
+    std::fs::write(
+        &gateway,
+        "[[models]]\nname = \"digit-cnn\"\nbundle = \"bundle\"\npublic_key = \"keys/fleet.pub\"\n\
+         [models.replicas]\nmin = 1\nmax = 1\n",
+    )
+    .unwrap();
+    let mqtt_port = free_port();
+    let server =
+        workspace.start_server_with(None, mqtt_port, &["--gateway-config", path_str(&gateway)]);
+    wait_for(Duration::from_secs(60), "a ready gateway replica", || {
+        ureq::get(&format!("{}/v2/health/ready", server.base))
+            .call()
+            .ok()
+            .map(|_| ())
+    });
+
+    let device_id = unique_device_id("fallback");
+    let api = format!("127.0.0.1:{}", free_port());
+    // Any answer less than certain goes to the cloud.
+    let _device = workspace.start_device(
+        &device_id,
+        &format!("mqtt://127.0.0.1:{mqtt_port}"),
+        &[
+            "--interval",
+            "0.5",
+            "--api-listen",
+            &api,
+            "--server",
+            &server.base,
+            "--fallback-threshold",
+            "1.0",
+        ],
+    );
+    let api = format!("http://{api}");
+    wait_for(Duration::from_secs(30), "the local inference API", || {
+        ureq::get(&format!("{api}/v2/health/ready"))
+            .call()
+            .ok()
+            .map(|_| ())
+    });
+
+    let input = ambiguous_input();
+    let (status, source, reason, body) = infer(&api, &input);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(source.as_deref(), Some("cloud"), "{body}");
+    assert_eq!(reason.as_deref(), Some("low_confidence"), "{body}");
+    let logits = body["outputs"][0]["data"].as_array().expect("cloud logits");
+    assert_eq!(logits.len(), 10, "{body}");
+    let served = server.get("/api/gateway/backends");
+    let requests: u64 = served["digit-cnn"]["backends"]
+        .as_array()
+        .expect("backend list")
+        .iter()
+        .filter_map(|backend| backend["served"].as_u64())
+        .sum();
+    assert!(requests >= 1, "no backend served the request: {served}");
+
+    wait_for(
+        Duration::from_secs(30),
+        "the fallback counted in telemetry",
+        || {
+            let count = server.metric("fleet_device_fallbacks_total{reason=\"low_confidence\"}");
+            (count >= 1.0).then_some(())
+        },
+    );
+
+    // Threshold 0: no confidence is under it, so the agent answers locally again.
+    let change = server.put_config(&device_id, &json!({ "fallback_threshold": 0.0 }));
+    let change_id = change["change_id"].as_str().expect("change id");
+    let acked = server.wait_for_config_ack(&device_id, change_id);
+    assert_eq!(acked["status"], "applied", "{acked}");
+    let (status, source, reason, body) = infer(&api, &input);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(source.as_deref(), Some("local"), "{body}");
+    assert_eq!(reason, None, "{body}");
+}
