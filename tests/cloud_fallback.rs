@@ -1,7 +1,7 @@
-//! Cloud fallback end to end: an agent's local inference API sends a low-confidence
+//! Cloud fallback end to end. An agent's local inference API sends a low-confidence
 //! request to the real gateway of `fleet server`, which runs the model on a replica
-//! process; the device's secret authenticates it there, the fallback is counted in
-//! telemetry, and a remote configuration change turns the threshold off again.
+//! process and accepts the device's secret. The fallback is counted in telemetry, and a
+//! remote configuration change turns the threshold off again.
 
 mod common;
 
@@ -119,7 +119,7 @@ fn low_confidence_reaches_gateway() {
         },
     );
 
-    // Threshold 0: no confidence is under it, so the agent answers locally again.
+    // Threshold 0: no confidence is under it, so the local model serves the request.
     let change = server.put_config(&device_id, &json!({ "fallback_threshold": 0.0 }));
     let change_id = change["change_id"].as_str().expect("change id");
     let acked = server.wait_for_config_ack(&device_id, change_id);
