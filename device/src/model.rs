@@ -110,6 +110,15 @@ impl SharedModel {
         })
     }
 
+    /// Wraps `backend`, described by `info`. [`SharedModel::load`] builds both from a
+    /// bundle; this serves backends built another way, such as test doubles.
+    pub fn with_backend(info: ModelInfo, backend: Box<dyn Backend>) -> SharedModel {
+        SharedModel {
+            info: Arc::new(info),
+            backend: Arc::new(Mutex::new(backend)),
+        }
+    }
+
     /// Returns the name of the backend running the model, `tract` or `candle`.
     pub fn backend_name(&self) -> &'static str {
         self.backend

@@ -408,3 +408,65 @@ fn remote_threshold_applies_to_next_request() {
     assert_eq!(cloud.requests(), 1);
     assert_eq!(counters.snapshot().low_confidence, 1);
 }
+
+/// A backend whose every run fails, as a model does on a broken accelerator.
+struct FailingBackend {
+    input_shape: Vec<usize>,
+}
+
+impl fleet_runtime::Backend for FailingBackend {
+    fn name(&self) -> &'static str {
+        "failing"
+    }
+
+    fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
+    fn run(
+        &mut self,
+        _input: fleet_runtime::Tensor,
+    ) -> Result<fleet_runtime::Tensor, fleet_runtime::RuntimeError> {
+        Err(fleet_runtime::RuntimeError::Inference {
+            backend: "failing",
+            reason: "device lost".into(),
+        })
+    }
+}
+
+#[test]
+fn local_failure_goes_to_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let info = model(&dir).info().clone();
+    let failing = SharedModel::with_backend(
+        info,
+        Box::new(FailingBackend {
+            input_shape: vec![1, 1, 28, 28],
+        }),
+    );
+    let reference = Reference::load();
+    let cloud = Cloud::start();
+    let (server, counters) = serve_with_fallback(failing, &cloud, FallbackPolicy::default());
+    let body = sample_body(&reference, 0);
+
+    let answer = infer(&server, &body);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.source.as_deref(), Some("cloud"));
+    assert_eq!(answer.reason.as_deref(), Some("local_error"));
+    assert_eq!(answer.body["model_version"], "cloud-1");
+    assert_eq!(cloud.requests(), 1);
+    assert_eq!(counters.snapshot().local_error, 1);
+
+    // With the cloud failing too, the error names both failures.
+    cloud.set_mode(Mode::Fail);
+    let answer = infer(&server, &body);
+    assert!(answer.status >= 500, "{} {}", answer.status, answer.body);
+    let message = answer.body["error"].as_str().unwrap_or_default();
+    assert!(message.contains("device lost"), "{}", answer.body);
+    assert!(
+        message.contains("cloud fallback failed too"),
+        "{}",
+        answer.body
+    );
+    assert_eq!(counters.snapshot().cloud_unavailable, 1);
+}
