@@ -147,6 +147,14 @@ pub enum TlsError {
     NotTls { url: BrokerUrl },
     #[error("the client certificate and key do not form a usable identity")]
     ClientIdentity(#[source] rustls::Error),
+    #[error(
+        "the private key {} does not belong to the client certificate {}",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("the private key {} cannot sign: {reason}", key.display())]
+    UnusableKey { key: PathBuf, reason: String },
 }
 
 /// Builds the rustls client configuration from `files`.
@@ -171,9 +179,20 @@ pub fn client_config(files: &TlsFiles) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder().with_root_certificates(roots);
     match (&files.client_cert, &files.client_key) {
         (None, None) => Ok(builder.with_no_client_auth()),
-        (Some(cert), Some(key)) => {
-            let chain = read_certificates(cert)?;
-            let key = read_private_key(key)?;
+        (Some(cert_path), Some(key_path)) => {
+            let chain = read_certificates(cert_path)?;
+            let key = read_private_key(key_path)?;
+            // rustls takes any pair, and a broker then fails the handshake with a bare
+            // DecryptError, which reads like a broker fault.
+            if !key_signs_for(&chain[0], &key).map_err(|reason| TlsError::UnusableKey {
+                key: key_path.clone(),
+                reason,
+            })? {
+                return Err(TlsError::KeyMismatch {
+                    cert: cert_path.clone(),
+                    key: key_path.clone(),
+                });
+            }
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(TlsError::ClientIdentity)
@@ -206,6 +225,35 @@ pub fn options(
     let mut options = MqttOptions::new(client_id, url.host.clone(), url.port);
     options.set_transport(transport(url, files)?);
     Ok(options)
+}
+
+/// Returns whether a signature made with `key` verifies against the public key of
+/// `certificate`, using the signature schemes of rustls' ring provider.
+fn key_signs_for(
+    certificate: &rustls::pki_types::CertificateDer<'_>,
+    key: &rustls::pki_types::PrivateKeyDer<'_>,
+) -> Result<bool, String> {
+    const MESSAGE: &[u8] = b"fleet-mqtt: does this key belong to the certificate?";
+    let signing_key =
+        rustls::crypto::ring::sign::any_supported_type(key).map_err(|error| error.to_string())?;
+    let provider = rustls::crypto::ring::default_provider();
+    let mapping = provider.signature_verification_algorithms.mapping;
+    let schemes: Vec<_> = mapping.iter().map(|(scheme, _)| *scheme).collect();
+    let signer = signing_key
+        .choose_scheme(&schemes)
+        .ok_or("no signature scheme that rustls verifies fits the key")?;
+    let signature = signer.sign(MESSAGE).map_err(|error| error.to_string())?;
+    let end_entity = webpki::EndEntityCert::try_from(certificate)
+        .map_err(|error| format!("the certificate does not parse: {error:?}"))?;
+    let algorithms = mapping
+        .iter()
+        .find(|(scheme, _)| *scheme == signer.scheme())
+        .map_or(&[][..], |(_, algorithms)| algorithms);
+    Ok(algorithms.iter().any(|algorithm| {
+        end_entity
+            .verify_signature(*algorithm, MESSAGE, &signature)
+            .is_ok()
+    }))
 }
 
 fn open(path: &Path) -> Result<BufReader<File>, TlsError> {
@@ -393,5 +441,31 @@ mod tests {
             "{error}"
         );
         assert!(error.to_string().contains("device.key"), "{error}");
+    }
+
+    #[test]
+    fn client_key_must_match_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let own_key = rcgen::KeyPair::generate().unwrap();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let certificate = rcgen::CertificateParams::new(vec!["pi-07".to_string()])
+            .unwrap()
+            .self_signed(&own_key)
+            .unwrap();
+        let cert = write("device.pem", certificate.pem());
+        let own = write("device.key", own_key.serialize_pem());
+        let other = write("other.key", other_key.serialize_pem());
+
+        let matching = files(Some(&cert), Some(&cert), Some(&own));
+        assert!(client_config(&matching).is_ok());
+        let error = client_config(&files(Some(&cert), Some(&cert), Some(&other))).unwrap_err();
+        assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error}");
+        assert!(error.to_string().contains("other.key"), "{error}");
+        assert!(error.to_string().contains("device.pem"), "{error}");
     }
 }
