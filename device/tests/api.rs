@@ -225,6 +225,75 @@ fn infer_takes_binary_tensor_data() {
 }
 
 #[test]
+fn infer_returns_binary_outputs() {
+    let (_dir, server) = server();
+    let reference = Reference::load();
+    let body = json!({
+        "parameters": {"binary_data_output": true},
+        "inputs": [{
+            "name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32",
+            "data": &reference.inputs[..2 * Reference::SAMPLE_LEN],
+        }],
+        "outputs": [
+            {"name": "logits"},
+            {"name": "top1_label"},
+            {"name": "top1_class", "parameters": {"binary_data": false}},
+        ],
+    });
+    let response = ureq::post(&server.url("/v2/models/digit-cnn/infer"))
+        .send_json(body)
+        .expect("inference request");
+    let json_len: usize = response
+        .header("Inference-Header-Content-Length")
+        .expect("binary response")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        response.header("Content-Type"),
+        Some("application/octet-stream")
+    );
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).unwrap();
+    let header: Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
+    let binary = &bytes[json_len..];
+
+    let logits = output(&header, "logits");
+    let logits_len = 2 * Reference::CLASSES * 4;
+    assert_eq!(logits["parameters"]["binary_data_size"], logits_len);
+    assert!(logits.get("data").is_none(), "{header}");
+    let values: Vec<f32> = binary[..logits_len]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_close(&values, &reference.logits[..2 * Reference::CLASSES]);
+
+    // Strings: a 4-byte little-endian length, then the bytes.
+    let labels = &binary[logits_len..];
+    let expected: Vec<u8> = (0..2)
+        .flat_map(|sample| {
+            let label = reference.class_of(sample).to_string();
+            (label.len() as u32)
+                .to_le_bytes()
+                .into_iter()
+                .chain(label.into_bytes())
+        })
+        .collect();
+    assert_eq!(labels, expected.as_slice());
+    let label_output = output(&header, "top1_label");
+    assert_eq!(
+        label_output["parameters"]["binary_data_size"],
+        expected.len()
+    );
+
+    let classes = output(&header, "top1_class");
+    assert_eq!(
+        classes["data"],
+        json!([reference.class_of(0), reference.class_of(1)])
+    );
+    assert!(classes.get("parameters").is_none(), "{header}");
+}
+
+#[test]
 fn invalid_inputs_are_rejected() {
     let (_dir, server) = server();
     let one = vec![0.5f32; Reference::SAMPLE_LEN];

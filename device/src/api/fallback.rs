@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Json, Response};
+use axum::response::{IntoResponse, Response};
 use fleet_wire::FallbackCounts;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
@@ -561,7 +561,7 @@ pub(super) fn local_response(mut response: InferResponse, fallback: Option<&str>
         parameters.insert(SOURCE_HEADER.replace('-', "_"), Value::from("local"));
         parameters.insert(FALLBACK_HEADER.replace('-', "_"), Value::from(flag));
     }
-    (headers, Json(response)).into_response()
+    response.into_http(headers)
 }
 
 /// One request counted among those running locally until dropped.

@@ -2,7 +2,8 @@
 //! by binary tensor data), checking the input against the model, and building the
 //! response.
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use fleet_bundle::Postprocessing;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -28,6 +29,10 @@ pub const PROBABILITIES: &str = "probabilities";
 #[derive(Debug, Deserialize)]
 pub struct InferRequest {
     pub id: Option<String>,
+    /// Request parameters; `binary_data_output: true` requests every output as binary
+    /// data unless the output says otherwise.
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
     pub inputs: Vec<RequestInput>,
     /// Outputs to return; all of them when absent.
     pub outputs: Option<Vec<RequestOutput>>,
@@ -49,6 +54,16 @@ pub struct RequestInput {
 #[derive(Debug, Deserialize)]
 pub struct RequestOutput {
     pub name: String,
+    /// Output parameters; `binary_data: true` requests the output as binary data.
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+}
+
+/// An output to return, and whether as binary data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedOutput {
+    pub name: String,
+    pub binary: bool,
 }
 
 /// An inference response.
@@ -64,13 +79,20 @@ pub struct InferResponse {
     pub outputs: Vec<ResponseOutput>,
 }
 
-/// One output tensor of a response.
+/// One output tensor of a response. A binary output carries its size in `parameters`
+/// and its elements after the JSON part of the body.
 #[derive(Debug, Serialize)]
 pub struct ResponseOutput {
     pub name: String,
     pub datatype: &'static str,
     pub shape: Vec<usize>,
-    pub data: OutputData,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<OutputData>,
+    /// Elements in the binary tensor data layout, for a binary output.
+    #[serde(skip)]
+    pub binary: Option<Vec<u8>>,
 }
 
 /// Elements of an output tensor, row-major and flat.
@@ -80,6 +102,64 @@ pub enum OutputData {
     Float(Vec<f32>),
     Int(Vec<i64>),
     Text(Vec<String>),
+}
+
+impl OutputData {
+    /// Returns the elements in the binary tensor data layout: little-endian numbers,
+    /// and each string as its 4-byte little-endian length followed by its bytes.
+    fn to_binary(&self) -> Vec<u8> {
+        match self {
+            OutputData::Float(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            OutputData::Int(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            OutputData::Text(values) => values
+                .iter()
+                .flat_map(|text| {
+                    let len = text.len() as u32;
+                    len.to_le_bytes().into_iter().chain(text.bytes())
+                })
+                .collect(),
+        }
+    }
+}
+
+impl InferResponse {
+    /// Builds the HTTP response: plain JSON, or with any binary output, the JSON part
+    /// followed by the binary outputs in order and its length in
+    /// `Inference-Header-Content-Length`.
+    pub fn into_http(mut self, mut headers: HeaderMap) -> Response {
+        let any_binary = self.outputs.iter().any(|output| output.binary.is_some());
+        let binary: Vec<u8> = self
+            .outputs
+            .iter_mut()
+            .filter_map(|output| output.binary.take())
+            .flatten()
+            .collect();
+        let json = match serde_json::to_vec(&self) {
+            Ok(json) => json,
+            Err(error) => {
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("response does not serialise: {error}"),
+                )
+                .into_response();
+            }
+        };
+        if !any_binary {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return (headers, json).into_response();
+        }
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        headers.insert(JSON_LENGTH_HEADER, HeaderValue::from(json.len()));
+        let mut body = json;
+        body.extend(binary);
+        (headers, body).into_response()
+    }
 }
 
 /// Name, datatype and shape of a tensor in model metadata.
@@ -286,15 +366,22 @@ fn binary_floats(
         .collect())
 }
 
-/// Checks the requested output names and returns them, or every output when the request
-/// names none.
+/// Checks the requested outputs and returns them, or every output when the request
+/// names none, each marked binary as the request parameters specify.
 pub fn requested_outputs(
     info: &ModelInfo,
     request: &InferRequest,
-) -> Result<Vec<String>, ApiError> {
+) -> Result<Vec<WantedOutput>, ApiError> {
+    let binary_default = flag(&request.parameters, "binary_data_output")?;
     let available: Vec<String> = output_metadata(info).into_iter().map(|o| o.name).collect();
     let Some(requested) = &request.outputs else {
-        return Ok(available);
+        return Ok(available
+            .into_iter()
+            .map(|name| WantedOutput {
+                name,
+                binary: binary_default,
+            })
+            .collect());
     };
     for output in requested {
         if !available.contains(&output.name) {
@@ -306,14 +393,37 @@ pub fn requested_outputs(
             )));
         }
     }
-    Ok(requested.iter().map(|output| output.name.clone()).collect())
+    requested
+        .iter()
+        .map(|output| {
+            let binary = match output.parameters.get("binary_data") {
+                Some(_) => flag(&output.parameters, "binary_data")?,
+                None => binary_default,
+            };
+            Ok(WantedOutput {
+                name: output.name.clone(),
+                binary,
+            })
+        })
+        .collect()
+}
+
+/// Reads a boolean parameter, false when absent.
+fn flag(parameters: &Map<String, Value>, name: &str) -> Result<bool, ApiError> {
+    match parameters.get(name) {
+        None => Ok(false),
+        Some(Value::Bool(value)) => Ok(*value),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "invalid parameter {name} {other}: expected true or false"
+        ))),
+    }
 }
 
 /// Builds the response from the model's raw output rows.
 pub fn build_response(
     info: &ModelInfo,
     id: Option<String>,
-    wanted: &[String],
+    wanted: &[WantedOutput],
     rows: &[Vec<f32>],
 ) -> Result<InferResponse, ApiError> {
     let batch = rows.len();
@@ -328,7 +438,7 @@ pub fn build_response(
     let best: Vec<(usize, f32)> = confidences.iter().map(|row| top1(row)).collect();
 
     let mut outputs = Vec::new();
-    for name in wanted {
+    for WantedOutput { name, binary } in wanted {
         let (datatype, shape, data) = match name.as_str() {
             raw if raw == info.output.name => {
                 ("FP32", vec![batch, width], OutputData::Float(rows.concat()))
@@ -349,12 +459,29 @@ pub fn build_response(
             // `requested_outputs` rejected every other name.
             _ => continue,
         };
-        outputs.push(ResponseOutput {
-            name: name.clone(),
-            datatype,
-            shape,
-            data,
-        });
+        let output = if *binary {
+            let bytes = data.to_binary();
+            let mut parameters = Map::new();
+            parameters.insert("binary_data_size".into(), Value::from(bytes.len()));
+            ResponseOutput {
+                name: name.clone(),
+                datatype,
+                shape,
+                parameters: Some(parameters),
+                data: None,
+                binary: Some(bytes),
+            }
+        } else {
+            ResponseOutput {
+                name: name.clone(),
+                datatype,
+                shape,
+                parameters: None,
+                data: Some(data),
+                binary: None,
+            }
+        };
+        outputs.push(output);
     }
     Ok(InferResponse {
         model_name: info.name.clone(),

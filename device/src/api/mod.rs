@@ -14,10 +14,9 @@
 //! `{"error": "..."}`: 400 for an invalid request, naming the input and the expected
 //! shape, and 404 for a model or version that is not loaded.
 //!
-//! Inputs come as JSON `data` or in the binary tensor data extension (the default of
-//! Triton's Python client); outputs always come back as JSON.
-//! TODO: return binary outputs when a request sets `binary_data`. Clients read JSON
-//! outputs either way, at about three times the bytes.
+//! Inputs and outputs come as JSON `data` or in the binary tensor data extension (the
+//! default of Triton's Python client): outputs are binary when the request sets
+//! `binary_data_output` or the output's `binary_data` parameter.
 //!
 //! With a [`Fallback`], requests the local model cannot serve well go on to the fleet
 //! server's inference gateway ([`fallback`]). Every response carries the
@@ -298,7 +297,7 @@ struct LocalRun {
     model: SharedModel,
     input: infer::CheckedInput,
     request_id: Option<String>,
-    wanted: Vec<String>,
+    wanted: Vec<infer::WantedOutput>,
 }
 
 /// The local model's answer to a request.

@@ -31,10 +31,16 @@ def main():
 
     inputs = np.fromfile(f"{reference}/inputs.f32", dtype="<f4").reshape(16, 1, 28, 28)
     logits = np.fromfile(f"{reference}/outputs.f32", dtype="<f4").reshape(16, 10)
+    names = ["logits", "top1_class", "top1_label"]
     for binary in (True, False):
         tensor = httpclient.InferInput("input", list(inputs.shape), "FP32")
         tensor.set_data_from_numpy(inputs, binary_data=binary)
-        result = client.infer(MODEL, [tensor])
+        # Outputs as binary tensor data, then as JSON.
+        outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in names]
+        result = client.infer(MODEL, [tensor], outputs=outputs)
+        for name in names:
+            output = result.get_output(name)
+            assert ("binary_data_size" in output.get("parameters", {})) == binary, output
         np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=TOLERANCE)
         classes = result.as_numpy("top1_class")
         assert (classes == logits.argmax(axis=1)).all(), classes
