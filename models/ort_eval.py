@@ -1,9 +1,10 @@
 """Measure onnxruntime top-1 accuracy and single-image latency of a model in models/.
 
-Usage: python models/ort_eval.py {digit-cnn|efficientnet-lite0} [--runs 200] [--header]
+Usage: python models/ort_eval.py {digit-cnn|digit-student|efficientnet-lite0} [--runs 200] [--header]
 
-Accuracy uses the shipped data: the 10,000 MNIST test images for digit-cnn
-and the 20 foolbox photos for efficientnet-lite0. Latency is the median
+Accuracy uses the shipped data: the 10,000 MNIST test images for the digit
+models and the 20 foolbox photos for efficientnet-lite0. digit-student has no
+reference folder of its own and is timed on digit-cnn's first reference image. Latency is the median
 wall-clock time of one ``session.run`` on the first image of the model's
 reference/inputs.f32, with intra_op_num_threads=1, inter_op_num_threads=1 and
 sequential execution, after 10 warm-up runs.
@@ -51,8 +52,12 @@ def accuracy_efficientnet(session):
 
 ACCURACY_FUNCTIONS = {
     "digit-cnn": accuracy_digit_cnn,
+    "digit-student": accuracy_digit_cnn,
     "efficientnet-lite0": accuracy_efficientnet,
 }
+
+# Models timed on another model's reference inputs, which have the same shape.
+REFERENCE_OF = {"digit-student": "digit-cnn"}
 
 
 def first_reference_image(model_dir):
@@ -90,7 +95,8 @@ def main():
     session = ort_session(model_path, threads=1)
 
     correct, total = ACCURACY_FUNCTIONS[args.model](session)
-    latency = median_latency_ms(session, first_reference_image(model_dir), args.runs)
+    reference_dir = MODELS_DIR / REFERENCE_OF.get(args.model, args.model)
+    latency = median_latency_ms(session, first_reference_image(reference_dir), args.runs)
 
     if args.header:
         print("| model | accuracy | correct/total | ort_median_ms | ort_version |")
