@@ -2,23 +2,19 @@
 //! --gateway-config` starting `fleet replica` processes, driven over HTTP with the
 //! credentials the `fleet server` administration commands issue.
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::free_port;
 
 const SAMPLE_LEN: usize = 784;
 const CLASSES: usize = 10;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
 }
 
 fn fleet(args: &[&str]) -> Output {
