@@ -322,7 +322,7 @@ fn sigkill_while_appending_leaves_a_clean_queue() {
     let dir = tempfile::tempdir().unwrap();
     let mut next_index = 1;
     for (round, &kill_after) in KILL_AFTER.iter().enumerate() {
-        let reported = run_child_until(dir.path(), next_index, kill_after);
+        let (reported, last_reported) = run_child_until(dir.path(), next_index, kill_after);
 
         let mut outbox = Outbox::open(dir.path(), child_options())
             .unwrap_or_else(|error| panic!("round {round}: reopen failed: {error}"));
@@ -344,9 +344,12 @@ fn sigkill_while_appending_leaves_a_clean_queue() {
             last >= reported,
             "round {round}: {last} < reported {reported}"
         );
+        // The child acknowledges through three records back before it reports an
+        // append, so at most the records before `last_reported - 1` may be gone.
         assert!(
-            indices[0] <= reported.saturating_sub(2).max(next_index),
-            "round {round}: unacknowledged records lost"
+            indices[0] <= last_reported.saturating_sub(1).max(next_index),
+            "round {round}: unacknowledged records lost: first {} after {last_reported} reported",
+            indices[0]
         );
         // A SIGKILL can cut at most the record being written.
         assert!(stats.damaged_records <= 1, "round {round}: {stats:?}");
@@ -364,8 +367,9 @@ fn child_options() -> OutboxOptions {
 }
 
 /// Runs the child writer until it has reported `count` appends, SIGKILLs it, and returns
-/// the last index it reported.
-fn run_child_until(dir: &Path, start: u64, count: u64) -> u64 {
+/// the last index it had reported when the kill was sent, and the last one it reported
+/// at all: the child keeps appending and acknowledging until the signal lands.
+fn run_child_until(dir: &Path, start: u64, count: u64) -> (u64, u64) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -379,12 +383,17 @@ fn run_child_until(dir: &Path, start: u64, count: u64) -> u64 {
         .stderr(Stdio::null())
         .spawn()
         .expect("start the child writer");
-    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let appended = |line: std::io::Result<String>| -> Option<u64> {
+        line.unwrap()
+            .split("appended ")
+            .nth(1)
+            .map(|index| index.trim().parse().unwrap())
+    };
     let mut reported = start.saturating_sub(1);
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if let Some(index) = line.split("appended ").nth(1) {
-            reported = index.trim().parse().unwrap();
+    for line in lines.by_ref() {
+        if let Some(index) = appended(line) {
+            reported = index;
             if reported + 1 >= start + count {
                 break;
             }
@@ -397,7 +406,9 @@ fn run_child_until(dir: &Path, start: u64, count: u64) -> u64 {
     child.kill().expect("SIGKILL the child");
     let status = child.wait().unwrap();
     assert!(!status.success(), "the child ended on its own: {status}");
-    reported
+    // What the child printed between the report read above and its death.
+    let last_reported = lines.filter_map(appended).last().unwrap_or(reported);
+    (reported, last_reported)
 }
 
 /// Appends records forever as the child of the SIGKILL test, acknowledging some and
