@@ -71,7 +71,7 @@ fn low_confidence_reaches_gateway() {
 
     let device_id = unique_device_id("fallback");
     let api = format!("127.0.0.1:{}", free_port());
-    // Any answer less than certain goes to the cloud.
+    // Any result with top-1 confidence under 1 goes to the cloud.
     let _device = workspace.start_device(
         &device_id,
         &format!("mqtt://127.0.0.1:{mqtt_port}"),

@@ -243,7 +243,7 @@ pub async fn drive(
                 tracing::info!(code = ?ack.code, after_failures = failures, "connected to broker");
                 connected_at = Some(Instant::now());
                 let _ = events.send(SessionEvent::Connected);
-                // The server repeats missed commands as soon as it sees the online
+                // The server repeats missed commands as soon as it receives the online
                 // status, and a clean session holds no subscription yet, so the status
                 // waits for the broker to confirm the command subscription.
                 if let Err(error) = publisher

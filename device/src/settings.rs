@@ -30,7 +30,7 @@ pub struct LiveSettings {
     /// when it was lower.
     pub drain_rate: f64,
     pub commit_timeout: Duration,
-    /// Top-1 confidence under which the local inference API asks the cloud; `None` sends
+    /// Top-1 confidence under which the local inference API sends requests to the cloud; `None` sends
     /// no request to the cloud for low confidence.
     pub fallback_threshold: Option<f32>,
 }

@@ -72,12 +72,7 @@ impl Backend for CandleBackend {
     }
 
     fn run(&mut self, input: Tensor) -> Result<Tensor, RuntimeError> {
-        if input.shape != self.input_shape {
-            return Err(RuntimeError::ShapeMismatch {
-                expected: self.input_shape.clone(),
-                found: input.shape,
-            });
-        }
+        input.check_shape(&self.input_shape)?;
         let batch = self.input_shape[0];
         let logits =
             self.model

@@ -6,7 +6,7 @@
 //!
 //! TLS runs on rustls, which rumqttc brings. The broker certificate is checked against
 //! a PEM CA file, or against the operating system's trust store when none is given, and
-//! a client certificate with its key is presented when the broker asks for one (mutual
+//! a client certificate with its key is presented when the broker requests one (mutual
 //! TLS, as AWS IoT Core and Mosquitto's `require_certificate` do).
 
 use std::fmt;
@@ -107,7 +107,7 @@ pub struct TlsFiles {
     /// CA certificates the broker's certificate must chain to; the operating system's
     /// trust store when unset.
     pub ca: Option<PathBuf>,
-    /// Client certificate chain, presented when the broker asks for one.
+    /// Client certificate chain, presented when the broker requests one.
     pub client_cert: Option<PathBuf>,
     /// Private key of the client certificate (PKCS#8, PKCS#1 or SEC1).
     pub client_key: Option<PathBuf>,

@@ -22,6 +22,18 @@ impl Tensor {
         Ok(Tensor { shape, data })
     }
 
+    /// Checks that the tensor has exactly the shape `expected`, as a backend prepared
+    /// for one input shape requires.
+    pub fn check_shape(&self, expected: &[usize]) -> Result<(), RuntimeError> {
+        if self.shape != expected {
+            return Err(RuntimeError::ShapeMismatch {
+                expected: expected.to_vec(),
+                found: self.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Returns row `index` of a tensor whose first dimension is the batch.
     pub fn row(&self, index: usize) -> &[f32] {
         let width: usize = self.shape[1..].iter().product();

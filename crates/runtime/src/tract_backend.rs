@@ -65,12 +65,7 @@ impl Backend for TractBackend {
     }
 
     fn run(&mut self, input: Tensor) -> Result<Tensor, RuntimeError> {
-        if input.shape != self.input_shape {
-            return Err(RuntimeError::ShapeMismatch {
-                expected: self.input_shape.clone(),
-                found: input.shape,
-            });
-        }
+        input.check_shape(&self.input_shape)?;
         let inference_error = |error: tract_onnx::prelude::TractError| RuntimeError::Inference {
             backend: "tract",
             reason: format!("{error:#}"),

@@ -30,7 +30,7 @@ pub const PROBABILITIES: &str = "probabilities";
 pub struct InferRequest {
     pub id: Option<String>,
     /// Request parameters; `binary_data_output: true` requests every output as binary
-    /// data unless the output says otherwise.
+    /// data unless the output's own parameter overrides it.
     #[serde(default)]
     pub parameters: Map<String, Value>,
     pub inputs: Vec<RequestInput>,

@@ -32,7 +32,7 @@ pub struct ConfigSettings {
     /// Seconds an update may wait for the commit, 1 to 86400.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_timeout_seconds: Option<f64>,
-    /// Top-1 confidence under which the device's local inference API asks the cloud, 0 to 1.
+    /// Top-1 confidence under which the device's local inference API sends requests to the cloud, 0 to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_threshold: Option<f32>,
 }
