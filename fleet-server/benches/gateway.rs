@@ -1,7 +1,9 @@
 //! Load benchmark of the inference gateway on loopback with the digit CNN.
 //!
-//! 1. Overhead: the same fixed request rate sent straight to a replica and through the
-//!    gateway (to a gateway with one replica), with latency percentiles side by side.
+//! 1. Overhead: the same fixed request rates (100 and 1,000 per second) sent straight to
+//!    a replica and through the gateway (to a gateway with one replica), with latency
+//!    percentiles side by side. A third row sends binary tensors through the gateway,
+//!    which re-encodes them as JSON for the replica and the response back.
 //! 2. Steps: an open-loop load of 10, then 500, then 10 requests per second through an
 //!    autoscaled gateway, reporting throughput, latency percentiles, the replica count
 //!    and the time until the p95 over the last second is back under the SLO.
@@ -43,7 +45,6 @@ async fn main() {
 
 /// Compares a replica called directly with the same replica behind the gateway.
 async fn overhead(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
-    let rate = 100.0;
     let duration = Duration::from_secs_f64(10.0 * scale);
     let replica = ReplicaProcess::start(bundle, &[]).await;
     let limits = "[limits]\nrate_per_second = 100000\nburst = 100000\n";
@@ -58,38 +59,96 @@ async fn overhead(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
 
     let direct_url = format!("{}/v2/models/digit-cnn/infer", replica.url);
     let gateway_url = format!("{}/v2/models/digit-cnn/infer", gateway.base);
+    let json = Bodies::json(reference);
+    let binary = Bodies::binary(reference);
     // Warm up connections and the model.
-    run_load(
-        &gateway,
-        reference,
-        &direct_url,
-        &[(20.0, Duration::from_secs(1))],
-    )
-    .await;
-    run_load(
-        &gateway,
-        reference,
-        &gateway_url,
-        &[(20.0, Duration::from_secs(1))],
-    )
-    .await;
-    let direct = run_load(&gateway, reference, &direct_url, &[(rate, duration)]).await;
-    let through = run_load(&gateway, reference, &gateway_url, &[(rate, duration)]).await;
+    for (url, bodies) in [
+        (&direct_url, &json),
+        (&gateway_url, &json),
+        (&gateway_url, &binary),
+    ] {
+        run_load(&gateway, bodies, url, &[(20.0, Duration::from_secs(1))]).await;
+    }
+    for rate in [100.0, 1000.0] {
+        let phase = [(rate, duration)];
+        let direct = summarize(&run_load(&gateway, &json, &direct_url, &phase).await);
+        let through = summarize(&run_load(&gateway, &json, &gateway_url, &phase).await);
+        let through_binary = summarize(&run_load(&gateway, &binary, &gateway_url, &phase).await);
 
-    println!("\n## Gateway overhead at {rate} requests/s, one replica, one sample per request\n");
-    println!("| path | requests | errors | p50 ms | p95 ms | p99 ms |");
-    println!("|---|---|---|---|---|---|");
-    let direct_stats = summarize(&direct);
-    let gateway_stats = summarize(&through);
-    print_row("replica directly", &direct_stats);
-    print_row("through the gateway", &gateway_stats);
-    println!(
-        "| gateway overhead | | | {:+.2} | {:+.2} | {:+.2} |",
-        gateway_stats.p50 - direct_stats.p50,
-        gateway_stats.p95 - direct_stats.p95,
-        gateway_stats.p99 - direct_stats.p99
-    );
+        println!(
+            "\n## Gateway overhead at {rate} requests/s for {:.0} s, one replica, one sample per request\n",
+            duration.as_secs_f64()
+        );
+        println!("| path | requests | errors | p50 ms | p95 ms | p99 ms |");
+        println!("|---|---|---|---|---|---|");
+        print_row("replica directly, JSON", &direct);
+        print_row("through the gateway, JSON", &through);
+        print_row("through the gateway, binary tensors", &through_binary);
+        for (name, stats) in [("JSON", &through), ("binary", &through_binary)] {
+            println!(
+                "| gateway overhead, {name} | | | {:+.2} | {:+.2} | {:+.2} |",
+                stats.p50 - direct.p50,
+                stats.p95 - direct.p95,
+                stats.p99 - direct.p99
+            );
+        }
+    }
     Arc::into_inner(gateway).unwrap().server.shutdown().await;
+}
+
+/// Request bodies for the 16 reference samples, encoded once so that the load loop
+/// spends its time sending, not serialising.
+#[derive(Debug)]
+struct Bodies {
+    bodies: Vec<bytes::Bytes>,
+    /// `Inference-Header-Content-Length` of each body, for binary tensors.
+    json_lengths: Option<Vec<usize>>,
+}
+
+impl Bodies {
+    fn json(reference: &Reference) -> Bodies {
+        let bodies = (0..16)
+            .map(|i| serde_json::to_vec(&reference.body(&[i])).unwrap().into())
+            .collect();
+        Bodies {
+            bodies,
+            json_lengths: None,
+        }
+    }
+
+    /// Bodies as Triton's client sends them by default: the input and the output as
+    /// binary data.
+    fn binary(reference: &Reference) -> Bodies {
+        let mut bodies = Vec::new();
+        let mut json_lengths = Vec::new();
+        for i in 0..16 {
+            let section = fleet_oip::encode_f32(reference.sample(i));
+            let json = serde_json::json!({
+                "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                            "parameters": {"binary_data_size": section.len()}}],
+                "outputs": [{"name": "logits", "parameters": {"binary_data": true}}],
+            });
+            let (body, json_length) =
+                fleet_oip::join_body(serde_json::to_vec(&json).unwrap(), [section]);
+            bodies.push(body.into());
+            json_lengths.push(json_length);
+        }
+        Bodies {
+            bodies,
+            json_lengths: Some(json_lengths),
+        }
+    }
+
+    fn request(&self, http: &reqwest::Client, url: &str, index: usize) -> reqwest::RequestBuilder {
+        let index = index % self.bodies.len();
+        let request = http.post(url).body(self.bodies[index].clone());
+        match &self.json_lengths {
+            None => request.header("content-type", "application/json"),
+            Some(lengths) => request
+                .header("content-type", "application/octet-stream")
+                .header(fleet_oip::JSON_LENGTH_HEADER, lengths[index]),
+        }
+    }
 }
 
 /// Drives 10, 500 and 10 requests per second through an autoscaled gateway.
@@ -132,7 +191,7 @@ async fn steps(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
             }
         })
     };
-    let samples = run_load(&gateway, reference, &url, &phases).await;
+    let samples = run_load(&gateway, &Bodies::json(reference), &url, &phases).await;
     sampler.abort();
     let replicas = replicas.lock().unwrap().clone();
 
@@ -191,7 +250,7 @@ async fn steps(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
 /// finished request.
 async fn run_load(
     gateway: &Arc<TestGateway>,
-    reference: &Arc<Reference>,
+    bodies: &Bodies,
     url: &str,
     phases: &[(f64, Duration)],
 ) -> Vec<Sample> {
@@ -205,12 +264,9 @@ async fn run_load(
         let mut next = phase_start;
         while next < phase_start + duration {
             tokio::time::sleep_until(tokio::time::Instant::from_std(started + next)).await;
-            let request = gateway
-                .http
-                .post(url)
-                .bearer_auth(&gateway.token)
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&reference.body(&[sent % 16])).unwrap());
+            let request = bodies
+                .request(&gateway.http, url, sent)
+                .bearer_auth(&gateway.token);
             let results = results.clone();
             let offset = started.elapsed();
             tasks.spawn(async move {

@@ -554,6 +554,115 @@ async fn throttle_admits_no_second_burst() {
     gateway.server.shutdown().await;
 }
 
+/// Sends `json` followed by `binary` with `Inference-Header-Content-Length`, as Triton's
+/// client does, and returns the status, headers and body.
+async fn infer_binary(
+    gateway: &TestGateway,
+    json: &serde_json::Value,
+    binary: &[u8],
+    json_length: Option<&str>,
+) -> (u16, HeaderMap, Vec<u8>) {
+    let json = serde_json::to_vec(json).unwrap();
+    let length = json.len().to_string();
+    let (body, _) = fleet_oip::join_body(json, [binary.to_vec()]);
+    let response = gateway
+        .http
+        .post(format!("{}/v2/models/digit-cnn/infer", gateway.base))
+        .bearer_auth(&gateway.token)
+        .header("content-type", "application/octet-stream")
+        .header(
+            fleet_oip::JSON_LENGTH_HEADER,
+            json_length.unwrap_or(&length),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.bytes().await.unwrap().to_vec())
+}
+
+/// Returns the message of a JSON error body.
+fn error_message(body: &[u8]) -> String {
+    let error: serde_json::Value = serde_json::from_slice(body).expect("JSON error body");
+    error["error"].as_str().expect("error message").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn binary_tensors_in_and_out() {
+    let bundle = TestBundle::new();
+    let gateway = TestGateway::start(&bundle.config("", "")).await;
+    gateway.wait_ready_backends(1, READY_TIMEOUT).await;
+    let reference = Reference::load();
+    let indices = [4, 9];
+    let samples: Vec<f32> = indices
+        .iter()
+        .flat_map(|&i| reference.sample(i).to_vec())
+        .collect();
+    let binary = fleet_oip::encode_f32(&samples);
+    let input = |size: usize| {
+        serde_json::json!({"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32",
+                           "parameters": {"binary_data_size": size}})
+    };
+
+    // Binary in, binary out: the logits follow the JSON part.
+    let request = serde_json::json!({"inputs": [input(binary.len())],
+                                     "parameters": {"binary_data_output": true}});
+    let (status, headers, body) = infer_binary(&gateway, &request, &binary, None).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["content-type"], "application/octet-stream");
+    let json_length: usize = headers[fleet_oip::JSON_LENGTH_HEADER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let head: serde_json::Value = serde_json::from_slice(&body[..json_length]).unwrap();
+    let output = &head["outputs"][0];
+    assert_eq!(
+        output["parameters"]["binary_data_size"],
+        2 * 10 * 4,
+        "{head}"
+    );
+    assert!(output.get("data").is_none(), "{head}");
+    let logits = fleet_oip::decode_f32("logits", &body[json_length..], 20).unwrap();
+    let as_json =
+        serde_json::json!({"outputs": [{"name": "logits", "shape": [2, 10], "data": logits}]});
+    assert_logits(&reference, &indices, &as_json);
+
+    // Binary in, JSON out.
+    let request = serde_json::json!({"inputs": [input(binary.len())]});
+    let (status, headers, body) = infer_binary(&gateway, &request, &binary, None).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(headers.get(fleet_oip::JSON_LENGTH_HEADER).is_none());
+    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_logits(&reference, &indices, &answer);
+
+    // A size that does not match the shape, bytes no input claims, and a JSON length
+    // past the body are each a 400 naming what is wrong.
+    let short = binary.len() - 4;
+    let request = serde_json::json!({"inputs": [input(short)]});
+    let (status, _, body) = infer_binary(&gateway, &request, &binary[..short], None).await;
+    assert_eq!(status, 400);
+    let error = error_message(&body);
+    assert!(error.contains("input \"input\""), "{error}");
+    assert!(error.contains(&format!("{short} bytes")), "{error}");
+
+    let request = serde_json::json!({"inputs": [input(binary.len())]});
+    let mut long = binary.clone();
+    long.extend([0; 8]);
+    let (status, _, body) = infer_binary(&gateway, &request, &long, None).await;
+    assert_eq!(status, 400);
+    let error = error_message(&body);
+    assert!(error.contains("8 bytes of binary data"), "{error}");
+
+    let (status, _, body) = infer_binary(&gateway, &request, &binary, Some("999999")).await;
+    assert_eq!(status, 400);
+    let error = error_message(&body);
+    assert!(error.contains(fleet_oip::JSON_LENGTH_HEADER), "{error}");
+    gateway.server.shutdown().await;
+}
+
 /// Starts an external OIP backend in the test process that records the headers it
 /// receives, and returns its URL.
 async fn start_recording_backend(seen: Arc<Mutex<Vec<HeaderMap>>>) -> String {

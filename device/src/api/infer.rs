@@ -14,9 +14,7 @@ use crate::model::{ModelInfo, top1};
 /// Largest batch one request may send, which bounds the work a request can ask for.
 pub const MAX_BATCH: usize = 64;
 
-/// Header that the binary tensor data extension uses to give the length of the JSON part
-/// of a body; the binary tensors follow it.
-pub const JSON_LENGTH_HEADER: &str = "inference-header-content-length";
+pub use fleet_oip::JSON_LENGTH_HEADER;
 
 /// Output with the predicted class index per sample.
 pub const TOP1_CLASS: &str = "top1_class";
@@ -109,15 +107,9 @@ impl OutputData {
     /// and each string as its 4-byte little-endian length followed by its bytes.
     fn to_binary(&self) -> Vec<u8> {
         match self {
-            OutputData::Float(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            OutputData::Int(values) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            OutputData::Text(values) => values
-                .iter()
-                .flat_map(|text| {
-                    let len = text.len() as u32;
-                    len.to_le_bytes().into_iter().chain(text.bytes())
-                })
-                .collect(),
+            OutputData::Float(values) => fleet_oip::encode_f32(values),
+            OutputData::Int(values) => fleet_oip::encode_i64(values),
+            OutputData::Text(values) => fleet_oip::encode_bytes(values),
         }
     }
 }
@@ -216,25 +208,17 @@ pub fn parse_body<'a>(
     headers: &HeaderMap,
     body: &'a [u8],
 ) -> Result<(InferRequest, &'a [u8]), ApiError> {
-    let json_len = match headers.get(JSON_LENGTH_HEADER) {
-        None => body.len(),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|text| text.trim().parse::<usize>().ok())
-            .filter(|&len| len <= body.len())
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "invalid {JSON_LENGTH_HEADER} header {value:?}: expected the length of \
-                     the JSON part, at most the body's {} bytes",
-                    body.len()
-                ))
-            })?,
-    };
-    let (json, binary) = body.split_at(json_len);
+    let json_length = headers
+        .get(JSON_LENGTH_HEADER)
+        .map(|value| value.as_bytes());
+    let (json, binary) = fleet_oip::split_body(json_length, body).map_err(bad_request)?;
     let request = serde_json::from_slice(json)
         .map_err(|error| ApiError::bad_request(format!("invalid inference request: {error}")))?;
     Ok((request, binary))
+}
+
+fn bad_request(error: fleet_oip::BinaryError) -> ApiError {
+    ApiError::bad_request(error.to_string())
 }
 
 /// A checked input: the batch size and the samples' floats one after another.
@@ -283,10 +267,17 @@ pub fn check_input(
     }
     let batch = check_shape(name, &input.shape, &expected)?;
     let needed = batch * info.sample_len();
-    let data = match input.parameters.get("binary_data_size") {
-        Some(size) => binary_floats(name, size, binary, needed)?,
-        None => json_floats(name, input.data.as_ref(), needed)?,
-    };
+    let data =
+        match fleet_oip::binary_data_size(Some(&input.parameters), name).map_err(bad_request)? {
+            Some(size) => {
+                // The model has one input, so its section is the whole binary part.
+                let mut sections = fleet_oip::Sections::new(binary);
+                let section = sections.take(name, size).map_err(bad_request)?;
+                sections.finish().map_err(bad_request)?;
+                fleet_oip::decode_f32(name, section, needed).map_err(bad_request)?
+            }
+            None => json_floats(name, input.data.as_ref(), needed)?,
+        };
     Ok(CheckedInput { batch, data })
 }
 
@@ -344,35 +335,19 @@ fn flatten(value: &Value, out: &mut Vec<f32>) -> Result<(), String> {
     }
 }
 
-/// Reads the elements of an input sent as binary data: little-endian float32, taken from
-/// the start of the binary part, since the model has one input.
-fn binary_floats(
-    name: &str,
-    size: &Value,
-    binary: &[u8],
-    needed: usize,
-) -> Result<Vec<f32>, ApiError> {
-    if size.as_u64() != Some(needed as u64 * 4) || binary.len() < needed * 4 {
-        return Err(ApiError::bad_request(format!(
-            "input {name:?} has binary_data_size {size} with {} binary bytes in the body, \
-             but its shape needs {} bytes of FP32",
-            binary.len(),
-            needed * 4
-        )));
-    }
-    Ok(binary[..needed * 4]
-        .chunks_exact(4)
-        .map(|bytes| f32::from_le_bytes(bytes.try_into().expect("4 bytes")))
-        .collect())
-}
-
 /// Checks the requested outputs and returns them, or every output when the request
 /// names none, each marked binary as the request parameters specify.
 pub fn requested_outputs(
     info: &ModelInfo,
     request: &InferRequest,
 ) -> Result<Vec<WantedOutput>, ApiError> {
-    let binary_default = flag(&request.parameters, "binary_data_output")?;
+    let binary_default = fleet_oip::flag(
+        Some(&request.parameters),
+        fleet_oip::BINARY_DATA_OUTPUT,
+        "the request",
+    )
+    .map_err(bad_request)?
+    .unwrap_or(false);
     let available: Vec<String> = output_metadata(info).into_iter().map(|o| o.name).collect();
     let Some(requested) = &request.outputs else {
         return Ok(available
@@ -396,27 +371,16 @@ pub fn requested_outputs(
     requested
         .iter()
         .map(|output| {
-            let binary = match output.parameters.get("binary_data") {
-                Some(_) => flag(&output.parameters, "binary_data")?,
-                None => binary_default,
-            };
+            let place = format!("output {:?}", output.name);
+            let binary = fleet_oip::flag(Some(&output.parameters), fleet_oip::BINARY_DATA, &place)
+                .map_err(bad_request)?
+                .unwrap_or(binary_default);
             Ok(WantedOutput {
                 name: output.name.clone(),
                 binary,
             })
         })
         .collect()
-}
-
-/// Reads a boolean parameter, false when absent.
-fn flag(parameters: &Map<String, Value>, name: &str) -> Result<bool, ApiError> {
-    match parameters.get(name) {
-        None => Ok(false),
-        Some(Value::Bool(value)) => Ok(*value),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "invalid parameter {name} {other}: expected true or false"
-        ))),
-    }
 }
 
 /// Builds the response from the model's raw output rows.
@@ -462,7 +426,7 @@ pub fn build_response(
         let output = if *binary {
             let bytes = data.to_binary();
             let mut parameters = Map::new();
-            parameters.insert("binary_data_size".into(), Value::from(bytes.len()));
+            parameters.insert(fleet_oip::BINARY_DATA_SIZE.into(), Value::from(bytes.len()));
             ResponseOutput {
                 name: name.clone(),
                 datatype,

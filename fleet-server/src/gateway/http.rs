@@ -243,7 +243,7 @@ async fn server_metadata() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "name": "fleet-gateway",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": ["binary_tensor_data"],
     }))
 }
 
@@ -368,10 +368,26 @@ async fn infer_checked(
     let (parts, body) = request.into_parts();
     let body = read_body(body, &parts.headers, state.max_body_bytes).await?;
     let model = find_model(state, name)?;
-    let parsed = oip::parse(&body)
-        .map_err(|error| GatewayError::new(StatusCode::BAD_REQUEST, error.to_string()))?;
-    oip::validate(&parsed, &model.metadata, state.max_batch_per_request)
-        .map_err(|error| GatewayError::new(StatusCode::BAD_REQUEST, error.to_string()))?;
+    let bad_request =
+        |error: oip::InvalidRequest| GatewayError::new(StatusCode::BAD_REQUEST, error.to_string());
+    let json_length = parts
+        .headers
+        .get(fleet_oip::JSON_LENGTH_HEADER)
+        .map(HeaderValue::as_bytes);
+    let (parsed, binary) = oip::parse(json_length, &body).map_err(bad_request)?;
+    let valid = oip::validate(
+        &parsed,
+        binary,
+        &model.metadata,
+        state.max_batch_per_request,
+    )
+    .map_err(bad_request)?;
+    // Backends get plain JSON; a JSON request without binary parameters passes as sent.
+    let body = if valid.binary_inputs || valid.binary_outputs.any() {
+        bytes::Bytes::from(oip::json_request(&parsed, &valid, &model.metadata))
+    } else {
+        body
+    };
 
     let forward = Forward {
         body,
@@ -397,8 +413,30 @@ async fn infer_checked(
             .get_or_create(&GatewayMetrics::model(name))
             .observe(elapsed.as_secs_f64());
     }
-    state.metrics.count_request(name, reply.status);
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if status.is_success() && valid.binary_outputs.any() {
+        let (body, json_length) = oip::binary_response(&reply.body, &valid.binary_outputs)
+            .map_err(|reason| {
+                tracing::warn!(model = %name, reason = %reason, "backend response not re-encoded as binary");
+                GatewayError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the backend's response could not be re-encoded as binary data: {reason}"),
+                )
+            })?;
+        state.metrics.count_request(name, reply.status);
+        let mut response = Response::new(Body::from(body));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        headers.insert(
+            fleet_oip::JSON_LENGTH_HEADER,
+            HeaderValue::from(json_length),
+        );
+        return Ok(response);
+    }
+    state.metrics.count_request(name, reply.status);
     let content_type = reply
         .content_type
         .unwrap_or(HeaderValue::from_static("application/json"));

@@ -1,10 +1,13 @@
 //! Open Inference Protocol (KServe v2) REST messages and the input checks that both the
 //! gateway and the replicas apply before a model runs.
 //!
-//! Only the JSON form is supported: tensor data travels in the `data` field, flat in
-//! row-major order or nested. The binary tensor extension (`Inference-Header-Content-Length`)
-//! is not.
+//! Tensor data travels in the `data` field, flat in row-major order or nested, or in the
+//! binary tensor data extension ([`fleet_oip`]), which Triton's clients use by default.
+//! Backends are always called with JSON, because not every Open Inference Protocol
+//! server reads binary tensors (Seldon MLServer does not). A client that requests binary
+//! outputs gets the backend's JSON response re-encoded by [`binary_response`].
 
+use fleet_oip::BinaryError;
 use serde::{Deserialize, Serialize};
 
 /// Body of `POST /v2/models/{name}/infer`.
@@ -27,8 +30,10 @@ pub struct InputTensor {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    /// Elements in row-major order, as one flat array or as nested arrays.
-    pub data: serde_json::Value,
+    /// Elements in row-major order, as one flat array or as nested arrays; absent when
+    /// the tensor is sent as binary data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
 }
@@ -107,6 +112,13 @@ impl ModelMetadata {
 pub enum InvalidRequest {
     #[error("invalid inference request: {0}")]
     Body(String),
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
+    #[error(
+        "input {name:?} has no data and no {} parameter",
+        fleet_oip::BINARY_DATA_SIZE
+    )]
+    NoData { name: String },
     #[error("input {name:?} is not an input of the model; it expects {expected:?}")]
     UnknownInput { name: String, expected: Vec<String> },
     #[error("missing input {name:?} with shape {shape}")]
@@ -149,28 +161,96 @@ pub enum InvalidRequest {
     },
 }
 
-/// A request that passed [`validate`]: the batch size and each input's elements.
+/// A request that passed [`validate`]: the batch size, each input's elements, and how
+/// the client wants the outputs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedRequest {
     /// Size of the first dimension shared by the inputs.
     pub batch: usize,
     /// Elements of each model input, in the model's input order.
     pub inputs: Vec<Vec<f32>>,
+    /// Whether any input came as binary data.
+    pub binary_inputs: bool,
+    pub binary_outputs: BinaryOutputs,
 }
 
-/// Parses a request body.
-pub fn parse(body: &[u8]) -> Result<InferRequest, InvalidRequest> {
-    serde_json::from_slice(body).map_err(|error| InvalidRequest::Body(error.to_string()))
+/// The outputs the client requested as binary data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BinaryOutputs {
+    /// The request's `binary_data_output` parameter.
+    default: bool,
+    /// Outputs whose own `binary_data` parameter decides.
+    named: Vec<(String, bool)>,
 }
 
-/// Checks a request against the model's inputs and outputs: every input present once,
-/// with the declared datatype, a shape that matches (any size where the model has -1)
-/// and as many numeric elements as the shape needs. Only `FP32` inputs are supported.
+impl BinaryOutputs {
+    /// Reads the request's and its outputs' binary parameters.
+    fn of(request: &InferRequest) -> Result<BinaryOutputs, BinaryError> {
+        let default = fleet_oip::flag(
+            request.parameters.as_ref(),
+            fleet_oip::BINARY_DATA_OUTPUT,
+            "the request",
+        )?
+        .unwrap_or(false);
+        let mut named = Vec::new();
+        for output in request.outputs.iter().flatten() {
+            let place = format!("output {:?}", output.name);
+            let flag = fleet_oip::flag(output.parameters.as_ref(), fleet_oip::BINARY_DATA, &place)?;
+            if let Some(flag) = flag {
+                named.push((output.name.clone(), flag));
+            }
+        }
+        Ok(BinaryOutputs { default, named })
+    }
+
+    /// Returns whether the output called `name` goes back as binary data.
+    pub fn wants(&self, name: &str) -> bool {
+        self.named
+            .iter()
+            .find(|(output, _)| output == name)
+            .map_or(self.default, |&(_, flag)| flag)
+    }
+
+    /// Returns whether any output may go back as binary data.
+    pub fn any(&self) -> bool {
+        self.default || self.named.iter().any(|&(_, flag)| flag)
+    }
+}
+
+/// Parses a request body, given the value of its `Inference-Header-Content-Length`
+/// header if it has one. Returns the request and the binary data after its JSON part.
+pub fn parse<'a>(
+    json_length: Option<&[u8]>,
+    body: &'a [u8],
+) -> Result<(InferRequest, &'a [u8]), InvalidRequest> {
+    let (json, binary) = fleet_oip::split_body(json_length, body)?;
+    let request =
+        serde_json::from_slice(json).map_err(|error| InvalidRequest::Body(error.to_string()))?;
+    Ok((request, binary))
+}
+
+/// Checks a request and the binary data after its JSON part against the model's inputs
+/// and outputs: every input present once, with the declared datatype, a shape that
+/// matches (any size where the model has -1) and as many numeric elements as the shape
+/// needs, and every binary byte claimed by an input. Only `FP32` inputs are supported.
 pub fn validate(
     request: &InferRequest,
+    binary: &[u8],
     metadata: &ModelMetadata,
     max_batch: usize,
 ) -> Result<ValidatedRequest, InvalidRequest> {
+    // Binary sections follow the order of the request's inputs, not the model's.
+    let mut sections = fleet_oip::Sections::new(binary);
+    let mut binary_sections = Vec::with_capacity(request.inputs.len());
+    for input in &request.inputs {
+        let section = match fleet_oip::binary_data_size(input.parameters.as_ref(), &input.name)? {
+            Some(size) => Some(sections.take(&input.name, size)?),
+            None => None,
+        };
+        binary_sections.push(section);
+    }
+    sections.finish()?;
+
     for (index, input) in request.inputs.iter().enumerate() {
         if !metadata.inputs.iter().any(|spec| spec.name == input.name) {
             return Err(InvalidRequest::UnknownInput {
@@ -195,12 +275,17 @@ pub fn validate(
     let mut batch = 1;
     let mut inputs = Vec::with_capacity(metadata.inputs.len());
     for spec in &metadata.inputs {
-        let Some(input) = request.inputs.iter().find(|input| input.name == spec.name) else {
+        let Some(position) = request
+            .inputs
+            .iter()
+            .position(|input| input.name == spec.name)
+        else {
             return Err(InvalidRequest::MissingInput {
                 name: spec.name.clone(),
                 shape: format_shape(&spec.shape),
             });
         };
+        let input = &request.inputs[position];
         check_input(input, spec)?;
         batch = input.shape.first().copied().unwrap_or(1) as usize;
         if batch > max_batch {
@@ -210,7 +295,17 @@ pub fn validate(
                 found: batch,
             });
         }
-        inputs.push(flatten(input)?);
+        let elements: usize = input.shape.iter().map(|&d| d as usize).product();
+        let values = match (binary_sections[position], &input.data) {
+            (Some(section), _) => fleet_oip::decode_f32(&input.name, section, elements)?,
+            (None, Some(data)) => flatten(&input.name, data, elements, &input.shape)?,
+            (None, None) => {
+                return Err(InvalidRequest::NoData {
+                    name: input.name.clone(),
+                });
+            }
+        };
+        inputs.push(values);
     }
 
     if let Some(outputs) = &request.outputs {
@@ -227,7 +322,97 @@ pub fn validate(
             }
         }
     }
-    Ok(ValidatedRequest { batch, inputs })
+    Ok(ValidatedRequest {
+        batch,
+        inputs,
+        binary_inputs: binary_sections.iter().any(Option::is_some),
+        binary_outputs: BinaryOutputs::of(request)?,
+    })
+}
+
+/// Returns the request as plain JSON for a backend: every input's elements in `data`,
+/// flat, and no binary parameters.
+pub fn json_request(
+    request: &InferRequest,
+    valid: &ValidatedRequest,
+    metadata: &ModelMetadata,
+) -> Vec<u8> {
+    let mut plain = request.clone();
+    for input in &mut plain.inputs {
+        if let Some(index) = metadata
+            .inputs
+            .iter()
+            .position(|spec| spec.name == input.name)
+        {
+            input.data = Some(serde_json::Value::from(valid.inputs[index].clone()));
+        }
+        remove_parameter(&mut input.parameters, fleet_oip::BINARY_DATA_SIZE);
+    }
+    for output in plain.outputs.iter_mut().flatten() {
+        remove_parameter(&mut output.parameters, fleet_oip::BINARY_DATA);
+    }
+    remove_parameter(&mut plain.parameters, fleet_oip::BINARY_DATA_OUTPUT);
+    serde_json::to_vec(&plain).expect("a request parsed from JSON serialises")
+}
+
+fn remove_parameter(
+    parameters: &mut Option<serde_json::Map<String, serde_json::Value>>,
+    name: &str,
+) {
+    if let Some(map) = parameters {
+        map.remove(name);
+        if map.is_empty() {
+            *parameters = None;
+        }
+    }
+}
+
+/// Re-encodes a JSON inference response so that the outputs the client requested as
+/// binary data carry it after the JSON part. Returns the body and the length of its JSON
+/// part.
+pub fn binary_response(json: &[u8], wanted: &BinaryOutputs) -> Result<(Vec<u8>, usize), String> {
+    let mut response: serde_json::Value = serde_json::from_slice(json)
+        .map_err(|error| format!("the backend's response is not JSON: {error}"))?;
+    let outputs = response
+        .get_mut("outputs")
+        .and_then(serde_json::Value::as_array_mut)
+        .ok_or("the backend's response has no outputs")?;
+    let mut sections = Vec::new();
+    for output in outputs {
+        let object = output
+            .as_object_mut()
+            .ok_or("the backend's response has an output that is not an object")?;
+        let name = object
+            .get("name")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        if !wanted.wants(&name) {
+            continue;
+        }
+        let datatype = object
+            .get("datatype")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let Some(data) = object.remove("data") else {
+            return Err(format!("the backend's output {name:?} has no data"));
+        };
+        let section =
+            fleet_oip::encode_json(&name, &datatype, &data).map_err(|error| error.to_string())?;
+        let parameters = object
+            .entry("parameters")
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if let Some(parameters) = parameters.as_object_mut() {
+            parameters.insert(
+                fleet_oip::BINARY_DATA_SIZE.into(),
+                serde_json::Value::from(section.len()),
+            );
+        }
+        sections.push(section);
+    }
+    let json = serde_json::to_vec(&response).expect("a parsed response serialises");
+    Ok(fleet_oip::join_body(json, sections))
 }
 
 fn check_input(input: &InputTensor, spec: &TensorMetadata) -> Result<(), InvalidRequest> {
@@ -255,10 +440,14 @@ fn check_input(input: &InputTensor, spec: &TensorMetadata) -> Result<(), Invalid
 }
 
 /// Collects the numbers of an input's data, flat or nested, and checks their count.
-fn flatten(input: &InputTensor) -> Result<Vec<f32>, InvalidRequest> {
-    let expected: usize = input.shape.iter().map(|&d| d as usize).product();
+fn flatten(
+    name: &str,
+    data: &serde_json::Value,
+    expected: usize,
+    shape: &[i64],
+) -> Result<Vec<f32>, InvalidRequest> {
     let mut values = Vec::with_capacity(expected);
-    let mut pending = vec![&input.data];
+    let mut pending = vec![data];
     while let Some(value) = pending.pop() {
         match value {
             serde_json::Value::Array(items) => pending.extend(items.iter().rev()),
@@ -269,7 +458,7 @@ fn flatten(input: &InputTensor) -> Result<Vec<f32>, InvalidRequest> {
                 let mut element = other.to_string();
                 element.truncate(40);
                 return Err(InvalidRequest::NotANumber {
-                    name: input.name.clone(),
+                    name: name.to_owned(),
                     element,
                 });
             }
@@ -277,8 +466,8 @@ fn flatten(input: &InputTensor) -> Result<Vec<f32>, InvalidRequest> {
     }
     if values.len() != expected {
         return Err(InvalidRequest::ElementCount {
-            name: input.name.clone(),
-            shape: input.shape.clone(),
+            name: name.to_owned(),
+            shape: shape.to_vec(),
             expected,
             found: values.len(),
         });
@@ -329,7 +518,7 @@ mod tests {
         ]}));
         let expected: Vec<f32> = (0..8).map(|v| v as f32).collect();
         for body in [flat, nested] {
-            let valid = validate(&body, &digit_model(), 64).unwrap();
+            let valid = validate(&body, &[], &digit_model(), 64).unwrap();
             assert_eq!(valid.batch, 2);
             assert_eq!(valid.inputs, vec![expected.clone()]);
         }
@@ -340,7 +529,7 @@ mod tests {
         let body = request(serde_json::json!({"inputs": [
             {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}
         ]}));
-        let error = validate(&body, &digit_model(), 64).unwrap_err();
+        let error = validate(&body, &[], &digit_model(), 64).unwrap_err();
         let message = error.to_string();
         assert!(message.contains("\"input\""), "{message}");
         assert!(message.contains("[-1, 1, 2, 2]"), "{message}");
@@ -352,14 +541,14 @@ mod tests {
             {"name": "input", "shape": [1, 1, 2, 2], "datatype": "INT8", "data": [0, 1, 2, 3]}
         ]}));
         assert!(matches!(
-            validate(&int8, &digit_model(), 64),
+            validate(&int8, &[], &digit_model(), 64),
             Err(InvalidRequest::Datatype { .. })
         ));
         let short = request(serde_json::json!({"inputs": [
             {"name": "input", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [0, 1, 2]}
         ]}));
         assert!(matches!(
-            validate(&short, &digit_model(), 64),
+            validate(&short, &[], &digit_model(), 64),
             Err(InvalidRequest::ElementCount {
                 expected: 4,
                 found: 3,
@@ -370,7 +559,7 @@ mod tests {
             {"name": "input", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [0, 1, 2, "x"]}
         ]}));
         assert!(matches!(
-            validate(&text, &digit_model(), 64),
+            validate(&text, &[], &digit_model(), 64),
             Err(InvalidRequest::NotANumber { .. })
         ));
     }
@@ -381,19 +570,19 @@ mod tests {
             {"name": "image", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [0, 1, 2, 3]}
         ]}));
         assert!(matches!(
-            validate(&unknown, &digit_model(), 64),
+            validate(&unknown, &[], &digit_model(), 64),
             Err(InvalidRequest::UnknownInput { .. })
         ));
         let missing = request(serde_json::json!({"inputs": []}));
         assert!(matches!(
-            validate(&missing, &digit_model(), 64),
+            validate(&missing, &[], &digit_model(), 64),
             Err(InvalidRequest::MissingInput { .. })
         ));
         let large = request(serde_json::json!({"inputs": [
             {"name": "input", "shape": [3, 1, 2, 2], "datatype": "FP32", "data": vec![0; 12]}
         ]}));
         assert!(matches!(
-            validate(&large, &digit_model(), 2),
+            validate(&large, &[], &digit_model(), 2),
             Err(InvalidRequest::BatchTooLarge {
                 max: 2,
                 found: 3,
@@ -405,8 +594,80 @@ mod tests {
             "outputs": [{"name": "probabilities"}]
         }));
         assert!(matches!(
-            validate(&output, &digit_model(), 64),
+            validate(&output, &[], &digit_model(), 64),
             Err(InvalidRequest::UnknownOutput { .. })
         ));
+    }
+
+    fn binary_request(parameters: serde_json::Value) -> (InferRequest, Vec<u8>) {
+        let values: Vec<f32> = (0..8).map(|v| v as f32 / 2.0).collect();
+        let body = request(serde_json::json!({
+            "inputs": [{"name": "input", "shape": [2, 1, 2, 2], "datatype": "FP32",
+                        "parameters": {"binary_data_size": 32}}],
+            "parameters": parameters,
+        }));
+        (body, fleet_oip::encode_f32(&values))
+    }
+
+    #[test]
+    fn validate_reads_binary_inputs() {
+        let (body, binary) = binary_request(serde_json::json!({}));
+        let valid = validate(&body, &binary, &digit_model(), 64).unwrap();
+        assert_eq!(
+            valid.inputs[0],
+            fleet_oip::decode_f32("x", &binary, 8).unwrap()
+        );
+        assert!(valid.binary_inputs);
+        assert!(!valid.binary_outputs.any());
+
+        let error = validate(&body, &binary[..28], &digit_model(), 64).unwrap_err();
+        assert!(error.to_string().contains("\"input\""), "{error}");
+        let mut long = binary.clone();
+        long.extend([0; 4]);
+        assert!(matches!(
+            validate(&body, &long, &digit_model(), 64),
+            Err(InvalidRequest::Binary(BinaryError::TrailingBytes(4)))
+        ));
+        let no_data = request(serde_json::json!({"inputs": [
+            {"name": "input", "shape": [1, 1, 2, 2], "datatype": "FP32"}
+        ]}));
+        assert!(matches!(
+            validate(&no_data, &[], &digit_model(), 64),
+            Err(InvalidRequest::NoData { .. })
+        ));
+    }
+
+    #[test]
+    fn json_request_carries_binary_inputs_as_data() {
+        let (body, binary) = binary_request(serde_json::json!({"binary_data_output": true}));
+        let valid = validate(&body, &binary, &digit_model(), 64).unwrap();
+        assert!(valid.binary_outputs.wants("logits"));
+        let plain: serde_json::Value =
+            serde_json::from_slice(&json_request(&body, &valid, &digit_model())).unwrap();
+        assert_eq!(
+            plain["inputs"][0]["data"],
+            serde_json::json!([0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5])
+        );
+        assert!(plain["inputs"][0].get("parameters").is_none(), "{plain}");
+        assert!(plain.get("parameters").is_none(), "{plain}");
+    }
+
+    #[test]
+    fn binary_response_encodes_the_wanted_outputs() {
+        let answer = serde_json::json!({"model_name": "digit-cnn", "outputs": [
+            {"name": "logits", "shape": [1, 2], "datatype": "FP32", "data": [0.25, -1.0]},
+            {"name": "label", "shape": [1], "datatype": "INT64", "data": [3]},
+        ]});
+        let wanted = BinaryOutputs {
+            default: true,
+            named: vec![("label".into(), false)],
+        };
+        let (body, json_length) =
+            binary_response(&serde_json::to_vec(&answer).unwrap(), &wanted).unwrap();
+        let head: serde_json::Value = serde_json::from_slice(&body[..json_length]).unwrap();
+        assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert!(head["outputs"][0].get("data").is_none(), "{head}");
+        assert_eq!(head["outputs"][1]["data"], serde_json::json!([3]));
+        assert_eq!(&body[json_length..], fleet_oip::encode_f32(&[0.25, -1.0]));
     }
 }

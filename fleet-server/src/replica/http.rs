@@ -48,7 +48,7 @@ async fn server_metadata() -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "name": "fleet-replica",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": [],
+        "extensions": ["binary_tensor_data"],
     }))
 }
 
@@ -110,13 +110,21 @@ async fn infer(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<InferResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     check_name(&state, &name)?;
     let bad_request =
         |error: oip::InvalidRequest| ApiError::new(StatusCode::BAD_REQUEST, error.to_string());
-    let request = oip::parse(&body).map_err(bad_request)?;
-    let valid = oip::validate(&request, &state.metadata, state.max_batch_per_request)
-        .map_err(bad_request)?;
+    let json_length = headers
+        .get(fleet_oip::JSON_LENGTH_HEADER)
+        .map(|value| value.as_bytes());
+    let (request, binary) = oip::parse(json_length, &body).map_err(bad_request)?;
+    let valid = oip::validate(
+        &request,
+        binary,
+        &state.metadata,
+        state.max_batch_per_request,
+    )
+    .map_err(bad_request)?;
     let traceparent = headers
         .get("traceparent")
         .and_then(|value| value.to_str().ok())
@@ -160,7 +168,7 @@ async fn infer(
     let shape = std::iter::once(valid.batch as i64)
         .chain(output.row_shape.iter().map(|&d| d as i64))
         .collect();
-    Ok(Json(InferResponse {
+    let response = InferResponse {
         model_name: state.metadata.name.clone(),
         model_version: state.metadata.versions.first().cloned(),
         id: request.id,
@@ -170,5 +178,22 @@ async fn infer(
             datatype: "FP32".into(),
             data: output.data,
         }],
-    }))
+    };
+    if !valid.binary_outputs.any() {
+        return Ok(Json(response).into_response());
+    }
+    let json = serde_json::to_vec(&response).expect("a response serialises");
+    let (body, json_length) = oip::binary_response(&json, &valid.binary_outputs)
+        .map_err(|reason| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, reason))?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE.as_str(),
+                "application/octet-stream".to_owned(),
+            ),
+            (fleet_oip::JSON_LENGTH_HEADER, json_length.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../../../tests/common/ports.rs"]
+pub mod ports;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -416,4 +419,61 @@ pub fn process_alive(pid: u64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| !stat.contains(") Z "))
         .unwrap_or(false)
+}
+
+/// Returns the Python of `target/python-clients` (tritonclient, MLServer, onnxruntime),
+/// or `None` with the reason printed when `scripts/setup-python-clients` has not made it.
+pub fn python_clients() -> Option<PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/python-clients/bin/python");
+    if python.exists() {
+        Some(python)
+    } else {
+        eprintln!(
+            "skipped: {} is missing; run scripts/setup-python-clients to create it",
+            python.display()
+        );
+        None
+    }
+}
+
+/// Returns the folder of the tests' Python scripts.
+pub fn python_scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python")
+}
+
+/// Runs `tests/python/gateway_client.py` against the gateway's digit model, which sends
+/// the first four reference samples as JSON and as binary tensors, and checks both
+/// responses against the reference logits.
+pub async fn check_with_tritonclient(python: &Path, gateway: &TestGateway) {
+    let address = gateway.base.trim_start_matches("http://").to_owned();
+    let output = tokio::process::Command::new(python)
+        .arg(python_scripts().join("gateway_client.py"))
+        .args([&address, &gateway.token])
+        .arg(models_dir().join("digit-cnn/reference/inputs.f32"))
+        .arg("digit-cnn")
+        .output()
+        .await
+        .expect("run gateway_client.py");
+    assert!(
+        output.status.success(),
+        "gateway_client.py failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answers: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("gateway_client.py prints JSON");
+    let reference = Reference::load();
+    for form in ["json", "binary"] {
+        let rows = answers[form].as_array().expect("logits rows");
+        assert_eq!(rows.len(), 4, "{form}: {answers}");
+        for (index, row) in rows.iter().enumerate() {
+            for class in 0..CLASSES {
+                let found = row[class].as_f64().unwrap() as f32;
+                let expected = reference.expected(index)[class];
+                assert!(
+                    (found - expected).abs() < 1e-3,
+                    "{form}, sample {index}: {found} vs {expected}"
+                );
+            }
+        }
+    }
 }
