@@ -58,6 +58,12 @@ pub struct DeviceArgs {
     /// drops the connection on an oversized packet [default: 66560].
     #[arg(long)]
     pub max_packet_bytes: Option<usize>,
+    /// MQTT protocol version: 3.1.1, or 5 for brokers that support it (Mosquitto, EMQX,
+    /// HiveMQ), which adds each payload's content type and takes the broker's maximum
+    /// packet size from its CONNACK when that is smaller than --max-packet-bytes. The
+    /// fleet server's embedded broker speaks 3.1.1 only [default: 3.1.1].
+    #[arg(long)]
+    pub mqtt_version: Option<String>,
     /// Bundle folder written by `compress bundle`.
     #[arg(long)]
     pub bundle: Option<PathBuf>,
@@ -173,6 +179,7 @@ struct FileConfig {
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
     max_packet_bytes: Option<usize>,
+    mqtt_version: Option<String>,
     bundle: Option<PathBuf>,
     public_key: Option<PathBuf>,
     input: Option<PathBuf>,
@@ -212,6 +219,7 @@ pub struct DeviceConfig {
     pub broker_tls: fleet_mqtt::TlsFiles,
     /// Largest MQTT packet sent or accepted, in bytes.
     pub max_packet_bytes: usize,
+    pub mqtt_version: crate::mqtt::MqttVersion,
     pub bundle: PathBuf,
     pub public_key: PathBuf,
     pub input: PathBuf,
@@ -288,6 +296,12 @@ impl DeviceConfig {
                  {MIN_MAX_PACKET_BYTES} to {MQTT_MAX_PACKET_BYTES} bytes"
             );
         }
+        let mqtt_version = match args.mqtt_version.or(file.mqtt_version) {
+            Some(text) => text
+                .parse()
+                .map_err(|message: String| anyhow::anyhow!("--mqtt-version: {message}"))?,
+            None => crate::mqtt::MqttVersion::default(),
+        };
         let shard = args.shard.or(file.shard).unwrap_or_else(|| "0/1".into());
         let (shard_index, shard_count) = parse_shard(&shard)?;
         let rate = args.rate.or(file.rate).unwrap_or(10.0);
@@ -390,6 +404,7 @@ impl DeviceConfig {
             broker,
             broker_tls,
             max_packet_bytes,
+            mqtt_version,
             shard_index,
             shard_count,
             rate: (rate > 0.0).then_some(rate),

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::mqtt::{PublishKind, Publisher, SessionEvent, publish_packet_size};
+use crate::mqtt::{PublishKind, Publisher, SessionEvent};
 use crate::outbox::{Outbox, OutboxStats};
 use crate::settings::LiveSettings;
 
@@ -65,8 +65,6 @@ pub struct ForwarderConfig {
     pub settings: watch::Receiver<LiveSettings>,
     /// Records sent and not yet acknowledged at most.
     pub window: usize,
-    /// Largest MQTT packet the broker takes; a record that does not fit is set aside.
-    pub max_packet_bytes: usize,
 }
 
 /// One record sent and not yet known to be acknowledged in order.
@@ -208,14 +206,15 @@ impl Forwarder {
                 Some((&EVENT_RECORD, event)) => (&self.config.events_topic, event.to_vec()),
                 _ => (&self.config.topic, record.payload),
             };
-            let packet_bytes = publish_packet_size(topic, payload.len());
-            if packet_bytes > self.config.max_packet_bytes {
+            let packet_bytes = self.publisher.packet_size(topic, &payload);
+            let max_packet_bytes = self.publisher.max_packet_bytes();
+            if packet_bytes > max_packet_bytes {
                 // A broker closes the connection on an oversized packet, so sending this
                 // record would block every record behind it on each reconnect.
                 tracing::error!(
                     position = record.position,
                     packet_bytes,
-                    max_packet_bytes = self.config.max_packet_bytes,
+                    max_packet_bytes,
                     topic = %topic,
                     "record larger than the maximum packet size dropped from the outbox; raise --max-packet-bytes if the broker takes larger packets"
                 );

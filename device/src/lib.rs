@@ -166,7 +166,6 @@ pub async fn run(config: DeviceConfig) -> anyhow::Result<()> {
             events_topic: topic::device_topic(&config.device_id, topic::TopicKind::Events),
             settings: settings.clone(),
             window: FORWARD_WINDOW,
-            max_packet_bytes: config.max_packet_bytes,
         },
         session_events_rx,
         appended.clone(),

@@ -1,4 +1,5 @@
-//! The MQTT session: connects with a last will, keeps reconnecting with backoff,
+//! The MQTT session, over MQTT 3.1.1 or 5 ([`link`]): connects with a last will, keeps
+//! reconnecting with backoff,
 //! subscribes to the device's command topic after every connection and then publishes
 //! the retained online status, hands commands to the updater, and traces each PUBACK back to
 //! the outbox record it acknowledges.
@@ -10,19 +11,20 @@
 //! queue together with that list (under one lock, so no request slips between them), and
 //! the forwarder sends the unacknowledged records again from the outbox.
 
+pub mod link;
+
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use fleet_wire::{DeviceState, ModelRef, Status, topic};
-use rumqttc::{
-    AsyncClient, ClientError, Event, EventLoop, LastWill, Outgoing, Packet, QoS,
-    SubscribeReasonCode,
-};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::DeviceConfig;
+use link::{Client, LinkEvent, RequestError};
+pub use link::{EventLoop, MqttVersion};
 
 /// Keepalive interval; a silent link is noticed after about 1.5 times this.
 const KEEPALIVE: Duration = Duration::from_secs(10);
@@ -38,26 +40,29 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Builds the client and its event loop; nothing connects until the loop is polled.
 pub fn connect(config: &DeviceConfig) -> anyhow::Result<(Publisher, EventLoop)> {
-    let mut options = fleet_mqtt::options(
-        format!("fleet-device-{}", config.device_id),
-        &config.broker,
-        &config.broker_tls,
-    )
-    .with_context(|| format!("invalid TLS settings for broker {}", config.broker))?;
-    options.set_keep_alive(KEEPALIVE);
-    if let Some(credentials) = &config.credentials {
-        options.set_credentials(credentials.username.clone(), credentials.password.clone());
-    }
-    options.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
+    let transport = fleet_mqtt::transport(&config.broker, &config.broker_tls)
+        .with_context(|| format!("invalid TLS settings for broker {}", config.broker))?;
     let will = status_payload(config, None, DeviceState::Offline)?;
-    options.set_last_will(LastWill::new(
-        topic::device_topic(&config.device_id, topic::TopicKind::Status),
-        will,
-        QoS::AtLeastOnce,
-        true,
-    ));
-    let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    Ok((Publisher::new(client), eventloop))
+    let options = link::LinkOptions {
+        client_id: format!("fleet-device-{}", config.device_id),
+        broker: config.broker.clone(),
+        transport,
+        keep_alive: KEEPALIVE,
+        credentials: config
+            .credentials
+            .as_ref()
+            .map(|c| (c.username.clone(), c.password.clone())),
+        max_packet_bytes: config.max_packet_bytes,
+        will: link::Will {
+            topic: topic::device_topic(&config.device_id, topic::TopicKind::Status),
+            content_type: fleet_wire::content_type(&will),
+            payload: will,
+        },
+        request_capacity: REQUEST_CAPACITY,
+    };
+    let (client, eventloop) = link::new(config.mqtt_version, options);
+    let publisher = Publisher::new(client, config.mqtt_version, config.max_packet_bytes);
+    Ok((publisher, eventloop))
 }
 
 /// Encodes a status message for this device.
@@ -141,31 +146,70 @@ struct Tracker {
 /// The MQTT client with the bookkeeping that traces acknowledgements back.
 #[derive(Debug, Clone)]
 pub struct Publisher {
-    client: AsyncClient,
+    client: Client,
     tracker: Arc<Mutex<Tracker>>,
+    version: MqttVersion,
+    /// The configured maximum packet size.
+    configured_max_packet: usize,
+    /// The maximum packet size in force: the configured one, or the broker's when an
+    /// MQTT 5 broker states a smaller one.
+    max_packet: Arc<AtomicUsize>,
 }
 
 impl Publisher {
-    fn new(client: AsyncClient) -> Publisher {
+    fn new(client: Client, version: MqttVersion, max_packet_bytes: usize) -> Publisher {
         Publisher {
             client,
             tracker: Arc::default(),
+            version,
+            configured_max_packet: max_packet_bytes,
+            max_packet: Arc::new(AtomicUsize::new(max_packet_bytes)),
         }
     }
 
     /// Queues a QoS 1 publish without waiting; fails when the client's queue is full.
+    /// With MQTT 5 the payload's content type goes with it.
     pub fn publish(
         &self,
         topic: &str,
         kind: PublishKind,
         retain: bool,
         payload: Vec<u8>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), RequestError> {
         let mut tracker = self.lock();
+        let content_type = fleet_wire::content_type(&payload);
         self.client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)?;
+            .try_publish(topic, retain, payload, content_type)?;
         tracker.requested.push_back(kind);
         Ok(())
+    }
+
+    /// Returns the largest packet the broker takes, in bytes.
+    pub fn max_packet_bytes(&self) -> usize {
+        self.max_packet.load(Ordering::Relaxed)
+    }
+
+    /// Returns the size of the PUBLISH packet that carries `payload` on `topic`.
+    pub fn packet_size(&self, topic: &str, payload: &[u8]) -> usize {
+        let content_type = fleet_wire::content_type(payload);
+        link::publish_packet_size(self.version, topic, content_type, payload.len())
+    }
+
+    /// Applies the maximum packet size an MQTT 5 broker stated in its CONNACK.
+    fn broker_max_packet(&self, broker_max: Option<u32>) {
+        let limit = match broker_max {
+            Some(broker_max) => self.configured_max_packet.min(broker_max as usize),
+            None => self.configured_max_packet,
+        };
+        let previous = self.max_packet.swap(limit, Ordering::Relaxed);
+        if limit != previous {
+            tracing::info!(
+                broker_max_packet_bytes = broker_max,
+                configured_max_packet_bytes = self.configured_max_packet,
+                max_packet_bytes = limit,
+                "maximum packet size set from the broker's CONNACK"
+            );
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Tracker> {
@@ -207,14 +251,9 @@ impl Publisher {
     /// Discards every publish not yet acknowledged, in the tracker and in the event loop,
     /// so nothing is sent again behind the forwarder's back.
     fn discard_unacknowledged(&self, eventloop: &mut EventLoop) {
+        // Holding the lock keeps new requests out while the loop drops the old ones.
         let mut tracker = self.lock();
-        // `clean` moves requests still in the channel into `pending`, so clearing
-        // `pending` removes them too; holding the lock keeps new ones out meanwhile.
-        eventloop.clean();
-        eventloop.pending.clear();
-        // `clean` keeps a publish that waits on a packet id in use. That id's ack never
-        // comes on a new connection, and rumqttc sends nothing new while one waits.
-        eventloop.state.collision = None;
+        eventloop.discard_unacknowledged();
         *tracker = Tracker::default();
     }
 }
@@ -239,36 +278,30 @@ pub async fn drive(
             _ = shutdown.changed() => break,
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(code = ?ack.code, after_failures = failures, "connected to broker");
+            Ok(LinkEvent::Connected { broker_max_packet }) => {
+                tracing::info!(after_failures = failures, "connected to broker");
+                publisher.broker_max_packet(broker_max_packet);
                 connected_at = Some(Instant::now());
                 let _ = events.send(SessionEvent::Connected);
                 // The server repeats missed commands as soon as it receives the online
                 // status, and a clean session holds no subscription yet, so the status
                 // waits for the broker to confirm the command subscription.
-                if let Err(error) = publisher
-                    .client
-                    .try_subscribe(&session.command_topic, QoS::AtLeastOnce)
-                {
+                if let Err(error) = publisher.client.try_subscribe(&session.command_topic) {
                     tracing::warn!(%error, topic = %session.command_topic, "command subscription not queued");
                     publish_online(&publisher, &session);
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                if ack
-                    .return_codes
-                    .iter()
-                    .any(|code| matches!(code, SubscribeReasonCode::Failure))
-                {
+            Ok(LinkEvent::Subscribed { rejected }) => {
+                if rejected {
                     tracing::warn!(topic = %session.command_topic, "broker rejected the command subscription, so no commands will arrive");
                 }
                 publish_online(&publisher, &session);
             }
-            Ok(Event::Incoming(Packet::Publish(message))) => {
-                if message.topic == session.command_topic {
-                    let _ = session.commands.send(message.payload.to_vec());
+            Ok(LinkEvent::Message { topic, payload }) => {
+                if topic == session.command_topic {
+                    let _ = session.commands.send(payload);
                 } else {
-                    tracing::debug!(topic = %message.topic, "message on an unexpected topic ignored");
+                    tracing::debug!(%topic, "message on an unexpected topic ignored");
                 }
             }
             Ok(event) => trace_event(&publisher, &events, event),
@@ -308,20 +341,6 @@ pub async fn drive(
     flush_and_disconnect(&mut eventloop, &publisher, &session, &events).await;
 }
 
-/// Returns the size in bytes of an MQTT 3.1.1 QoS 1 PUBLISH packet, headers included,
-/// as rumqttc measures it against the maximum packet size.
-pub fn publish_packet_size(topic: &str, payload_len: usize) -> usize {
-    // Topic with its 2-byte length, then the 2-byte packet id, then the payload.
-    let remaining = 2 + topic.len() + 2 + payload_len;
-    let length_bytes = match remaining {
-        0..128 => 1,
-        128..16_384 => 2,
-        16_384..2_097_152 => 3,
-        _ => 4,
-    };
-    1 + length_bytes + remaining
-}
-
 /// Queues the retained online status of the model in use.
 fn publish_online(publisher: &Publisher, session: &SessionConfig) {
     let online = session.status.borrow().online.clone();
@@ -332,12 +351,16 @@ fn publish_online(publisher: &Publisher, session: &SessionConfig) {
 }
 
 /// Pairs sent publishes with packet ids and reports telemetry acknowledgements.
-fn trace_event(publisher: &Publisher, events: &mpsc::UnboundedSender<SessionEvent>, event: Event) {
+fn trace_event(
+    publisher: &Publisher,
+    events: &mpsc::UnboundedSender<SessionEvent>,
+    event: LinkEvent,
+) {
     match event {
-        Event::Outgoing(Outgoing::Publish(pkid)) => publisher.sent(pkid),
-        Event::Outgoing(Outgoing::AwaitAck(pkid)) => publisher.collided(pkid),
-        Event::Incoming(Packet::PubAck(ack)) => {
-            if let Some(PublishKind::Telemetry { position }) = publisher.acked(ack.pkid) {
+        LinkEvent::Sent(pkid) => publisher.sent(pkid),
+        LinkEvent::Waiting(pkid) => publisher.collided(pkid),
+        LinkEvent::Acked(pkid) => {
+            if let Some(PublishKind::Telemetry { position }) = publisher.acked(pkid) {
                 let _ = events.send(SessionEvent::Acked { position });
             }
         }
@@ -363,7 +386,7 @@ async fn flush_and_disconnect(
     loop {
         tokio::select! {
             event = eventloop.poll() => match event {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(LinkEvent::Disconnected) => break,
                 Ok(event) => trace_event(publisher, events, event),
                 Err(error) => {
                     tracing::debug!(%error, "connection closed while flushing");
@@ -386,25 +409,4 @@ fn jittered(base: Duration) -> Duration {
         .map_or(0, |d| d.subsec_nanos());
     let factor = 0.5 + f64::from(nanos % 1000) / 1000.0;
     base.mul_f64(factor)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packet_size_matches_rumqttc() {
-        let topic = "fleet/v1/pi-07/telemetry";
-        for payload_len in [0, 1, 90, 100, 16_350, 16_400, 70_000, 2_100_000] {
-            let mut publish =
-                rumqttc::Publish::new(topic, QoS::AtLeastOnce, vec![0u8; payload_len]);
-            // The event loop assigns the packet id before it checks the size.
-            publish.pkid = 1;
-            assert_eq!(
-                publish_packet_size(topic, payload_len),
-                publish.size(),
-                "payload of {payload_len} bytes"
-            );
-        }
-    }
 }

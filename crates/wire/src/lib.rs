@@ -26,6 +26,22 @@ pub const SCHEMA_POSTCARD_V1: u8 = 1;
 /// JSON payload still reads as plain JSON to tools that ignore the prefix.
 pub const SCHEMA_JSON_V1: u8 = b'{';
 
+/// MQTT 5 content type of postcard payloads. postcard has no registered media type, so
+/// this is a vendor type that names the schema version as well.
+pub const CONTENT_TYPE_POSTCARD: &str = "application/vnd.fleet.v1+postcard";
+
+/// MQTT 5 content type of JSON payloads.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// Returns the MQTT 5 content type of an encoded payload, read from its first byte, so a
+/// payload stored before a change of encoding is still labelled right.
+pub fn content_type(payload: &[u8]) -> &'static str {
+    match payload.first() {
+        Some(&SCHEMA_JSON_V1) => CONTENT_TYPE_JSON,
+        _ => CONTENT_TYPE_POSTCARD,
+    }
+}
+
 /// Largest payload either side accepts; larger messages are rejected before decoding.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 
