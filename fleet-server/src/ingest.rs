@@ -23,6 +23,9 @@ use crate::store::{Received, Record, Store};
 
 /// Largest number of messages written in one transaction.
 const MAX_BATCH: usize = 512;
+/// Yields without a new message after which a batch stops waiting for the rest of a
+/// burst.
+const BURST_IDLE_YIELDS: u32 = 2;
 /// Messages decoded but not yet written; when full, reading from the broker pauses.
 const QUEUE_CAPACITY: usize = 4096;
 /// First and largest wait between reconnection attempts to the broker.
@@ -399,6 +402,7 @@ struct Writer {
 async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        gather_burst(&mut queue, &mut batch).await;
         // Moved out rather than cloned: only the publish is needed for the acknowledgement.
         let mut records = Vec::with_capacity(batch.len());
         let mut events = Vec::new();
@@ -438,6 +442,30 @@ async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
                 tracing::warn!(%error, "acknowledgement not sent");
             }
         }
+    }
+}
+
+/// Adds to `batch` the messages that arrive right behind it. After a batch is
+/// acknowledged the broker sends the next messages in one burst, microseconds apart, and
+/// the writer wakes at the first. Yielding lets the connection tasks queue the rest, so
+/// they share one transaction instead of costing one each. Two yields in a row that
+/// bring nothing end the wait.
+async fn gather_burst(queue: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
+    let mut idle_yields = 0;
+    while batch.len() < MAX_BATCH && idle_yields < BURST_IDLE_YIELDS {
+        tokio::task::yield_now().await;
+        let before = batch.len();
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        idle_yields = if batch.len() == before {
+            idle_yields + 1
+        } else {
+            0
+        };
     }
 }
 

@@ -8,7 +8,8 @@
 //! outputs gets the backend's JSON response re-encoded by [`binary_response`].
 
 use fleet_oip::BinaryError;
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Body of `POST /v2/models/{name}/infer`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -30,12 +31,117 @@ pub struct InputTensor {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    /// Elements in row-major order, as one flat array or as nested arrays; absent when
-    /// the tensor is sent as binary data.
+    /// Elements in row-major order, sent as one flat array or as nested arrays; absent
+    /// when the tensor is sent as binary data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
+    pub data: Option<TensorData>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The elements of a JSON input tensor, flattened while the body is parsed, so that a
+/// request of thousands of numbers does not build a JSON tree first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    Numbers(Vec<f32>),
+    /// The first element that is not a number, as JSON text.
+    NotANumber(String),
+}
+
+impl<'de> Deserialize<'de> for TensorData {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<TensorData, D::Error> {
+        let mut collected = Collected::default();
+        Flatten(&mut collected).deserialize(deserializer)?;
+        Ok(match collected.not_a_number {
+            Some(element) => TensorData::NotANumber(element),
+            None => TensorData::Numbers(collected.numbers),
+        })
+    }
+}
+
+impl Serialize for TensorData {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TensorData::Numbers(numbers) => serializer.collect_seq(numbers),
+            TensorData::NotANumber(element) => serializer.serialize_str(element),
+        }
+    }
+}
+
+/// Numbers gathered from nested arrays, and the first element that was not one.
+#[derive(Debug, Default)]
+struct Collected {
+    numbers: Vec<f32>,
+    not_a_number: Option<String>,
+}
+
+impl Collected {
+    fn reject(&mut self, element: String) {
+        if self.not_a_number.is_none() {
+            self.not_a_number = Some(element.chars().take(40).collect());
+        }
+    }
+}
+
+/// Appends the numbers of a JSON value, descending into arrays, to [`Collected`].
+struct Flatten<'a>(&'a mut Collected);
+
+impl<'de> DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("a number or an array of numbers")
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<(), E> {
+        self.0.numbers.push(value as f32);
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<(), E> {
+        self.0.numbers.push(value as f32);
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<(), E> {
+        self.0.numbers.push(value as f32);
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        let collected = self.0;
+        while items.next_element_seed(Flatten(&mut *collected))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<(), E> {
+        self.0.reject(format!("{value:?}"));
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<(), E> {
+        self.0.reject(value.to_string());
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.reject("null".into());
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut entries: A) -> Result<(), A::Error> {
+        while entries.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        self.0.reject("an object".into());
+        Ok(())
+    }
 }
 
 /// An output the client asks for by name.
@@ -230,9 +336,10 @@ pub fn parse<'a>(
 }
 
 /// Checks a request and the binary data after its JSON part against the model's inputs
-/// and outputs: every input present once, with the declared datatype, a shape that
-/// matches (any size where the model has -1) and as many numeric elements as the shape
-/// needs, and every binary byte claimed by an input. Only `FP32` inputs are supported.
+/// and outputs. Every input must be present once, with the declared datatype, a shape
+/// that matches (any size where the model has -1) and as many numeric elements as the
+/// shape needs. Every binary byte must belong to an input. Only `FP32` inputs are
+/// supported.
 pub fn validate(
     request: &InferRequest,
     binary: &[u8],
@@ -298,7 +405,7 @@ pub fn validate(
         let elements: usize = input.shape.iter().map(|&d| d as usize).product();
         let values = match (binary_sections[position], &input.data) {
             (Some(section), _) => fleet_oip::decode_f32(&input.name, section, elements)?,
-            (None, Some(data)) => flatten(&input.name, data, elements, &input.shape)?,
+            (None, Some(data)) => json_numbers(&input.name, data, elements, &input.shape)?,
             (None, None) => {
                 return Err(InvalidRequest::NoData {
                     name: input.name.clone(),
@@ -344,7 +451,7 @@ pub fn json_request(
             .iter()
             .position(|spec| spec.name == input.name)
         {
-            input.data = Some(serde_json::Value::from(valid.inputs[index].clone()));
+            input.data = Some(TensorData::Numbers(valid.inputs[index].clone()));
         }
         remove_parameter(&mut input.parameters, fleet_oip::BINARY_DATA_SIZE);
     }
@@ -439,31 +546,22 @@ fn check_input(input: &InputTensor, spec: &TensorMetadata) -> Result<(), Invalid
     Ok(())
 }
 
-/// Collects the numbers of an input's data, flat or nested, and checks their count.
-fn flatten(
+/// Returns the numbers of an input's JSON data after checking them and their count.
+fn json_numbers(
     name: &str,
-    data: &serde_json::Value,
+    data: &TensorData,
     expected: usize,
     shape: &[i64],
 ) -> Result<Vec<f32>, InvalidRequest> {
-    let mut values = Vec::with_capacity(expected);
-    let mut pending = vec![data];
-    while let Some(value) = pending.pop() {
-        match value {
-            serde_json::Value::Array(items) => pending.extend(items.iter().rev()),
-            serde_json::Value::Number(number) => {
-                values.push(number.as_f64().unwrap_or(f64::NAN) as f32);
-            }
-            other => {
-                let mut element = other.to_string();
-                element.truncate(40);
-                return Err(InvalidRequest::NotANumber {
-                    name: name.to_owned(),
-                    element,
-                });
-            }
+    let values = match data {
+        TensorData::Numbers(values) => values,
+        TensorData::NotANumber(element) => {
+            return Err(InvalidRequest::NotANumber {
+                name: name.to_owned(),
+                element: element.clone(),
+            });
         }
-    }
+    };
     if values.len() != expected {
         return Err(InvalidRequest::ElementCount {
             name: name.to_owned(),
@@ -472,7 +570,7 @@ fn flatten(
             found: values.len(),
         });
     }
-    Ok(values)
+    Ok(values.clone())
 }
 
 /// Formats a model shape as `[-1, 1, 28, 28]`.
