@@ -185,6 +185,8 @@ pub struct ModelConfig {
 pub struct ReplicaBounds {
     /// Minimum number of replicas; 0 lets the model scale to zero when idle.
     pub min: usize,
+    /// Maximum number of local replicas; by default the machine's cores, since a replica
+    /// runs its model on one core and replicas beyond the cores add no capacity.
     pub max: usize,
     /// Requests one backend may have outstanding before further requests queue in the
     /// gateway.
@@ -197,7 +199,7 @@ impl Default for ReplicaBounds {
     fn default() -> Self {
         ReplicaBounds {
             min: 1,
-            max: 4,
+            max: std::thread::available_parallelism().map_or(1, usize::from),
             max_in_flight: 32,
             idle_before_zero_secs: 300,
         }

@@ -88,7 +88,16 @@ impl Gateway {
             .map_err(|error| GatewayError::Client(error.to_string()))?;
         let ids = supervisor::BackendIds::default();
         let mut models = BTreeMap::new();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         for model_config in &config.models {
+            if model_config.replicas.max > cores {
+                tracing::warn!(
+                    model = %model_config.name,
+                    max_replicas = model_config.replicas.max,
+                    cores,
+                    "replicas.max is above this machine's cores; replicas beyond them compete for the same cores and add no capacity"
+                );
+            }
             let metadata = load_metadata(model_config)?;
             let launcher = supervisor::Launcher {
                 command: command.clone(),
