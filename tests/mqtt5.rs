@@ -1,6 +1,7 @@
 //! The agent over MQTT 5 against a real Mosquitto. Every publish carries the payload's
 //! content type. The agent takes the broker's maximum packet size from the CONNACK, so a
-//! record too large for the broker is set aside without `--max-packet-bytes`.
+//! record too large for the broker is set aside without `--max-packet-bytes`. The
+//! embedded broker, which speaks 3.1.1 only, refuses MQTT 5 clients with a clear reason.
 
 mod common;
 
@@ -124,4 +125,24 @@ fn mqtt5_content_type_and_broker_packet_limit() {
             );
         }
     }
+}
+
+#[test]
+fn embedded_broker_refuses_mqtt5_clearly() {
+    let workspace = Workspace::new();
+    let mqtt_port = common::free_port();
+    let server = workspace.start_server(None, mqtt_port);
+    let broker = format!("mqtt://127.0.0.1:{mqtt_port}");
+    let device_id = unique_device_id("mqtt5-embedded");
+    let _agent = workspace.start_device(&device_id, &broker, &["--mqtt-version", "5"]);
+
+    // The embedded broker speaks MQTT 3.1.1: it rejects the agent's MQTT 5 CONNECT with
+    // "unacceptable protocol version" and counts a refused login, every retry.
+    common::wait_for(Duration::from_secs(30), "a refused MQTT 5 login", || {
+        (server.metric("fleet_broker_logins_refused_total") >= 2.0).then_some(())
+    });
+    assert!(
+        server.device(&device_id).is_none(),
+        "an MQTT 5 agent got through the embedded broker"
+    );
 }

@@ -179,6 +179,7 @@ struct FileConfig {
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
     max_packet_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "version_text")]
     mqtt_version: Option<String>,
     bundle: Option<PathBuf>,
     public_key: Option<PathBuf>,
@@ -208,6 +209,24 @@ struct FileConfig {
     fallback_timeout_ms: Option<u64>,
     fallback_failures: Option<u32>,
     fallback_cooldown_ms: Option<u64>,
+}
+
+/// Reads `mqtt_version` from a config file as text, so that `5` and `"5"` both work.
+fn version_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Version {
+        Text(String),
+        Number(u64),
+    }
+    Ok(
+        Option::<Version>::deserialize(deserializer)?.map(|version| match version {
+            Version::Text(text) => text,
+            Version::Number(number) => number.to_string(),
+        }),
+    )
 }
 
 /// Settings after merging the file and the flags and checking every value.
@@ -584,7 +603,8 @@ mod tests {
         std::fs::write(
             &path,
             "device_id = \"from-file\"\nrate = 3.0\nshard = \"1/4\"\nstate_dir = \"state\"\n\
-             outbox_fsync = \"never\"\noutbox_max_mib = 4\napi_listen = \"127.0.0.1:9000\"\n",
+             outbox_fsync = \"never\"\noutbox_max_mib = 4\napi_listen = \"127.0.0.1:9000\"\n\
+             mqtt_version = 5\n",
         )
         .unwrap();
         let args = DeviceArgs {
@@ -603,6 +623,7 @@ mod tests {
         assert_eq!(config.outbox.segment_bytes, 256 * 1024);
         assert_eq!(config.drain_rate, DEFAULT_DRAIN_RATE);
         assert_eq!(config.api_listen, Some("127.0.0.1:9000".parse().unwrap()));
+        assert_eq!(config.mqtt_version, crate::mqtt::MqttVersion::V5);
     }
 
     #[test]

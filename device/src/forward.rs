@@ -211,12 +211,18 @@ impl Forwarder {
             if packet_bytes > max_packet_bytes {
                 // A broker closes the connection on an oversized packet, so sending this
                 // record would block every record behind it on each reconnect.
+                let hint = if self.publisher.limit_from_broker() {
+                    "the limit is the broker's own, from its CONNACK; raise it on the broker"
+                } else {
+                    "raise --max-packet-bytes if the broker takes larger packets"
+                };
                 tracing::error!(
                     position = record.position,
                     packet_bytes,
                     max_packet_bytes,
                     topic = %topic,
-                    "record larger than the maximum packet size dropped from the outbox; raise --max-packet-bytes if the broker takes larger packets"
+                    hint,
+                    "record larger than the maximum packet size dropped from the outbox"
                 );
                 self.oversized += 1;
                 self.cursor = record.position;

@@ -189,6 +189,11 @@ impl Publisher {
         self.max_packet.load(Ordering::Relaxed)
     }
 
+    /// Returns whether the broker's CONNACK set a limit below the configured one.
+    pub fn limit_from_broker(&self) -> bool {
+        self.max_packet_bytes() < self.configured_max_packet
+    }
+
     /// Returns the size of the PUBLISH packet that carries `payload` on `topic`.
     pub fn packet_size(&self, topic: &str, payload: &[u8]) -> usize {
         let content_type = fleet_wire::content_type(payload);

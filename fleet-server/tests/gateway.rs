@@ -193,6 +193,52 @@ async fn metadata_index_and_health() {
     assert_eq!(index["models"][0]["state"], "READY", "{index}");
     let model_ready = get("/v2/models/digit-cnn/ready").await;
     assert_eq!(model_ready["ready"], true);
+
+    // The served version in the path, as Triton's clients send it, and another one.
+    let version = metadata["versions"][0].as_str().unwrap().to_owned();
+    let versioned = format!("/v2/models/digit-cnn/versions/{version}");
+    let response = gateway
+        .http
+        .get(format!("{}{versioned}", gateway.base))
+        .bearer_auth(&gateway.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let reference = Reference::load();
+    let response = gateway
+        .http
+        .post(format!("{}{versioned}/infer", gateway.base))
+        .bearer_auth(&gateway.token)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&reference.body(&[5])).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_logits(
+        &reference,
+        &[5],
+        &gateway_support::json_body(response).await,
+    );
+    let response = gateway
+        .http
+        .post(format!(
+            "{}/v2/models/digit-cnn/versions/9.9.9/infer",
+            gateway.base
+        ))
+        .bearer_auth(&gateway.token)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&reference.body(&[5])).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let error = gateway_support::json_body(response).await;
+    assert!(
+        error["error"].as_str().unwrap().contains("\"9.9.9\""),
+        "{error}"
+    );
     gateway.server.shutdown().await;
 }
 

@@ -28,8 +28,8 @@ impl std::str::FromStr for MqttVersion {
 
     fn from_str(text: &str) -> Result<MqttVersion, String> {
         match text {
-            "3.1.1" | "3" | "4" => Ok(MqttVersion::V311),
-            "5" | "5.0" => Ok(MqttVersion::V5),
+            "3.1.1" => Ok(MqttVersion::V311),
+            "5" => Ok(MqttVersion::V5),
             other => Err(format!(
                 "invalid MQTT version {other:?}: expected 3.1.1 or 5"
             )),
@@ -414,7 +414,9 @@ mod tests {
     fn version_parses_both_spellings() {
         assert_eq!("3.1.1".parse(), Ok(MqttVersion::V311));
         assert_eq!("5".parse(), Ok(MqttVersion::V5));
-        let error = "6".parse::<MqttVersion>().unwrap_err();
-        assert!(error.contains("3.1.1 or 5"), "{error}");
+        for wrong in ["6", "3", "4", "5.0", " 5"] {
+            let error = wrong.parse::<MqttVersion>().unwrap_err();
+            assert!(error.contains("3.1.1 or 5"), "{wrong}: {error}");
+        }
     }
 }

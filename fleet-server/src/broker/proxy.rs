@@ -65,6 +65,11 @@ enum ProxyError {
     Mqtt(mqttbytes::Error),
     #[error("the first packet was not CONNECT")]
     NotConnect,
+    #[error(
+        "the client speaks MQTT 5, and the embedded broker speaks MQTT 3.1.1 only; start \
+         agents with --mqtt-version 3.1.1, or use a broker that speaks MQTT 5"
+    )]
+    Mqtt5,
     #[error("no CONNECT within {}s", CONNECT_TIMEOUT.as_secs())]
     ConnectTimeout,
     #[error("login refused: {0}")]
@@ -109,7 +114,10 @@ pub async fn serve(
 
 fn log_closed(context: &ProxyContext, peer: SocketAddr, error: &ProxyError) {
     match error {
-        ProxyError::Refused(_) | ProxyError::NotConnect | ProxyError::ConnectTimeout => {
+        ProxyError::Refused(_)
+        | ProxyError::NotConnect
+        | ProxyError::ConnectTimeout
+        | ProxyError::Mqtt5 => {
             context.metrics.broker_logins_refused.inc();
             tracing::warn!(%peer, error = %error, "MQTT connection refused");
         }
@@ -133,8 +141,23 @@ async fn serve_client(stream: TcpStream, context: &ProxyContext) -> Result<(), P
         read_packet(&mut client_read, &mut buffer, context.max_packet_bytes),
     )
     .await
-    .map_err(|_| ProxyError::ConnectTimeout)??;
-    let Some((Packet::Connect(mut connect), _)) = first else {
+    .map_err(|_| ProxyError::ConnectTimeout)?;
+    let speaks_mqtt5 = match &first {
+        Err(ProxyError::Mqtt5) => true,
+        Ok(Some((Packet::Connect(connect), _))) => connect.protocol == mqttbytes::Protocol::V5,
+        _ => false,
+    };
+    if speaks_mqtt5 {
+        // The specification lets a server that does not speak MQTT 5 refuse such a
+        // client with this 3.1.1 acknowledgement.
+        let mut refusal = BytesMut::new();
+        ConnAck::new(ConnectReturnCode::RefusedProtocolVersion, false)
+            .write(&mut refusal)
+            .map_err(ProxyError::Mqtt)?;
+        client_write.write_all(&refusal).await?;
+        return Err(ProxyError::Mqtt5);
+    }
+    let Some((Packet::Connect(mut connect), _)) = first? else {
         return Err(ProxyError::NotConnect);
     };
 
@@ -275,6 +298,26 @@ fn check_packet(principal: &Principal, packet: &Packet) -> Result<(), ProxyError
 
 /// Reads the next whole packet, returning it decoded and as its original bytes, or
 /// `None` when the client closed the connection between packets.
+/// Returns the protocol level of the CONNECT packet at the start of `buffer`: 4 for
+/// MQTT 3.1.1, 5 for MQTT 5.
+fn connect_protocol_level(buffer: &[u8]) -> Option<u8> {
+    if buffer.first()? >> 4 != 1 {
+        return None;
+    }
+    // The remaining length takes 1 to 4 bytes, each but the last with its top bit set.
+    let length_bytes = buffer[1..]
+        .iter()
+        .take(4)
+        .position(|byte| byte & 0x80 == 0)?
+        + 1;
+    // Then the protocol name "MQTT" with its 2-byte length, then the level.
+    let name_start = 1 + length_bytes;
+    if buffer.get(name_start..name_start + 6)? != b"\0\x04MQTT" {
+        return None;
+    }
+    buffer.get(name_start + 6).copied()
+}
+
 async fn read_packet(
     reader: &mut OwnedReadHalf,
     buffer: &mut BytesMut,
@@ -285,7 +328,13 @@ async fn read_packet(
             Ok(header) => {
                 let frame = buffer.split_to(header.frame_length());
                 let mut decoding = frame.clone();
-                let packet = v4::read(&mut decoding, max_packet_bytes).map_err(ProxyError::Mqtt)?;
+                let packet = v4::read(&mut decoding, max_packet_bytes).map_err(|error| {
+                    if connect_protocol_level(&frame) == Some(5) {
+                        ProxyError::Mqtt5
+                    } else {
+                        ProxyError::Mqtt(error)
+                    }
+                })?;
                 return Ok(Some((packet, frame)));
             }
             Err(mqttbytes::Error::InsufficientBytes(_)) => {}

@@ -82,6 +82,18 @@ pub fn router(state: GatewayState) -> Router {
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(infer))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(versioned_metadata),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(versioned_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(versioned_infer),
+        )
         .route("/api/gateway/backends", get(backends))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -311,6 +323,53 @@ async fn model_ready(
             format!("model {name:?} has no ready backend"),
         ))
     }
+}
+
+/// Returns 404 unless `version` is the version the gateway serves of model `name`.
+/// Clients such as Triton's put the version in the path when they are given one.
+fn check_version(state: &GatewayState, name: &str, version: &str) -> Result<(), GatewayError> {
+    let model = find_model(state, name)?;
+    if model
+        .metadata
+        .versions
+        .iter()
+        .any(|served| served == version)
+    {
+        return Ok(());
+    }
+    state.metrics.count_request(name, 404);
+    Err(GatewayError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "version {version:?} of model {name:?} not found; this gateway serves {:?}",
+            model.metadata.versions
+        ),
+    ))
+}
+
+async fn versioned_metadata(
+    State(state): State<GatewayState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<oip::ModelMetadata>, GatewayError> {
+    check_version(&state, &name, &version)?;
+    model_metadata(State(state), Path(name)).await
+}
+
+async fn versioned_ready(
+    State(state): State<GatewayState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Response, GatewayError> {
+    check_version(&state, &name, &version)?;
+    model_ready(State(state), Path(name)).await
+}
+
+async fn versioned_infer(
+    State(state): State<GatewayState>,
+    Path((name, version)): Path<(String, String)>,
+    request: Request,
+) -> Result<Response, GatewayError> {
+    check_version(&state, &name, &version)?;
+    infer(State(state), Path(name), request).await
 }
 
 /// Lists every backend of every model with its state and load, for operators.

@@ -225,6 +225,17 @@ pub enum InvalidRequest {
         fleet_oip::BINARY_DATA_SIZE
     )]
     NoData { name: String },
+    #[error(
+        "input {name:?} has both data and a {} parameter; send its elements one way",
+        fleet_oip::BINARY_DATA_SIZE
+    )]
+    DataTwice { name: String },
+    #[error("input {name:?} has element {index} = {value}, which is not a finite FP32 number")]
+    NotFinite {
+        name: String,
+        index: usize,
+        value: String,
+    },
     #[error("input {name:?} is not an input of the model; it expects {expected:?}")]
     UnknownInput { name: String, expected: Vec<String> },
     #[error("missing input {name:?} with shape {shape}")]
@@ -404,7 +415,12 @@ pub fn validate(
         }
         let elements: usize = input.shape.iter().map(|&d| d as usize).product();
         let values = match (binary_sections[position], &input.data) {
-            (Some(section), _) => fleet_oip::decode_f32(&input.name, section, elements)?,
+            (Some(_), Some(_)) => {
+                return Err(InvalidRequest::DataTwice {
+                    name: input.name.clone(),
+                });
+            }
+            (Some(section), None) => fleet_oip::decode_f32(&input.name, section, elements)?,
             (None, Some(data)) => json_numbers(&input.name, data, elements, &input.shape)?,
             (None, None) => {
                 return Err(InvalidRequest::NoData {
@@ -412,6 +428,15 @@ pub fn validate(
                 });
             }
         };
+        // JSON has no NaN or infinity, so the backends, called with JSON, could not
+        // receive one; a number too large for FP32 would become infinity.
+        if let Some(index) = values.iter().position(|value| !value.is_finite()) {
+            return Err(InvalidRequest::NotFinite {
+                name: input.name.clone(),
+                index,
+                value: values[index].to_string(),
+            });
+        }
         inputs.push(values);
     }
 
@@ -725,6 +750,25 @@ mod tests {
         assert!(matches!(
             validate(&body, &long, &digit_model(), 64),
             Err(InvalidRequest::Binary(BinaryError::TrailingBytes(4)))
+        ));
+        let mut not_finite = binary.clone();
+        not_finite[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(matches!(
+            validate(&body, &not_finite, &digit_model(), 64),
+            Err(InvalidRequest::NotFinite { index: 2, .. })
+        ));
+        let mut both = body.clone();
+        both.inputs[0].data = Some(TensorData::Numbers(vec![0.0; 8]));
+        assert!(matches!(
+            validate(&both, &binary, &digit_model(), 64),
+            Err(InvalidRequest::DataTwice { .. })
+        ));
+        let too_large = request(serde_json::json!({"inputs": [
+            {"name": "input", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [0, 1e39, 2, 3]}
+        ]}));
+        assert!(matches!(
+            validate(&too_large, &[], &digit_model(), 64),
+            Err(InvalidRequest::NotFinite { index: 1, .. })
         ));
         let no_data = request(serde_json::json!({"inputs": [
             {"name": "input", "shape": [1, 1, 2, 2], "datatype": "FP32"}
