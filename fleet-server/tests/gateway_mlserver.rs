@@ -59,7 +59,7 @@ impl MlServer {
         server
     }
 
-    /// Waits until MLServer's model answers `ready`, failing early if it exits.
+    /// Waits until MLServer reports its model ready, failing early if it exits.
     async fn wait_ready(&mut self, timeout: Duration) {
         let http = reqwest::Client::new();
         let started = Instant::now();
@@ -111,10 +111,10 @@ async fn mlserver_backend_serves_through_gateway() {
     gateway_support::assert_logits(&reference, &indices, &body);
 
     // Triton's client with JSON and with binary tensors, which MLServer cannot read:
-    // the gateway passes them on as JSON and encodes the answer back.
+    // the gateway passes them on as JSON and re-encodes the response.
     gateway_support::check_with_tritonclient(&python, &gateway).await;
 
-    // A request the model cannot take is answered by the gateway, naming the input.
+    // The gateway itself rejects a request the model cannot take, naming the input.
     let wrong = serde_json::json!({"inputs": [
         {"name": "input", "shape": [1, 784], "datatype": "FP32", "data": vec![0.0; 784]}
     ]});

@@ -3,7 +3,7 @@
 //!
 //! MQTT 3.1.1 works with every broker, including the fleet server's embedded one. MQTT 5
 //! adds two things a shared broker needs. Each publish carries its content type, so a
-//! subscriber tells postcard from JSON without guessing. The broker states its maximum
+//! subscriber can distinguish postcard from JSON without guessing. The broker states its maximum
 //! packet size in the CONNACK, so the agent learns the limit instead of being
 //! disconnected by it.
 

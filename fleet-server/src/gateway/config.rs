@@ -185,8 +185,8 @@ pub struct ModelConfig {
 pub struct ReplicaBounds {
     /// Minimum number of replicas; 0 lets the model scale to zero when idle.
     pub min: usize,
-    /// Maximum number of local replicas; by default the machine's cores, since a replica
-    /// runs its model on one core and replicas beyond the cores add no capacity.
+    /// Maximum number of local replicas, by default the machine's cores. A replica runs
+    /// its model on one core, so replicas beyond the cores add no capacity.
     pub max: usize,
     /// Requests one backend may have outstanding before further requests queue in the
     /// gateway.

@@ -502,7 +502,7 @@ fn remove_parameter(
 /// Re-encodes a JSON inference response so that the outputs the client requested as
 /// binary data carry it after the JSON part. Returns the body and the length of its JSON
 /// part.
-pub fn binary_response(json: &[u8], wanted: &BinaryOutputs) -> Result<(Vec<u8>, usize), String> {
+pub fn binary_response(json: &[u8], requested: &BinaryOutputs) -> Result<(Vec<u8>, usize), String> {
     let mut response: serde_json::Value = serde_json::from_slice(json)
         .map_err(|error| format!("the backend's response is not JSON: {error}"))?;
     let outputs = response
@@ -519,7 +519,7 @@ pub fn binary_response(json: &[u8], wanted: &BinaryOutputs) -> Result<(Vec<u8>, 
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_owned();
-        if !wanted.wants(&name) {
+        if !requested.wants(&name) {
             continue;
         }
         let datatype = object
@@ -795,17 +795,17 @@ mod tests {
     }
 
     #[test]
-    fn binary_response_encodes_the_wanted_outputs() {
+    fn binary_response_encodes_requested_outputs() {
         let answer = serde_json::json!({"model_name": "digit-cnn", "outputs": [
             {"name": "logits", "shape": [1, 2], "datatype": "FP32", "data": [0.25, -1.0]},
             {"name": "label", "shape": [1], "datatype": "INT64", "data": [3]},
         ]});
-        let wanted = BinaryOutputs {
+        let requested = BinaryOutputs {
             default: true,
             named: vec![("label".into(), false)],
         };
         let (body, json_length) =
-            binary_response(&serde_json::to_vec(&answer).unwrap(), &wanted).unwrap();
+            binary_response(&serde_json::to_vec(&answer).unwrap(), &requested).unwrap();
         let head: serde_json::Value = serde_json::from_slice(&body[..json_length]).unwrap();
         assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 8);
         assert!(head["outputs"][0].get("data").is_none(), "{head}");
