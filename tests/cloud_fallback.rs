@@ -1,7 +1,8 @@
 //! Cloud fallback end to end. An agent's local inference API sends a low-confidence
 //! request to the real gateway of `fleet server`, which runs the model on a replica
 //! process and accepts the device's secret. The fallback is counted in telemetry, and a
-//! remote configuration change turns the threshold off again.
+//! remote configuration change turns the threshold off again. Requests in binary tensor
+//! data take the same path.
 
 mod common;
 
@@ -47,6 +48,43 @@ fn infer(api: &str, input: &[f32]) -> (u16, Option<String>, Option<String>, Valu
         reason,
         response.into_json().unwrap(),
     )
+}
+
+/// Calls the agent's local inference API with the input and the output as binary tensor
+/// data, as Triton's client does by default, and returns the status, the
+/// `fleet-inference-source` header, the JSON part and the logits.
+fn infer_binary(api: &str, input: &[f32]) -> (u16, Option<String>, Value, Vec<f32>) {
+    let section = fleet_oip::encode_f32(input);
+    let json = json!({
+        "inputs": [{ "name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                     "parameters": { "binary_data_size": section.len() } }],
+        "outputs": [{ "name": "logits", "parameters": { "binary_data": true } }],
+    });
+    let (body, json_length) = fleet_oip::join_body(serde_json::to_vec(&json).unwrap(), [section]);
+    let response = match ureq::post(&format!("{api}/v2/models/digit-cnn/infer"))
+        .set(fleet_oip::JSON_LENGTH_HEADER, &json_length.to_string())
+        .send_bytes(&body)
+    {
+        Ok(response) | Err(ureq::Error::Status(_, response)) => response,
+        Err(error) => panic!("local inference API: {error}"),
+    };
+    let status = response.status();
+    let source = response
+        .header("fleet-inference-source")
+        .map(str::to_string);
+    let json_length: usize = response
+        .header(fleet_oip::JSON_LENGTH_HEADER)
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(usize::MAX);
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut bytes).unwrap();
+    if json_length > bytes.len() {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        panic!("binary answer expected, got status {status}: {text}");
+    }
+    let head: Value = serde_json::from_slice(&bytes[..json_length]).unwrap();
+    let logits = fleet_oip::decode_f32("logits", &bytes[json_length..], 10).unwrap();
+    (status, source, head, logits)
 }
 
 #[test]
@@ -109,6 +147,16 @@ fn low_confidence_reaches_gateway() {
         .filter_map(|backend| backend["served"].as_u64())
         .sum();
     assert!(requests >= 1, "no backend served the request: {served}");
+
+    // The same request in binary tensor data goes through the gateway as well, and the
+    // logits come back in binary, equal to the JSON answer's.
+    let (status, source, head, binary_logits) = infer_binary(&api, &input);
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(source.as_deref(), Some("cloud"), "{head}");
+    for (binary, json) in binary_logits.iter().zip(logits) {
+        let json = json.as_f64().unwrap() as f32;
+        assert!((binary - json).abs() < 1e-5, "{binary} vs {json}");
+    }
 
     wait_for(
         Duration::from_secs(30),
