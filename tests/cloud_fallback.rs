@@ -61,6 +61,7 @@ fn infer_binary(api: &str, input: &[f32]) -> (u16, Option<String>, Value, Vec<f3
         "outputs": [{ "name": "logits", "parameters": { "binary_data": true } }],
     });
     let (body, json_length) = fleet_oip::join_body(serde_json::to_vec(&json).unwrap(), [section]);
+
     let response = match ureq::post(&format!("{api}/v2/models/digit-cnn/infer"))
         .set(fleet_oip::JSON_LENGTH_HEADER, &json_length.to_string())
         .send_bytes(&body)
