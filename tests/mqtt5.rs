@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{Workspace, unique_device_id};
-use fleet_wire::{Command, Encoding, InstallBundle, topic};
+use fleet_wire::topic;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{Client, Event, MqttOptions};
@@ -20,20 +20,9 @@ fn mqtt5_content_type_and_broker_packet_limit() {
     let postcard_device = unique_device_id("mqtt5-postcard");
     let json_device = unique_device_id("mqtt5-json");
 
-    // An install command that the agent, started without --server, rejects with a
-    // `failed` event that repeats the long update id, so the event is larger than the
-    // command and larger than the broker takes.
-    let command = Command::InstallBundle(InstallBundle {
-        update_id: "u".repeat(1200),
-        name: String::new(),
-        version: String::new(),
-        url: String::new(),
-        size: 1,
-        sha256: "0".repeat(64),
-    });
-    let payload = fleet_wire::encode(&command, Encoding::Postcard).unwrap();
-    let command_topic = topic::device_topic(&postcard_device, topic::TopicKind::Command);
-    let max_packet = payload.len() + command_topic.len() + 40;
+    let oversized = common::oversized_command(&postcard_device);
+    let (payload, command_topic, max_packet) =
+        (oversized.payload, oversized.topic, oversized.max_packet);
 
     let broker_dir = tempfile::tempdir().unwrap();
     let (_mosquitto, port) = common::start_mosquitto(

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Workspace, unique_device_id};
-use fleet_wire::{Command, Encoding, InstallBundle, topic};
+use fleet_wire::topic;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 #[test]
@@ -15,20 +15,9 @@ fn oversized_record_does_not_block_telemetry() {
     let workspace = Workspace::new();
     let device_id = unique_device_id("packet-size");
 
-    // An install command with a long update id. The agent, started without --server,
-    // rejects it with a `failed` event that repeats the id and adds the device id and a
-    // reason, so the event is larger than the command by at least that reason.
-    let command = Command::InstallBundle(InstallBundle {
-        update_id: "u".repeat(1200),
-        name: String::new(),
-        version: String::new(),
-        url: String::new(),
-        size: 1,
-        sha256: "0".repeat(64),
-    });
-    let payload = fleet_wire::encode(&command, Encoding::Postcard).unwrap();
-    let command_topic = topic::device_topic(&device_id, topic::TopicKind::Command);
-    let max_packet = payload.len() + command_topic.len() + 40;
+    let oversized = common::oversized_command(&device_id);
+    let (payload, command_topic, max_packet) =
+        (oversized.payload, oversized.topic, oversized.max_packet);
 
     let broker_dir = tempfile::tempdir().unwrap();
     let (_mosquitto, port) = common::start_mosquitto(

@@ -205,36 +205,16 @@ async fn metadata_index_and_health() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    // `infer` posts to /v2/models/{model}/infer, so the version goes into the model part.
     let reference = Reference::load();
-    let response = gateway
-        .http
-        .post(format!("{}{versioned}/infer", gateway.base))
-        .bearer_auth(&gateway.token)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&reference.body(&[5])).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_logits(
-        &reference,
-        &[5],
-        &gateway_support::json_body(response).await,
-    );
-    let response = gateway
-        .http
-        .post(format!(
-            "{}/v2/models/digit-cnn/versions/9.9.9/infer",
-            gateway.base
-        ))
-        .bearer_auth(&gateway.token)
-        .header("content-type", "application/json")
-        .body(serde_json::to_vec(&reference.body(&[5])).unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
-    let error = gateway_support::json_body(response).await;
+    let token = Some(gateway.token.as_str());
+    let model = format!("digit-cnn/versions/{version}");
+    let (status, _, answer) = gateway.infer(token, &model, &reference.body(&[5])).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_logits(&reference, &[5], &answer);
+    let other = "digit-cnn/versions/9.9.9";
+    let (status, _, error) = gateway.infer(token, other, &reference.body(&[5])).await;
+    assert_eq!(status, 404);
     assert!(
         error["error"].as_str().unwrap().contains("\"9.9.9\""),
         "{error}"

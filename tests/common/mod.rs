@@ -408,6 +408,39 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
 }
 
 /// Returns a device id no other test run uses, so runs can share Mosquitto.
+/// An install command whose `failed` event does not fit through the broker, and a broker
+/// packet limit just above the command itself.
+#[derive(Debug)]
+pub struct OversizedCommand {
+    /// The encoded command, for the device's command topic.
+    pub payload: Vec<u8>,
+    pub topic: String,
+    /// A `max_packet_size` for the broker that the command fits and the event does not.
+    pub max_packet: usize,
+}
+
+/// Builds an install command with a long update id for `device_id`. An agent started
+/// without --server rejects it with a `failed` event that repeats the id and adds the
+/// device id and a reason, so the event is larger than the command by at least that.
+pub fn oversized_command(device_id: &str) -> OversizedCommand {
+    let command = fleet_wire::Command::InstallBundle(fleet_wire::InstallBundle {
+        update_id: "u".repeat(1200),
+        name: String::new(),
+        version: String::new(),
+        url: String::new(),
+        size: 1,
+        sha256: "0".repeat(64),
+    });
+    let payload = fleet_wire::encode(&command, fleet_wire::Encoding::Postcard).unwrap();
+    let topic = fleet_wire::topic::device_topic(device_id, fleet_wire::topic::TopicKind::Command);
+    let max_packet = payload.len() + topic.len() + 40;
+    OversizedCommand {
+        payload,
+        topic,
+        max_packet,
+    }
+}
+
 pub fn unique_device_id(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
