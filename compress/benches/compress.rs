@@ -84,7 +84,7 @@ fn variants(workbench: &Workbench, dir: &Path, with_mixed: bool) -> anyhow::Resu
     add("int8-integer", &integer)?;
     let (pruned, _) = fleet_compress::prune::prune_channels(&workbench.float, 0.25)?;
     add("pruned-25%", &pruned)?;
-    let (pruned_int8, _) = workbench.quantize(&pruned, &options(Compute::Float))?;
+    let (pruned_int8, _) = workbench.quantize(&pruned, &options(Compute::Integer))?;
     add("pruned+int8", &pruned_int8)?;
     let (half, _) = fleet_compress::fp16::convert(&workbench.float, Fp16Mode::Weights)?;
     add("fp16-weights", &half)?;

@@ -22,10 +22,10 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Loads `model` in tract with a fixed input shape and optimises it, as a device
-    /// does when it installs a bundle.
+    /// Loads `model` in tract with a fixed input shape and the runtime's integer
+    /// convolution kernels, and optimises it, as a device does when it installs a bundle.
     pub fn new(model: &OnnxModel, input_shape: &[usize]) -> anyhow::Result<Runner> {
-        let plan = tract_onnx::onnx()
+        let plan = fleet_runtime::onnx()
             .with_ignore_value_info(true)
             .model_for_proto_model(&model.proto)
             .and_then(|inference| inference.with_input_fact(0, f32::fact(input_shape).into()))

@@ -88,9 +88,9 @@ pub struct QuantizeArgs {
     /// Activation range method: min-max, entropy or percentile-P (such as percentile-99.99).
     #[arg(long, default_value = "min-max")]
     pub method: CalibrationMethod,
-    /// Arithmetic of the quantized layers: float (i8 weights dequantized at load, the fast form
-    /// in tract on x86-64) or integer (QLinearConv, MatMulInteger).
-    #[arg(long, value_enum, default_value = "float")]
+    /// Arithmetic of the quantized layers: integer (QLinearConv and MatMulInteger, run by
+    /// the runtime's integer kernels) or float (i8 weights dequantized at load).
+    #[arg(long, value_enum, default_value = "integer")]
     pub compute: Compute,
     /// Leave this Conv or Gemm node in float; repeatable.
     #[arg(long = "keep-float", value_name = "NODE")]

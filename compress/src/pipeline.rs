@@ -6,7 +6,7 @@
 //! [pipeline]
 //! steps = [
 //!     { kind = "prune-channels", fraction = 0.25 },
-//!     { kind = "quantize", method = "min-max", compute = "float" },
+//!     { kind = "quantize", method = "min-max", compute = "integer" },
 //! ]
 //! budget = { max_accuracy_drop = 0.5 }
 //! ```
@@ -109,7 +109,7 @@ fn default_method() -> CalibrationMethod {
 }
 
 fn default_compute() -> Compute {
-    Compute::Float
+    Compute::Integer
 }
 
 /// Calibration methods as their command-line names (`min-max`, `percentile-99.99`).

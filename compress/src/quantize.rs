@@ -5,23 +5,24 @@
 //! that onnxruntime's quantizer writes (`DequantizeLinear -> Conv -> QuantizeLinear`)
 //! runs slower than float: tract folds the weight dequantization into a float
 //! convolution and then executes the activation quantize/dequantize pairs as extra
-//! element-wise work. `QLinearConv` is loaded as tract's own quantized convolution,
-//! which multiplies i8 by u8 with i32 accumulators. So the rewrite produces:
+//! element-wise work. `QLinearConv` is one node per layer, which the runtime
+//! (`fleet_runtime::int8`) executes with its own integer kernels. So the rewrite
+//! produces:
 //!
 //! * `Conv` (optionally followed by `Relu`, or `Clip` with a lower bound of 0) becomes
 //!   one `QLinearConv` with u8 activations, i8 weights per output channel and an i32
-//!   bias. The activation is fused into the output's quantization: with a zero point of
-//!   0, saturation at 0 is exactly `Relu`, and an output range capped at the `Clip`
-//!   bound is exactly `Clip`.
+//!   bias, depthwise convolutions included. The activation is fused into the output's
+//!   quantization: with a zero point of 0, saturation at 0 is exactly `Relu`, and an
+//!   output range capped at the `Clip` bound is exactly `Clip`.
 //! * `Gemm` becomes `MatMulInteger` (u8 x i8 -> i32) followed by a float rescale and
 //!   bias: the result stays float, so a classifier's logits lose no resolution.
-//! * Depthwise convolutions are stored as i8 weights and dequantized at load
-//!   ([`LayerMode::WeightOnly`]) by default: tract has a dedicated float depthwise
-//!   kernel but runs a quantized depthwise convolution as one small matrix product per
-//!   channel, which measured slower than float.
 //! * Shape-only and order-preserving operators (`MaxPool`, `Flatten`, `Reshape`, ...)
 //!   stay in u8 between quantized layers. Everything else runs in float, with
 //!   `DequantizeLinear` and `QuantizeLinear` inserted where the two meet.
+//!
+//! [`LayerMode::WeightOnly`] keeps a layer's arithmetic in float and stores only its
+//! weights as i8, dequantized when the model loads: a quarter of the size for runtimes
+//! without integer kernels.
 //!
 //! Every scale written is finite, positive and normal: a weight channel that is all
 //! zero (pruning makes these), a tensor that calibration saw constant, or a bias too
@@ -90,17 +91,6 @@ pub struct Layer {
     /// Upper bound of a fused `Clip`.
     #[serde(skip)]
     clip_max: Option<f32>,
-}
-
-impl Layer {
-    /// Returns the mode a layer gets when the caller requests int8 wherever it pays off.
-    pub fn default_mode(&self) -> LayerMode {
-        if self.depthwise {
-            LayerMode::WeightOnly
-        } else {
-            LayerMode::Int8
-        }
-    }
 }
 
 /// Lists the `Conv` and `Gemm` nodes of `model` whose weights are initializers, in graph

@@ -20,6 +20,7 @@
 mod backend;
 mod classifier;
 mod dataset;
+pub mod int8;
 mod preprocess;
 mod self_test;
 mod tract_backend;
@@ -27,6 +28,7 @@ mod tract_backend;
 pub use backend::{Backend, Tensor};
 pub use classifier::{ClassScore, Classifier, ClassifierConfig, Prediction, softmax};
 pub use dataset::{Dataset, Sample, SampleData};
+pub use int8::onnx;
 pub use preprocess::preprocess;
 pub use self_test::{
     SELF_TEST_INPUTS, SELF_TEST_OUTPUTS, SelfTestError, SelfTestReport, check_self_test,

@@ -28,9 +28,7 @@ impl TractBackend {
             path: path.to_path_buf(),
             reason: format!("{error:#}"),
         };
-        let mut model = tract_onnx::onnx()
-            .model_for_path(path)
-            .map_err(load_error)?;
+        let mut model = crate::onnx().model_for_path(path).map_err(load_error)?;
         let fact = InferenceFact::dt_shape(DatumType::F32, input_shape.to_vec());
         model.set_input_fact(0, fact).map_err(load_error)?;
         let optimized = model.into_optimized().map_err(load_error)?;

@@ -1,0 +1,747 @@
+//! Integer kernels for quantized 2-D convolutions in NCHW layout: u8 activations with a
+//! zero point, symmetric i8 weights per output channel, i32 bias, and the rescale to the
+//! u8 output fused into the store.
+//!
+//! Two forms cover the convolutions of image classifiers:
+//!
+//! * [`GemmConv`] turns a convolution into a matrix product per group, with output
+//!   channels as rows and output pixels as columns. The input is packed into panels of
+//!   16 pixels times 4 reduction steps. That is the layout of the AVX-512 VNNI
+//!   instruction `vpdpbusd`, which sums u8 x i8 products four at a time into i32 lanes:
+//!   four times the multiply-adds of an f32 FMA per instruction. Machines without VNNI run the same
+//!   layout through a portable tile that the compiler vectorises.
+//! * [`DepthwiseConv`] computes each channel directly. Its products are small enough to
+//!   be exact in f32 (see [`DEPTHWISE_MAX_TAPS`]), so it runs in vectorised f32
+//!   arithmetic over rows of output pixels and still returns the integer result.
+//!
+//! Rounding is to nearest, ties to even, as onnxruntime's `QLinearConv` does.
+
+use std::cell::RefCell;
+
+/// Pixels in one packed panel: one 512-bit register of i32 accumulators.
+const PANEL_PIXELS: usize = 16;
+/// Reduction steps `vpdpbusd` sums into each accumulator.
+const STEP: usize = 4;
+/// Output channels computed together by one tile.
+const TILE_ROWS: usize = 4;
+/// Bytes of one panel for one group of [`STEP`] reduction steps.
+const PANEL_STEP_BYTES: usize = PANEL_PIXELS * STEP;
+/// Largest kernel area the f32 depthwise path accepts: every partial sum stays below
+/// 2^24, where f32 represents integers exactly (255 x 127 = 32,385 per product).
+pub const DEPTHWISE_MAX_TAPS: usize = (1 << 24) / (255 * 127);
+
+/// Shape of one 2-D convolution, batch excluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    pub in_channels: usize,
+    pub in_height: usize,
+    pub in_width: usize,
+    pub out_channels: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    /// Padding before the first row and the first column.
+    pub pad_before: [usize; 2],
+    pub group: usize,
+}
+
+impl Geometry {
+    pub fn input_len(&self) -> usize {
+        self.in_channels * self.in_height * self.in_width
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.out_channels * self.out_height * self.out_width
+    }
+
+    fn out_pixels(&self) -> usize {
+        self.out_height * self.out_width
+    }
+
+    /// Input row and column read for output `(oy, ox)` at kernel tap `(ky, kx)`, before
+    /// the padding is subtracted.
+    fn padded_source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> (usize, usize) {
+        (
+            oy * self.strides[0] + ky * self.dilations[0],
+            ox * self.strides[1] + kx * self.dilations[1],
+        )
+    }
+}
+
+/// Rescale from the i32 accumulator of one output channel to the u8 output:
+/// `round((acc + bias) * multiplier) + zero_point`, saturated to 0..=255.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requantize {
+    /// Per output channel, in accumulator units.
+    pub bias: Vec<i32>,
+    /// Per output channel: input scale x weight scale / output scale.
+    pub multiplier: Vec<f32>,
+    pub output_zero_point: u8,
+}
+
+#[inline(always)]
+fn requantize(value: f32, multiplier: f32, zero_point: f32) -> u8 {
+    // Adding 1.5 x 2^23 leaves the value rounded to an integer, ties to even, in the low
+    // mantissa bits. Unlike `round_ties_even` followed by a saturating `as u8`, every
+    // step here has a SIMD instruction, so the compiler vectorises the rescale loop.
+    const ROUNDING: f32 = 12_582_912.0;
+    let scaled = (value * multiplier + zero_point).clamp(-1.0, 256.0);
+    let rounded = ((scaled + ROUNDING).to_bits() as i32).wrapping_sub(ROUNDING.to_bits() as i32);
+    rounded.clamp(0, 255) as u8
+}
+
+/// A grouped convolution computed as one integer matrix product per group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmConv {
+    geometry: Geometry,
+    /// Output channels per group.
+    rows: usize,
+    /// Reduction length per group: input channels per group x kernel area.
+    depth: usize,
+    /// `depth` rounded up to [`STEP`], divided by it.
+    steps: usize,
+    /// Weights per group, in tiles of [`TILE_ROWS`] rows: `[tile][step][row][STEP]`,
+    /// zero beyond `rows` and `depth`.
+    weights: Vec<i8>,
+    requantize: Requantize,
+    input_zero_point: u8,
+}
+
+impl GemmConv {
+    /// Packs `weights` (OIHW, i8) for the product. `requantize.bias` is the layer's bias;
+    /// the correction for the input zero point is folded into it here. Returns `None`
+    /// when the accumulator could overflow i32.
+    pub fn new(
+        geometry: Geometry,
+        weights: &[i8],
+        mut requantize: Requantize,
+        input_zero_point: u8,
+    ) -> Option<GemmConv> {
+        let rows = geometry.out_channels / geometry.group;
+        let depth = geometry.in_channels / geometry.group * geometry.kernel[0] * geometry.kernel[1];
+        if weights.len() != geometry.out_channels * depth
+            || requantize.bias.len() != geometry.out_channels
+        {
+            return None;
+        }
+        let steps = depth.div_ceil(STEP);
+        let tiles = rows.div_ceil(TILE_ROWS);
+        let group_len = tiles * steps * TILE_ROWS * STEP;
+        let mut packed = vec![0i8; geometry.group * group_len];
+        for channel in 0..geometry.out_channels {
+            let (group, row) = (channel / rows, channel % rows);
+            let source = &weights[channel * depth..(channel + 1) * depth];
+            let tile_start = group * group_len + row / TILE_ROWS * steps * TILE_ROWS * STEP;
+            for (k, &weight) in source.iter().enumerate() {
+                let offset = (k / STEP * TILE_ROWS + row % TILE_ROWS) * STEP + k % STEP;
+                packed[tile_start + offset] = weight;
+            }
+            // sum(w * (x - zp)) = sum(w * x) - zp * sum(w): the product runs on raw u8.
+            let weight_sum: i64 = source.iter().map(|&w| i64::from(w)).sum();
+            let bias =
+                i64::from(requantize.bias[channel]) - i64::from(input_zero_point) * weight_sum;
+            let largest_product = depth as i64 * 255 * 127;
+            if bias.abs() + largest_product > i64::from(i32::MAX) {
+                return None;
+            }
+            requantize.bias[channel] = bias as i32;
+        }
+        Some(GemmConv {
+            geometry,
+            rows,
+            depth,
+            steps,
+            weights: packed,
+            requantize,
+            input_zero_point,
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Computes one image: `input` is CHW u8, `output` receives CHW u8.
+    pub fn run(&self, input: &[u8], output: &mut [u8]) {
+        assert_eq!(input.len(), self.geometry.input_len(), "input length");
+        assert_eq!(output.len(), self.geometry.output_len(), "output length");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+            {
+                // SAFETY: the CPU supports every feature the function enables.
+                unsafe { self.run_vnni(input, output) };
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: as above.
+                unsafe { self.run_avx2(input, output) };
+                return;
+            }
+        }
+        self.run_with(input, output, tile_portable);
+    }
+
+    /// Computes one image with the portable tile only, whatever the CPU supports.
+    pub fn run_portable(&self, input: &[u8], output: &mut [u8]) {
+        assert_eq!(input.len(), self.geometry.input_len(), "input length");
+        assert_eq!(output.len(), self.geometry.output_len(), "output length");
+        self.run_with(input, output, tile_portable);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run_vnni(&self, input: &[u8], output: &mut [u8]) {
+        self.run_with(input, output, |w, p0, p1, steps, acc| {
+            // SAFETY: `run_vnni` is only called where the CPU has these features, and
+            // `run_with` passes slices of the lengths `tile_vnni` checks.
+            unsafe { tile_vnni(w, p0, p1, steps, acc) }
+        });
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, input: &[u8], output: &mut [u8]) {
+        self.run_with(input, output, tile_portable);
+    }
+
+    #[inline(always)]
+    fn run_with(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+        tile: impl Fn(&[i8], &[u8], &[u8], usize, &mut [[i32; 2 * PANEL_PIXELS]; TILE_ROWS]),
+    ) {
+        let geometry = &self.geometry;
+        let pixels = geometry.out_pixels();
+        let pairs = pixels.div_ceil(2 * PANEL_PIXELS);
+        let panel_len = self.steps * PANEL_STEP_BYTES;
+        let channels_per_group = geometry.in_channels / geometry.group;
+        let group_input_len = channels_per_group * geometry.in_height * geometry.in_width;
+        let tiles = self.rows.div_ceil(TILE_ROWS);
+        let tile_len = self.steps * TILE_ROWS * STEP;
+        let zero_point = f32::from(self.requantize.output_zero_point);
+        // Taken out of the thread-local instead of borrowed in a closure: code inside a
+        // closure passed to `LocalKey` is compiled without this function's target
+        // features, which made the rescale below run in scalar SSE2.
+        let (mut panels, mut columns) = PACKED_INPUT.take();
+        for group in 0..geometry.group {
+            let group_input = &input[group * group_input_len..(group + 1) * group_input_len];
+            self.pack_input(group_input, pairs * 2, &mut panels, &mut columns);
+            for pair in 0..pairs {
+                let first = &panels[2 * pair * panel_len..(2 * pair + 1) * panel_len];
+                let second = &panels[(2 * pair + 1) * panel_len..(2 * pair + 2) * panel_len];
+                let pixel_start = pair * 2 * PANEL_PIXELS;
+                let pixel_count = (pixels - pixel_start).min(2 * PANEL_PIXELS);
+                for tile_index in 0..tiles {
+                    let weights =
+                        &self.weights[(group * tiles + tile_index) * tile_len..][..tile_len];
+                    let mut acc = [[0i32; 2 * PANEL_PIXELS]; TILE_ROWS];
+                    tile(weights, first, second, self.steps, &mut acc);
+                    for (row, sums) in acc.iter().enumerate() {
+                        let row_in_group = tile_index * TILE_ROWS + row;
+                        if row_in_group >= self.rows {
+                            break;
+                        }
+                        let channel = group * self.rows + row_in_group;
+                        let bias = self.requantize.bias[channel];
+                        let multiplier = self.requantize.multiplier[channel];
+                        let target = &mut output[channel * pixels + pixel_start..][..pixel_count];
+                        for (out, &sum) in target.iter_mut().zip(sums) {
+                            // Cannot overflow: `GemmConv::new` bounds bias plus products.
+                            *out =
+                                requantize(sum.wrapping_add(bias) as f32, multiplier, zero_point);
+                        }
+                    }
+                }
+            }
+        }
+        PACKED_INPUT.set((panels, columns));
+    }
+
+    /// Writes `panel_count` panels of one group's input into `panels`: panel `p`,
+    /// reduction step `s` holds, for each of its 16 pixels, the 4 input values of
+    /// reduction indices `4s..4s+4`. Positions in the padding read the zero point;
+    /// pixels and reduction indices past the end read 0, which the zero weights there
+    /// cancel.
+    ///
+    /// The input is first laid out as the im2col matrix (one row per reduction index,
+    /// one column per output pixel), which a 1x1 convolution already is, and then
+    /// interleaved four rows at a time.
+    #[inline(always)]
+    fn pack_input(
+        &self,
+        input: &[u8],
+        panel_count: usize,
+        panels: &mut Vec<u8>,
+        columns: &mut Vec<u8>,
+    ) {
+        let geometry = &self.geometry;
+        let pixels = geometry.out_pixels();
+        let row_len = panel_count * PANEL_PIXELS;
+        let pointwise = geometry.kernel == [1, 1]
+            && geometry.strides == [1, 1]
+            && geometry.pad_before == [0, 0]
+            && geometry.out_height == geometry.in_height
+            && geometry.out_width == geometry.in_width;
+        let rows: &[u8] = if pointwise && pixels == row_len {
+            input
+        } else {
+            columns.clear();
+            columns.resize(self.depth * row_len, 0);
+            for (k, row) in columns.chunks_exact_mut(row_len).enumerate() {
+                if pointwise {
+                    row[..pixels].copy_from_slice(&input[k * pixels..(k + 1) * pixels]);
+                } else {
+                    self.im2col_row(input, k, &mut row[..pixels]);
+                }
+            }
+            columns
+        };
+        panels.clear();
+        panels.resize(panel_count * self.steps * PANEL_STEP_BYTES, 0);
+        let zeros = [0u8; PANEL_PIXELS];
+        for (panel, target) in panels
+            .chunks_exact_mut(self.steps * PANEL_STEP_BYTES)
+            .enumerate()
+        {
+            for (step, block) in target.chunks_exact_mut(PANEL_STEP_BYTES).enumerate() {
+                let source = |j: usize| -> &[u8; PANEL_PIXELS] {
+                    let k = step * STEP + j;
+                    if k < self.depth {
+                        rows[k * row_len + panel * PANEL_PIXELS..][..PANEL_PIXELS]
+                            .try_into()
+                            .expect("16 bytes")
+                    } else {
+                        &zeros
+                    }
+                };
+                let sources = [source(0), source(1), source(2), source(3)];
+                for pixel in 0..PANEL_PIXELS {
+                    for (j, source) in sources.iter().enumerate() {
+                        block[pixel * STEP + j] = source[pixel];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes row `k` of the im2col matrix: for every output pixel, the input value that
+    /// reduction index `k` (input channel, kernel row, kernel column) multiplies, or the
+    /// zero point where that falls in the padding.
+    #[inline(always)]
+    fn im2col_row(&self, input: &[u8], k: usize, row: &mut [u8]) {
+        let geometry = &self.geometry;
+        let (height, width) = (geometry.in_height, geometry.in_width);
+        let [kernel_height, kernel_width] = geometry.kernel;
+        let channel = k / (kernel_height * kernel_width);
+        let ky = k / kernel_width % kernel_height;
+        let kx = k % kernel_width;
+        let plane = &input[channel * height * width..(channel + 1) * height * width];
+        let stride = geometry.strides[1];
+        // Columns x = ox * stride + offset - pad; the ones inside the image are first..last.
+        let offset = kx * geometry.dilations[1];
+        let pad = geometry.pad_before[1];
+        let first = pad
+            .saturating_sub(offset)
+            .div_ceil(stride)
+            .min(geometry.out_width);
+        let last = (width + pad)
+            .saturating_sub(offset)
+            .div_ceil(stride)
+            .clamp(first, geometry.out_width);
+        for (oy, target) in row.chunks_exact_mut(geometry.out_width).enumerate() {
+            let (y, _) = geometry.padded_source(oy, 0, ky, 0);
+            let Some(y) = y
+                .checked_sub(geometry.pad_before[0])
+                .filter(|&y| y < height)
+            else {
+                target.fill(self.input_zero_point);
+                continue;
+            };
+            let source = &plane[y * width..(y + 1) * width];
+            target[..first].fill(self.input_zero_point);
+            target[last..].fill(self.input_zero_point);
+            let start = first * stride + offset - pad;
+            if stride == 1 {
+                target[first..last].copy_from_slice(&source[start..start + last - first]);
+            } else {
+                for (value, x) in target[first..last]
+                    .iter_mut()
+                    .zip((start..).step_by(stride))
+                {
+                    *value = source[x];
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Scratch for packed input panels and the im2col matrix, reused across layers and
+    /// runs on one thread.
+    static PACKED_INPUT: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Scratch for the depthwise kernel's phase planes and sums.
+    static PADDED_PLANES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Multiplies one tile of [`TILE_ROWS`] weight rows by two input panels, adding into
+/// `acc[row][pixel]` (pixels 0..16 from `first`, 16..32 from `second`).
+///
+/// TODO: an aarch64 tile using `sdot`/`udot` (ARMv8.2 dot product, on Jetson Orin and
+/// Raspberry Pi 5). This portable loop ran at 2 to 3 GMAC/s on x86-64 built for plain
+/// SSE2, against 40 to 70 with VNNI, and has not been timed on ARM hardware.
+#[inline(always)]
+fn tile_portable(
+    weights: &[i8],
+    first: &[u8],
+    second: &[u8],
+    steps: usize,
+    acc: &mut [[i32; 2 * PANEL_PIXELS]; TILE_ROWS],
+) {
+    for step in 0..steps {
+        let w = &weights[step * TILE_ROWS * STEP..][..TILE_ROWS * STEP];
+        for (half, panel) in [first, second].into_iter().enumerate() {
+            let x = &panel[step * PANEL_STEP_BYTES..][..PANEL_STEP_BYTES];
+            for (row, sums) in acc.iter_mut().enumerate() {
+                let w = &w[row * STEP..][..STEP];
+                for pixel in 0..PANEL_PIXELS {
+                    let x = &x[pixel * STEP..][..STEP];
+                    // Wrapping arithmetic only so that debug builds vectorise this
+                    // loop too: `GemmConv::new` bounds the sums far below i32::MAX.
+                    let dot = (0..STEP).fold(0i32, |dot, j| {
+                        dot.wrapping_add(i32::from(x[j]).wrapping_mul(i32::from(w[j])))
+                    });
+                    let sum = &mut sums[half * PANEL_PIXELS + pixel];
+                    *sum = sum.wrapping_add(dot);
+                }
+            }
+        }
+    }
+}
+
+/// [`tile_portable`] with `vpdpbusd`: each instruction adds 16 four-term u8 x i8 dot
+/// products into 16 i32 accumulators.
+///
+/// # Safety
+/// The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_vnni(
+    weights: &[i8],
+    first: &[u8],
+    second: &[u8],
+    steps: usize,
+    acc: &mut [[i32; 2 * PANEL_PIXELS]; TILE_ROWS],
+) {
+    use std::arch::x86_64::{
+        __m512i, _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_si512,
+        _mm512_storeu_si512,
+    };
+    assert!(weights.len() >= steps * TILE_ROWS * STEP);
+    assert!(first.len() >= steps * PANEL_STEP_BYTES);
+    assert!(second.len() >= steps * PANEL_STEP_BYTES);
+    let mut sums = [_mm512_setzero_si512(); 2 * TILE_ROWS];
+    let weights = weights.as_ptr().cast::<i32>();
+    for step in 0..steps {
+        // SAFETY: the asserts above bound every offset read here.
+        unsafe {
+            let x0 = _mm512_loadu_si512(
+                first
+                    .as_ptr()
+                    .add(step * PANEL_STEP_BYTES)
+                    .cast::<__m512i>(),
+            );
+            let x1 = _mm512_loadu_si512(
+                second
+                    .as_ptr()
+                    .add(step * PANEL_STEP_BYTES)
+                    .cast::<__m512i>(),
+            );
+            let w = weights.add(step * TILE_ROWS);
+            for row in 0..TILE_ROWS {
+                let broadcast = _mm512_set1_epi32(w.add(row).read_unaligned());
+                sums[2 * row] = _mm512_dpbusd_epi32(sums[2 * row], x0, broadcast);
+                sums[2 * row + 1] = _mm512_dpbusd_epi32(sums[2 * row + 1], x1, broadcast);
+            }
+        }
+    }
+    for (row, target) in acc.iter_mut().enumerate() {
+        // SAFETY: each row of `acc` is 32 i32, two 512-bit stores.
+        unsafe {
+            _mm512_storeu_si512(target.as_mut_ptr().cast::<__m512i>(), sums[2 * row]);
+            _mm512_storeu_si512(
+                target.as_mut_ptr().add(PANEL_PIXELS).cast::<__m512i>(),
+                sums[2 * row + 1],
+            );
+        }
+    }
+}
+
+/// A depthwise convolution (one input channel per group, one output channel per input
+/// channel) computed directly per channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DepthwiseConv {
+    geometry: Geometry,
+    /// `[channel][ky][kx]`, as f32.
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+    multiplier: Vec<f32>,
+    output_zero_point: u8,
+    input_zero_point: u8,
+}
+
+impl DepthwiseConv {
+    /// Returns `None` unless `geometry` is depthwise and its kernel area is at most
+    /// [`DEPTHWISE_MAX_TAPS`].
+    pub fn new(
+        geometry: Geometry,
+        weights: &[i8],
+        requantize: Requantize,
+        input_zero_point: u8,
+    ) -> Option<DepthwiseConv> {
+        let taps = geometry.kernel[0] * geometry.kernel[1];
+        let depthwise =
+            geometry.group == geometry.in_channels && geometry.out_channels == geometry.in_channels;
+        if !depthwise || taps > DEPTHWISE_MAX_TAPS || weights.len() != geometry.out_channels * taps
+        {
+            return None;
+        }
+        Some(DepthwiseConv {
+            weights: weights.iter().map(|&w| f32::from(w)).collect(),
+            bias: requantize.bias.iter().map(|&b| b as f32).collect(),
+            multiplier: requantize.multiplier,
+            output_zero_point: requantize.output_zero_point,
+            input_zero_point,
+            geometry,
+        })
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Computes one image: `input` is CHW u8, `output` receives CHW u8.
+    pub fn run(&self, input: &[u8], output: &mut [u8]) {
+        assert_eq!(input.len(), self.geometry.input_len(), "input length");
+        assert_eq!(output.len(), self.geometry.output_len(), "output length");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports the feature the function enables.
+                unsafe { self.run_avx512(input, output) };
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: as above.
+                unsafe { self.run_avx2(input, output) };
+                return;
+            }
+        }
+        self.run_generic(input, output);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(&self, input: &[u8], output: &mut [u8]) {
+        self.run_generic(input, output);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, input: &[u8], output: &mut [u8]) {
+        self.run_generic(input, output);
+    }
+
+    /// Computes each channel as a sum of shifted copies of its input, one per kernel tap.
+    ///
+    /// The channel is padded with zeros after subtracting the zero point and split into
+    /// `stride_y x stride_x` phase planes (rows and columns by their remainder modulo
+    /// the stride), so that for every tap the inputs of all output pixels are one
+    /// contiguous run of a phase plane. Each tap is then a single multiply-add over the
+    /// whole output, laid out with the phase plane's row length; the columns past the
+    /// output width are computed and dropped.
+    #[inline(always)]
+    fn run_generic(&self, input: &[u8], output: &mut [u8]) {
+        let geometry = &self.geometry;
+        let [kernel_height, kernel_width] = geometry.kernel;
+        let [stride_y, stride_x] = geometry.strides;
+        let [dilation_y, dilation_x] = geometry.dilations;
+        let [pad_top, pad_left] = geometry.pad_before;
+        let (height, width) = (geometry.in_height, geometry.in_width);
+        let (out_height, out_width) = (geometry.out_height, geometry.out_width);
+        let padded_height = (height + pad_top)
+            .max((out_height - 1) * stride_y + (kernel_height - 1) * dilation_y + 1);
+        let padded_width = (width + pad_left)
+            .max((out_width - 1) * stride_x + (kernel_width - 1) * dilation_x + 1);
+        let phase_width = padded_width.div_ceil(stride_x);
+        // One spare row: the last tap's run may extend past the plane's last row.
+        let phase_height = padded_height.div_ceil(stride_y) + 1;
+        let phase_len = phase_height * phase_width;
+        let run_len = out_height * phase_width;
+        let input_zero_point = f32::from(self.input_zero_point);
+        let output_zero_point = f32::from(self.output_zero_point);
+        let taps = kernel_height * kernel_width;
+
+        // Taken out of the thread-local rather than borrowed in a closure, so that this
+        // loop is compiled with the caller's target features (see `GemmConv::run_with`).
+        let (mut phases, mut sums) = PADDED_PLANES.take();
+        phases.clear();
+        phases.resize(stride_y * stride_x * phase_len, 0.0);
+        sums.resize(run_len, 0.0);
+        let mut tap_starts = vec![0usize; taps];
+        for channel in 0..geometry.in_channels {
+            let plane = &input[channel * height * width..(channel + 1) * height * width];
+            for (y, source_row) in plane.chunks_exact(width).enumerate() {
+                let padded_y = y + pad_top;
+                let row_start =
+                    padded_y % stride_y * stride_x * phase_len + padded_y / stride_y * phase_width;
+                for phase_x in 0..stride_x {
+                    // Input columns x whose padded column x + pad_left is in this phase.
+                    let first_x = (phase_x + stride_x - pad_left % stride_x) % stride_x;
+                    let start = row_start + phase_x * phase_len + (first_x + pad_left) / stride_x;
+                    let target =
+                        &mut phases[start..start + phase_width - (first_x + pad_left) / stride_x];
+                    subtract_zero_point(
+                        &source_row[first_x.min(width)..],
+                        stride_x,
+                        input_zero_point,
+                        target,
+                    );
+                }
+            }
+
+            let weights = &self.weights[channel * taps..(channel + 1) * taps];
+            for ky in 0..kernel_height {
+                let (row_offset, phase_y) =
+                    ((ky * dilation_y) / stride_y, (ky * dilation_y) % stride_y);
+                for kx in 0..kernel_width {
+                    let (column_offset, phase_x) =
+                        ((kx * dilation_x) / stride_x, (kx * dilation_x) % stride_x);
+                    tap_starts[ky * kernel_width + kx] = (phase_y * stride_x + phase_x) * phase_len
+                        + row_offset * phase_width
+                        + column_offset;
+                }
+            }
+            sums.fill(self.bias[channel]);
+            for (&start, &weight) in tap_starts.iter().zip(weights) {
+                for (sum, &value) in sums.iter_mut().zip(&phases[start..start + run_len]) {
+                    *sum += weight * value;
+                }
+            }
+
+            let multiplier = self.multiplier[channel];
+            let target_plane =
+                &mut output[channel * out_height * out_width..][..out_height * out_width];
+            for (target, row) in target_plane
+                .chunks_exact_mut(out_width)
+                .zip(sums.chunks_exact(phase_width))
+            {
+                for (out, &sum) in target.iter_mut().zip(row) {
+                    *out = requantize(sum, multiplier, output_zero_point);
+                }
+            }
+        }
+        PADDED_PLANES.set((phases, sums));
+    }
+}
+
+/// Writes `source[0], source[stride], source[2 * stride], ...` minus `zero_point` as f32
+/// into `target`, as far as either reaches. Strides 1 and 2 get loops the compiler
+/// vectorises.
+#[inline(always)]
+fn subtract_zero_point(source: &[u8], stride: usize, zero_point: f32, target: &mut [f32]) {
+    match stride {
+        1 => {
+            for (slot, &value) in target.iter_mut().zip(source) {
+                *slot = f32::from(value) - zero_point;
+            }
+        }
+        2 => {
+            // Fixed-size blocks, so the even bytes are picked with shuffles.
+            let blocks = target.len().min(source.len() / 32);
+            let (head, tail) = target.split_at_mut(blocks * 16);
+            for (slots, values) in head.chunks_exact_mut(16).zip(source.chunks_exact(32)) {
+                for i in 0..16 {
+                    slots[i] = f32::from(values[2 * i]) - zero_point;
+                }
+            }
+            for (slot, &value) in tail.iter_mut().zip(source[blocks * 32..].iter().step_by(2)) {
+                *slot = f32::from(value) - zero_point;
+            }
+        }
+        _ => {
+            for (slot, &value) in target.iter_mut().zip(source.iter().step_by(stride)) {
+                *slot = f32::from(value) - zero_point;
+            }
+        }
+    }
+}
+
+/// Reference convolution, one multiply-add at a time, for tests.
+#[cfg(test)]
+pub(crate) fn reference(
+    geometry: &Geometry,
+    input: &[u8],
+    weights: &[i8],
+    requantize: &Requantize,
+    input_zero_point: u8,
+) -> Vec<u8> {
+    let channels_per_group = geometry.in_channels / geometry.group;
+    let rows = geometry.out_channels / geometry.group;
+    let [kernel_height, kernel_width] = geometry.kernel;
+    let mut output = vec![0u8; geometry.output_len()];
+    for channel in 0..geometry.out_channels {
+        let group = channel / rows;
+        for oy in 0..geometry.out_height {
+            for ox in 0..geometry.out_width {
+                let mut sum = i64::from(requantize.bias[channel]);
+                for c in 0..channels_per_group {
+                    let input_channel = group * channels_per_group + c;
+                    for ky in 0..kernel_height {
+                        for kx in 0..kernel_width {
+                            let (y, x) = geometry.padded_source(oy, ox, ky, kx);
+                            let y = y as i64 - geometry.pad_before[0] as i64;
+                            let x = x as i64 - geometry.pad_before[1] as i64;
+                            let inside = (0..geometry.in_height as i64).contains(&y)
+                                && (0..geometry.in_width as i64).contains(&x);
+                            let value = if inside {
+                                let index = (input_channel * geometry.in_height + y as usize)
+                                    * geometry.in_width
+                                    + x as usize;
+                                i64::from(input[index]) - i64::from(input_zero_point)
+                            } else {
+                                0
+                            };
+                            let weight =
+                                weights[((channel * channels_per_group + c) * kernel_height + ky)
+                                    * kernel_width
+                                    + kx];
+                            sum += value * i64::from(weight);
+                        }
+                    }
+                }
+                output[(channel * geometry.out_height + oy) * geometry.out_width + ox] =
+                    requantize_exact(
+                        sum,
+                        requantize.multiplier[channel],
+                        requantize.output_zero_point,
+                    );
+            }
+        }
+    }
+    output
+}
+
+#[cfg(test)]
+fn requantize_exact(sum: i64, multiplier: f32, zero_point: u8) -> u8 {
+    (sum as f64 * f64::from(multiplier) + f64::from(zero_point))
+        .round_ties_even()
+        .clamp(0.0, 255.0) as u8
+}

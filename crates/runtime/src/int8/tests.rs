@@ -1,0 +1,498 @@
+use tract_onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TypeProto,
+    ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType, type_proto,
+};
+use tract_onnx::prelude::{
+    DatumExt, Framework, InferenceModelExt, IntoRunnable, TValue, Tensor, tvec,
+};
+
+use super::kernels::reference;
+use super::*;
+
+/// Small deterministic generator, so failures reproduce.
+struct Numbers(u64);
+
+impl Numbers {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn u8s(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+
+    fn i8s(&mut self, len: usize) -> Vec<i8> {
+        (0..len)
+            .map(|_| (self.next() % 255) as i32 - 127)
+            .map(|w| w as i8)
+            .collect()
+    }
+
+    fn below(&mut self, bound: u64) -> u64 {
+        self.next() % bound
+    }
+}
+
+struct Case {
+    name: &'static str,
+    in_channels: usize,
+    size: [usize; 2],
+    out_channels: usize,
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    /// Top, left, bottom, right.
+    pads: [usize; 4],
+    group: usize,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "pointwise",
+        in_channels: 24,
+        size: [14, 14],
+        out_channels: 40,
+        kernel: [1, 1],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pads: [0; 4],
+        group: 1,
+    },
+    Case {
+        name: "stem 3x3 stride 2",
+        in_channels: 3,
+        size: [15, 17],
+        out_channels: 16,
+        kernel: [3, 3],
+        strides: [2, 2],
+        dilations: [1, 1],
+        pads: [1, 1, 1, 1],
+        group: 1,
+    },
+    Case {
+        name: "3x3 rows not a tile multiple",
+        in_channels: 8,
+        size: [9, 7],
+        out_channels: 6,
+        kernel: [3, 3],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pads: [1, 1, 1, 1],
+        group: 1,
+    },
+    Case {
+        name: "pointwise stride 2",
+        in_channels: 5,
+        size: [8, 9],
+        out_channels: 7,
+        kernel: [1, 1],
+        strides: [2, 2],
+        dilations: [1, 1],
+        pads: [0; 4],
+        group: 1,
+    },
+    Case {
+        name: "grouped 3x3",
+        in_channels: 8,
+        size: [6, 6],
+        out_channels: 6,
+        kernel: [3, 3],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pads: [1, 1, 1, 1],
+        group: 2,
+    },
+    Case {
+        name: "dilated 3x3",
+        in_channels: 4,
+        size: [10, 10],
+        out_channels: 5,
+        kernel: [3, 3],
+        strides: [1, 1],
+        dilations: [2, 2],
+        pads: [2, 2, 2, 2],
+        group: 1,
+    },
+    Case {
+        name: "depthwise 3x3",
+        in_channels: 16,
+        size: [10, 9],
+        out_channels: 16,
+        kernel: [3, 3],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pads: [1, 1, 1, 1],
+        group: 16,
+    },
+    Case {
+        name: "depthwise 5x5 stride 2",
+        in_channels: 8,
+        size: [11, 13],
+        out_channels: 8,
+        kernel: [5, 5],
+        strides: [2, 2],
+        dilations: [1, 1],
+        pads: [2, 2, 2, 2],
+        group: 8,
+    },
+    Case {
+        name: "depthwise 3x3 stride 2 padded after",
+        in_channels: 4,
+        size: [8, 8],
+        out_channels: 4,
+        kernel: [3, 3],
+        strides: [2, 2],
+        dilations: [1, 1],
+        pads: [0, 0, 1, 1],
+        group: 4,
+    },
+    Case {
+        name: "depthwise dilated",
+        in_channels: 3,
+        size: [9, 9],
+        out_channels: 3,
+        kernel: [3, 3],
+        strides: [1, 1],
+        dilations: [2, 2],
+        pads: [2, 2, 2, 2],
+        group: 3,
+    },
+];
+
+impl Case {
+    fn geometry(&self) -> Geometry {
+        let out = |axis: usize| {
+            let span = self.dilations[axis] * (self.kernel[axis] - 1) + 1;
+            (self.size[axis] + self.pads[axis] + self.pads[axis + 2] - span) / self.strides[axis]
+                + 1
+        };
+        Geometry {
+            in_channels: self.in_channels,
+            in_height: self.size[0],
+            in_width: self.size[1],
+            out_channels: self.out_channels,
+            out_height: out(0),
+            out_width: out(1),
+            kernel: self.kernel,
+            strides: self.strides,
+            dilations: self.dilations,
+            pad_before: [self.pads[0], self.pads[1]],
+            group: self.group,
+        }
+    }
+
+    fn weight_len(&self) -> usize {
+        self.out_channels * self.in_channels / self.group * self.kernel[0] * self.kernel[1]
+    }
+}
+
+/// Weights with channel 1 all zero, as pruning leaves them, and the rest random.
+fn weights(case: &Case, numbers: &mut Numbers) -> Vec<i8> {
+    let mut weights = numbers.i8s(case.weight_len());
+    let per_channel = case.weight_len() / case.out_channels;
+    weights[per_channel..2 * per_channel].fill(0);
+    weights
+}
+
+fn requantize(case: &Case, numbers: &mut Numbers) -> Requantize {
+    let taps = (case.weight_len() / case.out_channels) as f32;
+    Requantize {
+        bias: (0..case.out_channels)
+            .map(|_| numbers.below(20_001) as i32 - 10_000)
+            .collect(),
+        // Spreads typical sums over the u8 range, with some saturating at either end.
+        multiplier: (0..case.out_channels)
+            .map(|_| (1.0 + numbers.below(100) as f32 / 50.0) / (taps.sqrt() * 300.0))
+            .collect(),
+        output_zero_point: numbers.below(256) as u8,
+    }
+}
+
+/// Counts positions that differ, and fails on any difference above 1.
+fn count_differences(case: &str, found: &[u8], expected: &[u8]) -> usize {
+    assert_eq!(found.len(), expected.len(), "{case}: output length");
+    let mut differences = 0;
+    for (index, (&a, &b)) in found.iter().zip(expected).enumerate() {
+        assert!(
+            a.abs_diff(b) <= 1,
+            "{case}: output {index} is {a}, expected {b}"
+        );
+        differences += usize::from(a != b);
+    }
+    differences
+}
+
+#[test]
+fn kernels_match_reference() {
+    let mut numbers = Numbers(0x5eed);
+    for case in CASES {
+        let geometry = case.geometry();
+        let input = numbers.u8s(geometry.input_len());
+        let weights = weights(case, &mut numbers);
+        let requantize = requantize(case, &mut numbers);
+        let zero_point = numbers.below(256) as u8;
+        let expected = reference(&geometry, &input, &weights, &requantize, zero_point);
+        let distinct = expected
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        assert!(
+            distinct > 20,
+            "{}: only {distinct} distinct outputs",
+            case.name
+        );
+
+        let mut found = vec![0; geometry.output_len()];
+        if case.group > 1 && case.group == case.in_channels {
+            let kernel = DepthwiseConv::new(geometry.clone(), &weights, requantize, zero_point)
+                .expect("depthwise kernel");
+            kernel.run(&input, &mut found);
+        } else {
+            let kernel =
+                GemmConv::new(geometry.clone(), &weights, requantize, zero_point).expect("gemm");
+            kernel.run(&input, &mut found);
+            let mut portable = vec![0; geometry.output_len()];
+            kernel.run_portable(&input, &mut portable);
+            assert_eq!(found, portable, "{}: portable tile differs", case.name);
+        }
+        let differences = count_differences(case.name, &found, &expected);
+        assert!(
+            differences * 100 <= found.len(),
+            "{}: {differences} of {} outputs off by one",
+            case.name,
+            found.len()
+        );
+    }
+}
+
+#[test]
+fn gemm_rejects_overflowing_bias() {
+    let case = &CASES[0];
+    let mut numbers = Numbers(7);
+    let mut requantize = requantize(case, &mut numbers);
+    requantize.bias[3] = i32::MAX - 10;
+    let weights = weights(case, &mut numbers);
+    assert!(GemmConv::new(case.geometry(), &weights, requantize, 128).is_none());
+}
+
+fn tensor(name: &str, data_type: DataType, dims: &[usize], raw_data: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        data_type: data_type as i32,
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        raw_data,
+        ..TensorProto::default()
+    }
+}
+
+fn ints(name: &str, values: &[usize]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: values.iter().map(|&v| v as i64).collect(),
+        ..AttributeProto::default()
+    }
+}
+
+fn float_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Builds an ONNX model of one `QLinearConv` reading `x` (u8) with the case's geometry.
+fn qlinear_conv_model(case: &Case, numbers: &mut Numbers, weight_zero_point: i8) -> ModelProto {
+    let weights = weights(case, numbers);
+    let requantize = requantize(case, numbers);
+    let per_channel = case.weight_len() / case.out_channels;
+    let weight_shape = [
+        case.out_channels,
+        case.in_channels / case.group,
+        case.kernel[0],
+        case.kernel[1],
+    ];
+    let input_scale = 0.02f32;
+    let output_scale = 0.05f32;
+    let weight_scales: Vec<f32> = requantize
+        .multiplier
+        .iter()
+        .map(|m| m * output_scale / input_scale)
+        .collect();
+    let initializer = vec![
+        tensor("x_scale", DataType::Float, &[], float_bytes(&[input_scale])),
+        tensor("x_zero_point", DataType::Uint8, &[], vec![131]),
+        tensor(
+            "w",
+            DataType::Int8,
+            &weight_shape,
+            weights.iter().map(|&w| w as u8).collect(),
+        ),
+        tensor(
+            "w_scale",
+            DataType::Float,
+            &[case.out_channels],
+            float_bytes(&weight_scales),
+        ),
+        tensor(
+            "w_zero_point",
+            DataType::Int8,
+            &[case.out_channels],
+            vec![weight_zero_point as u8; case.out_channels],
+        ),
+        tensor(
+            "y_scale",
+            DataType::Float,
+            &[],
+            float_bytes(&[output_scale]),
+        ),
+        tensor(
+            "y_zero_point",
+            DataType::Uint8,
+            &[],
+            vec![requantize.output_zero_point],
+        ),
+        tensor(
+            "bias",
+            DataType::Int32,
+            &[case.out_channels],
+            requantize
+                .bias
+                .iter()
+                .flat_map(|b| b.to_le_bytes())
+                .collect(),
+        ),
+    ];
+    assert_eq!(weights.len(), case.out_channels * per_channel);
+    let node = NodeProto {
+        name: "conv".into(),
+        op_type: "QLinearConv".into(),
+        input: [
+            "x",
+            "x_scale",
+            "x_zero_point",
+            "w",
+            "w_scale",
+            "w_zero_point",
+            "y_scale",
+            "y_zero_point",
+            "bias",
+        ]
+        .map(String::from)
+        .to_vec(),
+        output: vec!["y".into()],
+        attribute: vec![
+            ints("kernel_shape", &case.kernel),
+            ints("strides", &case.strides),
+            ints("dilations", &case.dilations),
+            ints("pads", &case.pads),
+            AttributeProto {
+                name: "group".into(),
+                r#type: AttributeType::Int as i32,
+                i: case.group as i64,
+                ..AttributeProto::default()
+            },
+        ],
+        ..NodeProto::default()
+    };
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(GraphProto {
+            name: "qlinear_conv".into(),
+            node: vec![node],
+            initializer,
+            input: vec![ValueInfoProto {
+                name: "x".into(),
+                r#type: Some(TypeProto {
+                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                        elem_type: DataType::Uint8 as i32,
+                        shape: None,
+                    })),
+                    ..TypeProto::default()
+                }),
+                ..ValueInfoProto::default()
+            }],
+            output: vec![ValueInfoProto {
+                name: "y".into(),
+                ..ValueInfoProto::default()
+            }],
+            ..GraphProto::default()
+        }),
+        ..ModelProto::default()
+    }
+}
+
+/// Loads `model` with `framework`, runs it on `input` and returns the output and the
+/// names of the operators in the optimised plan.
+fn run_model(
+    framework: &tract_onnx::Onnx,
+    model: &ModelProto,
+    shape: &[usize],
+    input: &[u8],
+) -> (Vec<u8>, Vec<String>) {
+    let typed = framework
+        .model_for_proto_model(model)
+        .expect("model loads")
+        .with_input_fact(0, u8::fact(shape).into())
+        .expect("input fact")
+        .into_optimized()
+        .expect("model optimises");
+    let operators = typed
+        .nodes()
+        .iter()
+        .map(|n| n.op.name().to_string())
+        .collect();
+    let plan = typed.into_runnable().expect("plan");
+    let input = Tensor::from_shape(shape, input).expect("input tensor");
+    let output = plan.run(tvec![TValue::from(input)]).expect("model runs");
+    let values = output[0]
+        .try_as_plain_ram()
+        .expect("plain output")
+        .as_slice::<u8>()
+        .expect("u8 output")
+        .to_vec();
+    (values, operators)
+}
+
+#[test]
+fn onnx_qlinear_conv_matches_tract() {
+    let mut numbers = Numbers(0xc0ffee);
+    let ours = onnx();
+    let tract = tract_onnx::onnx();
+    for case in CASES {
+        let model = qlinear_conv_model(case, &mut numbers, 0);
+        let shape = [2, case.in_channels, case.size[0], case.size[1]];
+        let input = numbers.u8s(shape.iter().product());
+        let (found, operators) = run_model(&ours, &model, &shape, &input);
+        let (expected, _) = run_model(&tract, &model, &shape, &input);
+        assert!(
+            operators.iter().any(|name| name == "IntegerConv"),
+            "{}: plan has {operators:?}",
+            case.name
+        );
+        let differences = count_differences(case.name, &found, &expected);
+        assert!(
+            differences * 50 <= found.len(),
+            "{}: {differences} of {} outputs off by one",
+            case.name,
+            found.len()
+        );
+    }
+}
+
+#[test]
+fn weight_zero_point_keeps_tract_kernel() {
+    let mut numbers = Numbers(99);
+    let case = &CASES[1];
+    let model = qlinear_conv_model(case, &mut numbers, 3);
+    let shape = [1, case.in_channels, case.size[0], case.size[1]];
+    let input = numbers.u8s(shape.iter().product());
+    let (found, operators) = run_model(&onnx(), &model, &shape, &input);
+    let (expected, _) = run_model(&tract_onnx::onnx(), &model, &shape, &input);
+    assert!(!operators.iter().any(|name| name == "IntegerConv"));
+    assert_eq!(found, expected);
+}
