@@ -119,12 +119,12 @@ impl QLinearConv {
                 .outlet_fact(inputs[slot])
                 .map_err(|e| format!("{e:#}"))
         };
-        let constant = |slot: Option<usize>, what: &str| -> Result<Arc<Tensor>, String> {
-            let slot = slot.ok_or_else(|| format!("the {what} is missing"))?;
+        let constant = |slot: Option<usize>, parameter: &str| -> Result<Arc<Tensor>, String> {
+            let slot = slot.ok_or_else(|| format!("the {parameter} is missing"))?;
             fact(slot)?
                 .konst
                 .clone()
-                .ok_or_else(|| format!("the {what} is not a constant"))
+                .ok_or_else(|| format!("the {parameter} is not a constant"))
         };
 
         let input = fact(0)?;
@@ -273,11 +273,13 @@ fn scalar_f32(tensor: &Tensor) -> Result<f32, String> {
     }
 }
 
-fn two(values: Option<&[usize]>, what: &str) -> Result<[usize; 2], String> {
+fn two(values: Option<&[usize]>, attribute: &str) -> Result<[usize; 2], String> {
     match values {
         None => Ok([1, 1]),
         Some(&[a, b]) if a > 0 && b > 0 => Ok([a, b]),
-        Some(other) => Err(format!("{what} {other:?} are not two positive numbers")),
+        Some(other) => Err(format!(
+            "{attribute} {other:?} are not two positive numbers"
+        )),
     }
 }
 
