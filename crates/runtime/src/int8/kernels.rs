@@ -24,6 +24,12 @@ const PANEL_PIXELS: usize = 16;
 const STEP: usize = 4;
 /// Output channels computed together by one tile.
 const TILE_ROWS: usize = 4;
+/// Panels computed together by one tile: 4 x 4 accumulator registers.
+const TILE_PANELS: usize = 4;
+/// Output pixels of one tile.
+const TILE_PIXELS: usize = TILE_PANELS * PANEL_PIXELS;
+/// i32 sums of one tile, by output channel and pixel.
+type Tile = [[i32; TILE_PIXELS]; TILE_ROWS];
 /// Bytes of one panel for one group of [`STEP`] reduction steps.
 const PANEL_STEP_BYTES: usize = PANEL_PIXELS * STEP;
 /// Largest kernel area the f32 depthwise path accepts: every partial sum stays below
@@ -196,10 +202,10 @@ impl GemmConv {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn run_vnni(&self, input: &[u8], output: &mut [u8]) {
-        self.run_with(input, output, |w, p0, p1, steps, acc| {
+        self.run_with(input, output, |weights, panels, panel_len, steps, acc| {
             // SAFETY: `run_vnni` is only called where the CPU has these features, and
-            // `run_with` passes slices of the lengths `tile_vnni` checks.
-            unsafe { tile_vnni(w, p0, p1, steps, acc) }
+            // `tile_vnni` checks the slice lengths.
+            unsafe { tile_vnni(weights, panels, panel_len, steps, acc) }
         });
     }
 
@@ -214,53 +220,78 @@ impl GemmConv {
         &self,
         input: &[u8],
         output: &mut [u8],
-        tile: impl Fn(&[i8], &[u8], &[u8], usize, &mut [[i32; 2 * PANEL_PIXELS]; TILE_ROWS]),
+        tile: impl Fn(&[i8], &[u8], usize, usize, &mut Tile),
     ) {
         let geometry = &self.geometry;
         let pixels = geometry.out_pixels();
-        let pairs = pixels.div_ceil(2 * PANEL_PIXELS);
+        let pixel_tiles = pixels.div_ceil(TILE_PIXELS);
         let panel_len = self.steps * PANEL_STEP_BYTES;
-        let channels_per_group = geometry.in_channels / geometry.group;
-        let group_input_len = channels_per_group * geometry.in_height * geometry.in_width;
-        let tiles = self.rows.div_ceil(TILE_ROWS);
+        let group_input_len = geometry.input_len() / geometry.group;
+        let row_tiles = self.rows.div_ceil(TILE_ROWS);
         let tile_len = self.steps * TILE_ROWS * STEP;
-        let zero_point = f32::from(self.requantize.output_zero_point);
+
         // Taken out of the thread-local instead of borrowed in a closure: code inside a
         // closure passed to `LocalKey` is compiled without this function's target
-        // features, which made the rescale below run in scalar SSE2.
+        // features, which made the rescale run in scalar SSE2.
         let (mut panels, mut columns) = PACKED_INPUT.take();
+        let mut acc = [[0i32; TILE_PIXELS]; TILE_ROWS];
         for group in 0..geometry.group {
-            let group_input = &input[group * group_input_len..(group + 1) * group_input_len];
-            self.pack_input(group_input, pairs * 2, &mut panels, &mut columns);
-            for pair in 0..pairs {
-                let first = &panels[2 * pair * panel_len..(2 * pair + 1) * panel_len];
-                let second = &panels[(2 * pair + 1) * panel_len..(2 * pair + 2) * panel_len];
-                let pixel_start = pair * 2 * PANEL_PIXELS;
-                let pixel_count = (pixels - pixel_start).min(2 * PANEL_PIXELS);
-                for tile_index in 0..tiles {
+            let group_input = &input[group * group_input_len..][..group_input_len];
+            self.pack_input(
+                group_input,
+                pixel_tiles * TILE_PANELS,
+                &mut panels,
+                &mut columns,
+            );
+
+            for pixel_tile in 0..pixel_tiles {
+                let tile_panels =
+                    &panels[pixel_tile * TILE_PANELS * panel_len..][..TILE_PANELS * panel_len];
+                let pixel_start = pixel_tile * TILE_PIXELS;
+                let pixel_count = (pixels - pixel_start).min(TILE_PIXELS);
+                for row_tile in 0..row_tiles {
                     let weights =
-                        &self.weights[(group * tiles + tile_index) * tile_len..][..tile_len];
-                    let mut acc = [[0i32; 2 * PANEL_PIXELS]; TILE_ROWS];
-                    tile(weights, first, second, self.steps, &mut acc);
-                    for (row, sums) in acc.iter().enumerate() {
-                        let row_in_group = tile_index * TILE_ROWS + row;
-                        if row_in_group >= self.rows {
-                            break;
-                        }
-                        let channel = group * self.rows + row_in_group;
-                        let bias = self.requantize.bias[channel];
-                        let multiplier = self.requantize.multiplier[channel];
-                        let target = &mut output[channel * pixels + pixel_start..][..pixel_count];
-                        for (out, &sum) in target.iter_mut().zip(sums) {
-                            // Cannot overflow: `GemmConv::new` bounds bias plus products.
-                            *out =
-                                requantize(sum.wrapping_add(bias) as f32, multiplier, zero_point);
-                        }
-                    }
+                        &self.weights[(group * row_tiles + row_tile) * tile_len..][..tile_len];
+                    tile(weights, tile_panels, panel_len, self.steps, &mut acc);
+                    let first_channel = group * self.rows + row_tile * TILE_ROWS;
+                    let channels = (self.rows - row_tile * TILE_ROWS).min(TILE_ROWS);
+                    self.store_tile(
+                        &acc,
+                        first_channel,
+                        channels,
+                        pixel_start,
+                        pixel_count,
+                        output,
+                    );
                 }
             }
         }
         PACKED_INPUT.set((panels, columns));
+    }
+
+    /// Rescales the first `channels` rows and `pixel_count` pixels of a tile to u8 and
+    /// writes them to channels `first_channel..` and pixels `pixel_start..` of `output`.
+    #[inline(always)]
+    fn store_tile(
+        &self,
+        acc: &Tile,
+        first_channel: usize,
+        channels: usize,
+        pixel_start: usize,
+        pixel_count: usize,
+        output: &mut [u8],
+    ) {
+        let pixels = self.geometry.out_pixels();
+        let zero_point = f32::from(self.requantize.output_zero_point);
+        for (channel, sums) in (first_channel..first_channel + channels).zip(acc) {
+            let bias = self.requantize.bias[channel];
+            let multiplier = self.requantize.multiplier[channel];
+            let target = &mut output[channel * pixels + pixel_start..][..pixel_count];
+            for (out, &sum) in target.iter_mut().zip(sums) {
+                // Cannot overflow: `GemmConv::new` bounds bias plus products.
+                *out = requantize(sum.wrapping_add(bias) as f32, multiplier, zero_point);
+            }
+        }
     }
 
     /// Writes `panel_count` panels of one group's input into `panels`: panel `p`,
@@ -389,24 +420,19 @@ thread_local! {
     static PADDED_PLANES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Multiplies one tile of [`TILE_ROWS`] weight rows by two input panels, adding into
-/// `acc[row][pixel]` (pixels 0..16 from `first`, 16..32 from `second`).
+/// Multiplies one tile of [`TILE_ROWS`] weight rows by [`TILE_PANELS`] consecutive input
+/// panels of `panel_len` bytes each, writing `acc[row][pixel]`.
 ///
 /// TODO: an aarch64 tile using `sdot`/`udot` (ARMv8.2 dot product, on Jetson Orin and
 /// Raspberry Pi 5). This portable loop ran at 2 to 3 GMAC/s on x86-64 built for plain
 /// SSE2, against 40 to 70 with VNNI, and has not been timed on ARM hardware.
 #[inline(always)]
-fn tile_portable(
-    weights: &[i8],
-    first: &[u8],
-    second: &[u8],
-    steps: usize,
-    acc: &mut [[i32; 2 * PANEL_PIXELS]; TILE_ROWS],
-) {
+fn tile_portable(weights: &[i8], panels: &[u8], panel_len: usize, steps: usize, acc: &mut Tile) {
+    *acc = [[0; TILE_PIXELS]; TILE_ROWS];
     for step in 0..steps {
         let w = &weights[step * TILE_ROWS * STEP..][..TILE_ROWS * STEP];
-        for (half, panel) in [first, second].into_iter().enumerate() {
-            let x = &panel[step * PANEL_STEP_BYTES..][..PANEL_STEP_BYTES];
+        for panel in 0..TILE_PANELS {
+            let x = &panels[panel * panel_len + step * PANEL_STEP_BYTES..][..PANEL_STEP_BYTES];
             for (row, sums) in acc.iter_mut().enumerate() {
                 let w = &w[row * STEP..][..STEP];
                 for pixel in 0..PANEL_PIXELS {
@@ -416,7 +442,7 @@ fn tile_portable(
                     let dot = (0..STEP).fold(0i32, |dot, j| {
                         dot.wrapping_add(i32::from(x[j]).wrapping_mul(i32::from(w[j])))
                     });
-                    let sum = &mut sums[half * PANEL_PIXELS + pixel];
+                    let sum = &mut sums[panel * PANEL_PIXELS + pixel];
                     *sum = sum.wrapping_add(dot);
                 }
             }
@@ -425,59 +451,48 @@ fn tile_portable(
 }
 
 /// [`tile_portable`] with `vpdpbusd`: each instruction adds 16 four-term u8 x i8 dot
-/// products into 16 i32 accumulators.
+/// products into 16 i32 accumulators, and the tile's 16 accumulators stay in registers.
 ///
 /// # Safety
 /// The CPU must support AVX-512F, AVX-512BW and AVX-512 VNNI.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_vnni(
-    weights: &[i8],
-    first: &[u8],
-    second: &[u8],
-    steps: usize,
-    acc: &mut [[i32; 2 * PANEL_PIXELS]; TILE_ROWS],
-) {
+unsafe fn tile_vnni(weights: &[i8], panels: &[u8], panel_len: usize, steps: usize, acc: &mut Tile) {
     use std::arch::x86_64::{
         __m512i, _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_si512,
         _mm512_storeu_si512,
     };
     assert!(weights.len() >= steps * TILE_ROWS * STEP);
-    assert!(first.len() >= steps * PANEL_STEP_BYTES);
-    assert!(second.len() >= steps * PANEL_STEP_BYTES);
-    let mut sums = [_mm512_setzero_si512(); 2 * TILE_ROWS];
+    assert!(steps * PANEL_STEP_BYTES <= panel_len);
+    assert!(panels.len() >= TILE_PANELS * panel_len);
+    let mut sums = [[_mm512_setzero_si512(); TILE_PANELS]; TILE_ROWS];
     let weights = weights.as_ptr().cast::<i32>();
     for step in 0..steps {
         // SAFETY: the asserts above bound every offset read here.
         unsafe {
-            let x0 = _mm512_loadu_si512(
-                first
+            let mut x = [_mm512_setzero_si512(); TILE_PANELS];
+            for (panel, value) in x.iter_mut().enumerate() {
+                let address = panels
                     .as_ptr()
-                    .add(step * PANEL_STEP_BYTES)
-                    .cast::<__m512i>(),
-            );
-            let x1 = _mm512_loadu_si512(
-                second
-                    .as_ptr()
-                    .add(step * PANEL_STEP_BYTES)
-                    .cast::<__m512i>(),
-            );
+                    .add(panel * panel_len + step * PANEL_STEP_BYTES);
+                *value = _mm512_loadu_si512(address.cast::<__m512i>());
+            }
             let w = weights.add(step * TILE_ROWS);
-            for row in 0..TILE_ROWS {
+            for (row, row_sums) in sums.iter_mut().enumerate() {
                 let broadcast = _mm512_set1_epi32(w.add(row).read_unaligned());
-                sums[2 * row] = _mm512_dpbusd_epi32(sums[2 * row], x0, broadcast);
-                sums[2 * row + 1] = _mm512_dpbusd_epi32(sums[2 * row + 1], x1, broadcast);
+                for (sum, &x) in row_sums.iter_mut().zip(&x) {
+                    *sum = _mm512_dpbusd_epi32(*sum, x, broadcast);
+                }
             }
         }
     }
-    for (row, target) in acc.iter_mut().enumerate() {
-        // SAFETY: each row of `acc` is 32 i32, two 512-bit stores.
-        unsafe {
-            _mm512_storeu_si512(target.as_mut_ptr().cast::<__m512i>(), sums[2 * row]);
-            _mm512_storeu_si512(
-                target.as_mut_ptr().add(PANEL_PIXELS).cast::<__m512i>(),
-                sums[2 * row + 1],
-            );
+    for (target, row_sums) in acc.iter_mut().zip(&sums) {
+        for (panel, &sum) in row_sums.iter().enumerate() {
+            // SAFETY: each row of `acc` is TILE_PANELS x 16 i32, one 512-bit store each.
+            unsafe {
+                let address = target.as_mut_ptr().add(panel * PANEL_PIXELS);
+                _mm512_storeu_si512(address.cast::<__m512i>(), sum);
+            }
         }
     }
 }
@@ -595,7 +610,21 @@ impl DepthwiseConv {
         phases.clear();
         phases.resize(stride_y * stride_x * phase_len, 0.0);
         sums.resize(run_len, 0.0);
-        let mut tap_starts = vec![0usize; taps];
+        // Where each tap's run starts in the phase planes, the same for every channel.
+        let mut tap_starts = Vec::with_capacity(taps);
+        for ky in 0..kernel_height {
+            let (row_offset, phase_y) =
+                ((ky * dilation_y) / stride_y, (ky * dilation_y) % stride_y);
+            for kx in 0..kernel_width {
+                let (column_offset, phase_x) =
+                    ((kx * dilation_x) / stride_x, (kx * dilation_x) % stride_x);
+                tap_starts.push(
+                    (phase_y * stride_x + phase_x) * phase_len
+                        + row_offset * phase_width
+                        + column_offset,
+                );
+            }
+        }
         for channel in 0..geometry.in_channels {
             let plane = &input[channel * height * width..(channel + 1) * height * width];
             for (y, source_row) in plane.chunks_exact(width).enumerate() {
@@ -618,23 +647,7 @@ impl DepthwiseConv {
             }
 
             let weights = &self.weights[channel * taps..(channel + 1) * taps];
-            for ky in 0..kernel_height {
-                let (row_offset, phase_y) =
-                    ((ky * dilation_y) / stride_y, (ky * dilation_y) % stride_y);
-                for kx in 0..kernel_width {
-                    let (column_offset, phase_x) =
-                        ((kx * dilation_x) / stride_x, (kx * dilation_x) % stride_x);
-                    tap_starts[ky * kernel_width + kx] = (phase_y * stride_x + phase_x) * phase_len
-                        + row_offset * phase_width
-                        + column_offset;
-                }
-            }
-            sums.fill(self.bias[channel]);
-            for (&start, &weight) in tap_starts.iter().zip(weights) {
-                for (sum, &value) in sums.iter_mut().zip(&phases[start..start + run_len]) {
-                    *sum += weight * value;
-                }
-            }
+            accumulate_taps(&phases, &tap_starts, weights, self.bias[channel], &mut sums);
 
             let multiplier = self.multiplier[channel];
             let target_plane =
@@ -649,6 +662,18 @@ impl DepthwiseConv {
             }
         }
         PADDED_PLANES.set((phases, sums));
+    }
+}
+
+/// Sets `sums[i] = bias + sum over taps t of weights[t] * phases[starts[t] + i]`.
+#[inline(always)]
+fn accumulate_taps(phases: &[f32], starts: &[usize], weights: &[f32], bias: f32, sums: &mut [f32]) {
+    let len = sums.len();
+    sums.fill(bias);
+    for (&start, &weight) in starts.iter().zip(weights) {
+        for (sum, &value) in sums.iter_mut().zip(&phases[start..][..len]) {
+            *sum += weight * value;
+        }
     }
 }
 
