@@ -41,6 +41,8 @@ pub enum GraphError {
         path: PathBuf,
         source: prost::DecodeError,
     },
+    #[error("{path} is empty, not an ONNX model")]
+    Empty { path: PathBuf },
     #[error("{path} has no graph")]
     NoGraph { path: PathBuf },
     #[error(
@@ -104,11 +106,23 @@ impl OnnxModel {
             path: path.to_path_buf(),
             source,
         })?;
+        if bytes.is_empty() {
+            return Err(GraphError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
         let mut proto =
             ModelProto::decode(bytes.as_slice()).map_err(|source| GraphError::Decode {
                 path: path.to_path_buf(),
                 source,
             })?;
+        // Checked before the opset: bytes that happen to decode as protobuf but are no
+        // model have neither, and "no graph" says what is wrong.
+        if proto.graph.is_none() {
+            return Err(GraphError::NoGraph {
+                path: path.to_path_buf(),
+            });
+        }
         let opset = default_opset(&proto);
         if !SUPPORTED_OPSETS.contains(&opset) {
             return Err(GraphError::UnsupportedOpset {

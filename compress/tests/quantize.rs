@@ -237,6 +237,16 @@ fn read_rejects_truncated_file() {
 }
 
 #[test]
+fn read_rejects_empty_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.onnx");
+    std::fs::write(&path, b"").unwrap();
+    let error = OnnxModel::read(&path).unwrap_err();
+    assert!(matches!(error, GraphError::Empty { .. }), "{error}");
+    assert!(error.to_string().contains("empty.onnx"), "{error}");
+}
+
+#[test]
 fn read_rejects_unknown_opset() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_model(dir.path(), "old.onnx", &degenerate_model(9));

@@ -14,7 +14,8 @@
 //!   be exact in f32 (see [`DEPTHWISE_MAX_TAPS`]), so it runs in vectorised f32
 //!   arithmetic over rows of output pixels and still returns the integer result.
 //!
-//! Rounding is to nearest, ties to even, as onnxruntime's `QLinearConv` does.
+//! Rounding is to nearest, ties to even, before the output zero point is added, as
+//! onnxruntime's `QLinearConv` does.
 
 use std::cell::RefCell;
 
@@ -89,14 +90,16 @@ pub struct Requantize {
 }
 
 #[inline(always)]
-fn requantize(value: f32, multiplier: f32, zero_point: f32) -> u8 {
+pub(super) fn requantize(value: f32, multiplier: f32, zero_point: i32) -> u8 {
     // Adding 1.5 x 2^23 leaves the value rounded to an integer, ties to even, in the low
     // mantissa bits. Unlike `round_ties_even` followed by a saturating `as u8`, every
     // step here has a SIMD instruction, so the compiler vectorises the rescale loop.
+    // The zero point is added after rounding, in integers: added to the float first,
+    // it can drop the low bits that decide a rounding (46.500008 + 104 is 150.5 in f32).
     const ROUNDING: f32 = 12_582_912.0;
-    let scaled = (value * multiplier + zero_point).clamp(-1.0, 256.0);
+    let scaled = (value * multiplier).clamp(-512.0, 512.0);
     let rounded = ((scaled + ROUNDING).to_bits() as i32).wrapping_sub(ROUNDING.to_bits() as i32);
-    rounded.clamp(0, 255) as u8
+    (rounded + zero_point).clamp(0, 255) as u8
 }
 
 /// A grouped convolution computed as one integer matrix product per group.
@@ -282,7 +285,7 @@ impl GemmConv {
         output: &mut [u8],
     ) {
         let pixels = self.geometry.out_pixels();
-        let zero_point = f32::from(self.requantize.output_zero_point);
+        let zero_point = i32::from(self.requantize.output_zero_point);
         for (channel, sums) in (first_channel..first_channel + channels).zip(acc) {
             let bias = self.requantize.bias[channel];
             let multiplier = self.requantize.multiplier[channel];
@@ -399,6 +402,10 @@ impl GemmConv {
             let source = &plane[y * width..(y + 1) * width];
             target[..first].fill(self.input_zero_point);
             target[last..].fill(self.input_zero_point);
+            if first == last {
+                // Every output column reads padding: the kernel is wider than the input.
+                continue;
+            }
             let start = first * stride + offset - pad;
             if stride == 1 {
                 target[first..last].copy_from_slice(&source[start..start + last - first]);
@@ -612,7 +619,7 @@ impl DepthwiseConv {
         let phase_len = phase_height * phase_width;
         let run_len = out_height * phase_width;
         let input_zero_point = f32::from(self.input_zero_point);
-        let output_zero_point = f32::from(self.output_zero_point);
+        let output_zero_point = i32::from(self.output_zero_point);
         let taps = kernel_height * kernel_width;
 
         // Taken out of the thread-local rather than borrowed in a closure, so that this
@@ -845,7 +852,6 @@ pub(crate) fn reference(
 
 #[cfg(test)]
 fn requantize_exact(sum: i64, multiplier: f32, zero_point: u8) -> u8 {
-    (sum as f64 * f64::from(multiplier) + f64::from(zero_point))
-        .round_ties_even()
+    ((sum as f64 * f64::from(multiplier)).round_ties_even() + f64::from(zero_point))
         .clamp(0.0, 255.0) as u8
 }

@@ -6,7 +6,7 @@ use tract_onnx::prelude::{
     DatumExt, Framework, InferenceModelExt, IntoRunnable, TValue, Tensor, tvec,
 };
 
-use super::kernels::reference;
+use super::kernels::{reference, requantize as rescale};
 use super::*;
 
 /// Small deterministic generator, so failures reproduce.
@@ -113,6 +113,17 @@ const CASES: &[Case] = &[
         kernel: [3, 3],
         strides: [1, 1],
         dilations: [2, 2],
+        pads: [2, 2, 2, 2],
+        group: 1,
+    },
+    Case {
+        name: "kernel wider than input",
+        in_channels: 2,
+        size: [4, 1],
+        out_channels: 3,
+        kernel: [5, 5],
+        strides: [1, 1],
+        dilations: [1, 1],
         pads: [2, 2, 2, 2],
         group: 1,
     },
@@ -239,8 +250,10 @@ fn kernels_match_reference() {
             .iter()
             .collect::<std::collections::HashSet<_>>()
             .len();
+        // A spread of values, so a wrong rescale cannot pass by saturating everything.
+        let wanted = 20.min(expected.len() / 2);
         assert!(
-            distinct > 20,
+            distinct > wanted,
             "{}: only {distinct} distinct outputs",
             case.name
         );
@@ -266,6 +279,17 @@ fn kernels_match_reference() {
             found.len()
         );
     }
+}
+
+#[test]
+fn rescale_rounds_before_zero_point() {
+    // 46.500008 + 104 rounds to 150.5 in f32, which would round down to 150.
+    assert_eq!(rescale(46.500_008, 1.0, 104), 151);
+    assert_eq!(rescale(-28.500_002, 1.0, 200), 171);
+    assert_eq!(rescale(2.5, 1.0, 0), 2);
+    assert_eq!(rescale(3.5, 1.0, 0), 4);
+    assert_eq!(rescale(1e9, 1.0, 0), 255);
+    assert_eq!(rescale(-1e9, 1.0, 255), 0);
 }
 
 #[test]
