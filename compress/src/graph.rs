@@ -117,7 +117,7 @@ impl OnnxModel {
                 source,
             })?;
         // Checked before the opset: bytes that happen to decode as protobuf but are no
-        // model have neither, and "no graph" says what is wrong.
+        // model have neither, and "no graph" is the clearer error.
         if proto.graph.is_none() {
             return Err(GraphError::NoGraph {
                 path: path.to_path_buf(),

@@ -251,9 +251,9 @@ fn kernels_match_reference() {
             .collect::<std::collections::HashSet<_>>()
             .len();
         // A spread of values, so a wrong rescale cannot pass by saturating everything.
-        let wanted = 20.min(expected.len() / 2);
+        let minimum = 20.min(expected.len() / 2);
         assert!(
-            distinct > wanted,
+            distinct > minimum,
             "{}: only {distinct} distinct outputs",
             case.name
         );
