@@ -37,7 +37,9 @@
 //!
 //! The generator, Mosquitto and the server share this machine's cores, and nothing is
 //! asserted on time. The benchmark fails when Mosquitto or `mosquitto_sub` is missing,
-//! when a run fails, or when a throughput run does not store every message exactly once.
+//! when a run fails, when `mosquitto_sub` loses messages, or when a throughput run does
+//! not store every message exactly once. On SIGINT or SIGTERM it stops its Mosquitto
+//! before exiting.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -283,11 +285,12 @@ struct ThroughputRow {
 }
 
 impl ThroughputRow {
-    fn rate(&self) -> f64 {
+    /// Messages per second, or `None` when the run was not timed (it stalled).
+    fn rate(&self) -> Option<f64> {
         if self.timed.is_zero() {
-            return 0.0;
+            return None;
         }
-        self.timed_messages as f64 / self.timed.as_secs_f64()
+        Some(self.timed_messages as f64 / self.timed.as_secs_f64())
     }
 }
 
@@ -310,7 +313,34 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let broker = Broker::start()?;
-    let settings = Settings::from_env(&broker)?;
+    // Returning, rather than dying of the signal, drops the broker and so stops the
+    // Mosquitto that the benchmark started.
+    let result = tokio::select! {
+        result = run(&broker) => result,
+        signal = stop_signal() => Err(anyhow::anyhow!("benchmark stopped by {signal}")),
+    };
+    drop(broker);
+    result
+}
+
+/// Waits for SIGINT or SIGTERM and returns its name.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
+}
+
+/// Runs every measurement on `broker` and prints the tables.
+async fn run(broker: &Broker) -> anyhow::Result<()> {
+    let settings = Settings::from_env(broker)?;
     check_broker(&settings).await?;
     check_mosquitto_sub().await?;
     let started = Instant::now();
@@ -338,6 +368,13 @@ async fn main() -> anyhow::Result<()> {
     }
 
     print_tables(&settings, &throughput, payload, &fleet);
+    // A bare subscriber that lost messages gives no baseline for the ratios.
+    if let Some(bare) = throughput.first().filter(|row| row.check.lost > 0) {
+        failures.push(format!(
+            "{}: {} of {} messages lost, which makes its rate an invalid baseline; on a running broker, raise max_inflight_messages and max_queued_messages as in BROKER_SETTINGS",
+            bare.consumer, bare.check.lost, bare.check.sent
+        ));
+    }
     for row in throughput.iter().filter(|row| row.has_store) {
         let check = &row.check;
         if check.lost + check.duplicates + check.gaps + check.unexpected > 0 {
@@ -854,26 +891,27 @@ fn print_throughput(settings: &Settings, throughput: &[ThroughputRow]) {
         "| consumer | sent | received or stored | lost | duplicates | gaps | time (s) | messages/s | of bare |"
     );
     println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|");
-    let bare_rate = throughput.first().map_or(0.0, ThroughputRow::rate);
+    let bare_rate = throughput.first().and_then(ThroughputRow::rate);
     for row in throughput {
         let (duplicates, gaps) = if row.has_store {
             (thousands(row.check.duplicates), thousands(row.check.gaps))
         } else {
             ("–".into(), "–".into())
         };
-        let ratio = if bare_rate > 0.0 {
-            row.rate() / bare_rate
-        } else {
-            0.0
+        // A stalled run has no rate, and a stalled bare subscriber no ratio.
+        let rate = row.rate();
+        let ratio = match (rate, bare_rate) {
+            (Some(rate), Some(bare)) => format!("{:.2}", rate / bare),
+            _ => "–".into(),
         };
+        let rate = rate.map_or("–".into(), |rate| thousands(rate.round() as u64));
         println!(
-            "| {} | {} | {} | {} | {duplicates} | {gaps} | {:.2} | {} | {ratio:.2} |",
+            "| {} | {} | {} | {} | {duplicates} | {gaps} | {:.2} | {rate} | {ratio} |",
             row.consumer,
             thousands(row.sent),
             thousands(row.check.stored),
             thousands(row.check.lost),
             row.timed.as_secs_f64(),
-            thousands(row.rate().round() as u64),
         );
     }
 }
