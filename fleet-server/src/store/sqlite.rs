@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -44,6 +45,13 @@ fn padded<T>(rows: &[T]) -> impl Iterator<Item = Option<&T>> {
     rows.iter()
         .map(Some)
         .chain(std::iter::repeat_n(None, padding))
+}
+
+/// Binds one padding row of `columns` NULLs in a multi-row statement.
+fn push_nulls(row: &mut Separated<'_, '_, Sqlite, &'static str>, columns: usize) {
+    for _ in 0..columns {
+        row.push_bind(None::<i64>);
+    }
 }
 
 /// Rows per multi-row statement with `columns` parameters each: the largest power of
@@ -262,9 +270,11 @@ async fn stored_keys<'a>(
 ) -> Result<HashSet<(&'a str, i64)>, sqlx::Error> {
     let mut query = QueryBuilder::<Sqlite>::new("WITH k (device_id, seq) AS (");
     // A padding row's NULL key joins nothing.
-    query.push_values(padded(rows), |mut row, values| {
-        row.push_bind(values.map(|v| v.device_id))
-            .push_bind(values.map(|v| v.seq));
+    query.push_values(padded(rows), |mut row, values| match values {
+        Some(values) => {
+            row.push_bind(values.device_id).push_bind(values.seq);
+        }
+        None => push_nulls(&mut row, 2),
     });
     query.push(
         ") SELECT t.device_id, t.seq FROM telemetry t
@@ -298,28 +308,31 @@ async fn insert_telemetry(
             latency_p95_us, cpu_percent, process_memory_bytes, memory_used_bytes,
             memory_total_bytes, temperature_celsius) SELECT * FROM (",
     );
-    query.push_values(padded(rows), |mut row, values| {
-        row.push_bind(values.map(|v| v.device_id))
-            .push_bind(values.map(|v| v.seq))
-            .push_bind(values.map(|v| v.device_time_ms))
-            .push_bind(values.map(|v| v.received_ms))
-            .push_bind(values.map(|v| v.interval_ms))
-            .push_bind(values.map(|v| v.model_name))
-            .push_bind(values.map(|v| v.model_version))
-            .push_bind(values.map(|v| v.inferences))
-            .push_bind(values.map(|v| v.input_errors))
-            .push_bind(values.map(|v| v.labeled))
-            .push_bind(values.map(|v| v.correct))
-            .push_bind(values.map(|v| v.confidence_sum))
-            .push_bind(values.map(|v| v.low_confidence))
-            .push_bind(values.map(|v| v.latency.as_str()))
-            .push_bind(values.and_then(|v| v.latency_p50_us))
-            .push_bind(values.and_then(|v| v.latency_p95_us))
-            .push_bind(values.and_then(|v| v.cpu_percent))
-            .push_bind(values.map(|v| v.process_memory_bytes))
-            .push_bind(values.map(|v| v.memory_used_bytes))
-            .push_bind(values.map(|v| v.memory_total_bytes))
-            .push_bind(values.and_then(|v| v.temperature_celsius));
+    query.push_values(padded(rows), |mut row, values| match values {
+        Some(values) => {
+            row.push_bind(values.device_id)
+                .push_bind(values.seq)
+                .push_bind(values.device_time_ms)
+                .push_bind(values.received_ms)
+                .push_bind(values.interval_ms)
+                .push_bind(values.model_name)
+                .push_bind(values.model_version)
+                .push_bind(values.inferences)
+                .push_bind(values.input_errors)
+                .push_bind(values.labeled)
+                .push_bind(values.correct)
+                .push_bind(values.confidence_sum)
+                .push_bind(values.low_confidence)
+                .push_bind(values.latency.as_str())
+                .push_bind(values.latency_p50_us)
+                .push_bind(values.latency_p95_us)
+                .push_bind(values.cpu_percent)
+                .push_bind(values.process_memory_bytes)
+                .push_bind(values.memory_used_bytes)
+                .push_bind(values.memory_total_bytes)
+                .push_bind(values.temperature_celsius);
+        }
+        None => push_nulls(&mut row, TELEMETRY_COLUMNS),
     });
     query.push(") WHERE column1 IS NOT NULL");
     query.build().execute(&mut **tx).await?;
@@ -336,22 +349,23 @@ async fn update_devices(
             duplicates, model_name, model_version, state, agent_version) AS (",
     );
     // A padding row's NULL id matches no device.
-    query.push_values(padded(changes), |mut row, change| {
-        let model = change.and_then(|(_, c)| c.model);
-        let status = change.and_then(|(_, c)| c.status);
-        row.push_bind(change.map(|(device_id, _)| *device_id))
-            .push_bind(change.map(|(_, c)| c.messages))
-            .push_bind(change.and_then(|(_, c)| c.min_seq))
-            .push_bind(change.and_then(|(_, c)| c.max_seq))
-            .push_bind(change.map(|(_, c)| c.inferences))
-            .push_bind(change.map(|(_, c)| c.input_errors))
-            .push_bind(change.map(|(_, c)| c.labeled))
-            .push_bind(change.map(|(_, c)| c.correct))
-            .push_bind(change.map(|(_, c)| c.duplicates))
-            .push_bind(model.map(|(name, _)| name))
-            .push_bind(model.map(|(_, version)| version))
-            .push_bind(status.map(|(state, _)| state))
-            .push_bind(status.map(|(_, agent_version)| agent_version));
+    query.push_values(padded(changes), |mut row, change| match change {
+        Some((device_id, change)) => {
+            row.push_bind(*device_id)
+                .push_bind(change.messages)
+                .push_bind(change.min_seq)
+                .push_bind(change.max_seq)
+                .push_bind(change.inferences)
+                .push_bind(change.input_errors)
+                .push_bind(change.labeled)
+                .push_bind(change.correct)
+                .push_bind(change.duplicates)
+                .push_bind(change.model.map(|(name, _)| name))
+                .push_bind(change.model.map(|(_, version)| version))
+                .push_bind(change.status.map(|(state, _)| state))
+                .push_bind(change.status.map(|(_, agent_version)| agent_version));
+        }
+        None => push_nulls(&mut row, DEVICE_CHANGE_COLUMNS),
     });
     // SQLite's min() and max() with several arguments return NULL when any argument is
     // NULL, hence the coalesce on both sides.
@@ -383,15 +397,18 @@ async fn touch_devices(
     tx: &mut Transaction<'_, Sqlite>,
     contacts: &[(&str, Contact)],
 ) -> Result<(), sqlx::Error> {
-    // SQLite needs the WHERE clause, besides dropping the padding rows: without one, the
-    // `ON` of the upsert would be read as a join constraint of the SELECT.
+    // The WHERE clause drops the padding rows. SQLite also needs it to read the `ON` below
+    // as the upsert rather than as a join constraint of the SELECT.
     let mut query = QueryBuilder::<Sqlite>::new(
         "INSERT INTO devices (id, first_seen_ms, last_seen_ms) SELECT * FROM (",
     );
-    query.push_values(padded(contacts), |mut row, contact| {
-        row.push_bind(contact.map(|(device_id, _)| *device_id))
-            .push_bind(contact.map(|(_, c)| c.first_ms))
-            .push_bind(contact.map(|(_, c)| c.last_ms));
+    query.push_values(padded(contacts), |mut row, contact| match contact {
+        Some((device_id, contact)) => {
+            row.push_bind(*device_id)
+                .push_bind(contact.first_ms)
+                .push_bind(contact.last_ms);
+        }
+        None => push_nulls(&mut row, DEVICE_CONTACT_COLUMNS),
     });
     query.push(") WHERE column1 IS NOT NULL");
     query.push(
