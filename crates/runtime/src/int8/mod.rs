@@ -11,11 +11,15 @@
 //! Some `QLinearConv` nodes keep tract's implementation: those with a weight zero point
 //! other than 0, non-constant weights or scales, an input shape not fixed at load, or a
 //! layout other than NCHW/OIHW. The reason is logged at debug level.
+//!
+//! `MaxPool` on u8 tensors, which sits between the quantized convolutions of most
+//! classifiers, is likewise rebuilt as [`U8MaxPool`].
 
 // The kernels call SIMD intrinsics behind runtime CPU feature checks, and Rust exposes
 // those only as unsafe functions. Every unsafe block states the invariant it relies on.
 #[allow(unsafe_code)]
 mod kernels;
+mod pool;
 
 use std::sync::{Arc, OnceLock};
 
@@ -28,6 +32,7 @@ use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::cnn::Conv as HirConv;
 
 pub use kernels::{DEPTHWISE_MAX_TAPS, DepthwiseConv, GemmConv, Geometry, Requantize};
+pub use pool::{PoolGeometry, U8MaxPool};
 
 /// The signature tract-onnx's operator register stores.
 type OpBuilder =
@@ -36,34 +41,92 @@ type OpBuilder =
 /// tract's own `QLinearConv` builder, which parses the node's attributes for us.
 static TRACT_QLINEAR_CONV: OnceLock<OpBuilder> = OnceLock::new();
 
-/// Returns tract's ONNX loader with `QLinearConv` executed by this module's integer
-/// kernels wherever they apply.
+/// Returns tract's ONNX loader with `QLinearConv` and u8 `MaxPool` executed by this
+/// module's kernels wherever they apply.
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
-    if let Some(builder) = onnx.op_register.0.get("QLinearConv").copied() {
-        TRACT_QLINEAR_CONV.get_or_init(|| builder);
-        onnx.op_register.insert("QLinearConv", qlinear_conv);
-    }
+    replace_builder(&mut onnx, "QLinearConv", &TRACT_QLINEAR_CONV, qlinear_conv);
+    replace_builder(&mut onnx, "MaxPool", &pool::TRACT_MAX_POOL, pool::max_pool);
     onnx
+}
+
+/// Registers `builder` for `op_type` in `onnx`, keeping tract's own builder in `tract`
+/// for `builder` to call.
+fn replace_builder(
+    onnx: &mut tract_onnx::Onnx,
+    op_type: &'static str,
+    tract: &'static OnceLock<OpBuilder>,
+    builder: OpBuilder,
+) {
+    if let Some(original) = onnx.op_register.0.get(op_type).copied() {
+        tract.get_or_init(|| original);
+        onnx.op_register.insert(op_type, builder);
+    }
+}
+
+/// Runs tract's builder kept in `tract` on `node` and, when the operator it parsed is
+/// an expansion of type `T`, replaces it with `wrap(T)`.
+fn wrap_tract_op<T: Expansion + Clone>(
+    tract: &OnceLock<OpBuilder>,
+    context: &ParsingContext<'_>,
+    node: &NodeProto,
+    wrap: impl FnOnce(T) -> Box<dyn InferenceOp>,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let builder = tract
+        .get()
+        .with_context(|| format!("{} registered without tract's builder", node.op_type))?;
+    let (op, extra_outputs) = builder(context, node)?;
+    let parsed = op
+        .as_op()
+        .downcast_ref::<Box<dyn Expansion>>()
+        .and_then(|expansion| Downcast::as_any(expansion.as_ref()).downcast_ref::<T>())
+        .cloned();
+    match parsed {
+        Some(parsed) => Ok((wrap(parsed), extra_outputs)),
+        None => Ok((op, extra_outputs)),
+    }
 }
 
 fn qlinear_conv(
     context: &ParsingContext<'_>,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let builder = TRACT_QLINEAR_CONV
-        .get()
-        .context("QLinearConv registered without tract's builder")?;
-    let (op, extra_outputs) = builder(context, node)?;
-    let conv = op
-        .as_op()
-        .downcast_ref::<Box<dyn Expansion>>()
-        .and_then(|expansion| Downcast::as_any(expansion.as_ref()).downcast_ref::<HirConv>())
-        .cloned();
-    match conv {
-        Some(conv) => Ok((expand(QLinearConv { conv }), extra_outputs)),
-        None => Ok((op, extra_outputs)),
+    wrap_tract_op(&TRACT_QLINEAR_CONV, context, node, |conv: HirConv| {
+        expand(QLinearConv { conv })
+    })
+}
+
+/// Applies `run` to each image of the u8 NCHW `input`, writing u8 images of
+/// `out_shape` (channels, height, width) into a new tensor. `name` is the operator's,
+/// for the error when `input` does not hold whole images of `image_len` values.
+fn map_images(
+    name: &str,
+    input: &TValue,
+    image_len: usize,
+    out_shape: [usize; 3],
+    run: impl Fn(&[u8], &mut [u8]),
+) -> TractResult<TValue> {
+    let batch = input.shape()[0];
+    let plain = input.try_as_plain_ram()?;
+    let data = plain.as_slice::<u8>()?;
+    ensure!(
+        data.len() == batch * image_len,
+        "{name} expects {image_len} input values per image, got {} for {batch}",
+        data.len()
+    );
+    let [channels, height, width] = out_shape;
+    let mut output = Tensor::zero::<u8>(&[batch, channels, height, width])?;
+    {
+        let mut plain_output = output.try_as_plain_ram_mut()?;
+        let out = plain_output.as_slice_mut::<u8>()?;
+        for (image, target) in data
+            .chunks_exact(image_len)
+            .zip(out.chunks_exact_mut(channels * height * width))
+        {
+            run(image, target);
+        }
     }
+    Ok(output.into_tvalue())
 }
 
 /// `QLinearConv` as tract parses it, lowered to [`IntegerConv`] when the typed model is
@@ -342,33 +405,19 @@ impl EvalOp for IntegerConv {
     fn eval(&self, _context: &EvalContext<'_>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = tract_onnx::tract_core::args_1!(inputs);
         let geometry = self.kernel.geometry();
-        let batch = input.shape()[0];
-        let plain = input.try_as_plain_ram()?;
-        let data = plain.as_slice::<u8>()?;
-        ensure!(
-            data.len() == batch * geometry.input_len(),
-            "IntegerConv expects {} input values per image, got {} for {batch}",
-            geometry.input_len(),
-            data.len()
-        );
-        let shape = [
-            batch,
+        let out_shape = [
             geometry.out_channels,
             geometry.out_height,
             geometry.out_width,
         ];
-        let mut output = Tensor::zero::<u8>(&shape)?;
-        {
-            let mut plain_output = output.try_as_plain_ram_mut()?;
-            let out = plain_output.as_slice_mut::<u8>()?;
-            for (image, target) in data
-                .chunks_exact(geometry.input_len())
-                .zip(out.chunks_exact_mut(geometry.output_len()))
-            {
-                self.kernel.run(image, target);
-            }
-        }
-        Ok(tvec!(output.into_tvalue()))
+        let output = map_images(
+            "IntegerConv",
+            &input,
+            geometry.input_len(),
+            out_shape,
+            |image, target| self.kernel.run(image, target),
+        )?;
+        Ok(tvec!(output))
     }
 }
 

@@ -325,6 +325,44 @@ fn float_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// Wraps `node`, which reads `x` of element type `input_type` and writes `y`, in an
+/// opset 13 model with `initializer`.
+fn single_node_model(
+    node: NodeProto,
+    initializer: Vec<TensorProto>,
+    input_type: DataType,
+) -> ModelProto {
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(GraphProto {
+            name: node.op_type.clone(),
+            node: vec![node],
+            initializer,
+            input: vec![ValueInfoProto {
+                name: "x".into(),
+                r#type: Some(TypeProto {
+                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                        elem_type: input_type as i32,
+                        shape: None,
+                    })),
+                    ..TypeProto::default()
+                }),
+                ..ValueInfoProto::default()
+            }],
+            output: vec![ValueInfoProto {
+                name: "y".into(),
+                ..ValueInfoProto::default()
+            }],
+            ..GraphProto::default()
+        }),
+        ..ModelProto::default()
+    }
+}
+
 /// Builds an ONNX model of one `QLinearConv` reading `x` (u8) with the case's geometry.
 fn qlinear_conv_model(case: &Case, numbers: &mut Numbers, weight_zero_point: i8) -> ModelProto {
     let weights = weights(case, numbers);
@@ -419,35 +457,7 @@ fn qlinear_conv_model(case: &Case, numbers: &mut Numbers, weight_zero_point: i8)
         ],
         ..NodeProto::default()
     };
-    ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(GraphProto {
-            name: "qlinear_conv".into(),
-            node: vec![node],
-            initializer,
-            input: vec![ValueInfoProto {
-                name: "x".into(),
-                r#type: Some(TypeProto {
-                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                        elem_type: DataType::Uint8 as i32,
-                        shape: None,
-                    })),
-                    ..TypeProto::default()
-                }),
-                ..ValueInfoProto::default()
-            }],
-            output: vec![ValueInfoProto {
-                name: "y".into(),
-                ..ValueInfoProto::default()
-            }],
-            ..GraphProto::default()
-        }),
-        ..ModelProto::default()
-    }
+    single_node_model(node, initializer, DataType::Uint8)
 }
 
 /// Loads `model` with `framework`, runs it on `input` and returns the output and the
@@ -519,4 +529,134 @@ fn weight_zero_point_keeps_tract_kernel() {
     let (expected, _) = run_model(&tract_onnx::onnx(), &model, &shape, &input);
     assert!(!operators.iter().any(|name| name == "IntegerConv"));
     assert_eq!(found, expected);
+}
+
+/// Builds an ONNX model of one `MaxPool` reading `x` of element type `data_type`.
+fn max_pool_model(
+    data_type: DataType,
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    pads: [usize; 4],
+    ceil_mode: bool,
+) -> ModelProto {
+    let node = NodeProto {
+        name: "pool".into(),
+        op_type: "MaxPool".into(),
+        input: vec!["x".into()],
+        output: vec!["y".into()],
+        attribute: vec![
+            ints("kernel_shape", &kernel),
+            ints("strides", &strides),
+            ints("pads", &pads),
+            AttributeProto {
+                name: "ceil_mode".into(),
+                r#type: AttributeType::Int as i32,
+                i: i64::from(ceil_mode),
+                ..AttributeProto::default()
+            },
+        ],
+        ..NodeProto::default()
+    };
+    single_node_model(node, Vec::new(), data_type)
+}
+
+struct PoolCase {
+    size: [usize; 2],
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    /// Top, left, bottom, right.
+    pads: [usize; 4],
+    ceil_mode: bool,
+}
+
+const POOL_CASES: &[PoolCase] = &[
+    PoolCase {
+        size: [28, 28],
+        kernel: [2, 2],
+        strides: [2, 2],
+        pads: [0; 4],
+        ceil_mode: false,
+    },
+    PoolCase {
+        size: [7, 7],
+        kernel: [2, 2],
+        strides: [2, 2],
+        pads: [0; 4],
+        ceil_mode: false,
+    },
+    PoolCase {
+        size: [7, 7],
+        kernel: [2, 2],
+        strides: [2, 2],
+        pads: [0; 4],
+        ceil_mode: true,
+    },
+    PoolCase {
+        size: [13, 11],
+        kernel: [3, 3],
+        strides: [2, 2],
+        pads: [1, 1, 1, 1],
+        ceil_mode: false,
+    },
+    PoolCase {
+        size: [9, 10],
+        kernel: [3, 2],
+        strides: [1, 2],
+        pads: [1, 0, 1, 0],
+        ceil_mode: true,
+    },
+    PoolCase {
+        size: [5, 6],
+        kernel: [3, 3],
+        strides: [1, 1],
+        pads: [2, 2, 2, 2],
+        ceil_mode: false,
+    },
+    PoolCase {
+        size: [1, 1],
+        kernel: [1, 1],
+        strides: [1, 1],
+        pads: [0; 4],
+        ceil_mode: false,
+    },
+];
+
+#[test]
+fn u8_max_pool_matches_tract() {
+    let mut numbers = Numbers(0x5eed);
+    for case in POOL_CASES {
+        let name = format!(
+            "{:?} kernel {:?} strides {:?} pads {:?}",
+            case.size, case.kernel, case.strides, case.pads
+        );
+        let model = max_pool_model(
+            DataType::Uint8,
+            case.kernel,
+            case.strides,
+            case.pads,
+            case.ceil_mode,
+        );
+        let shape = [2, 3, case.size[0], case.size[1]];
+        let input = numbers.u8s(shape.iter().product());
+        let (found, operators) = run_model(&onnx(), &model, &shape, &input);
+        let (expected, _) = run_model(&tract_onnx::onnx(), &model, &shape, &input);
+        assert!(
+            operators.iter().any(|op| op == "U8MaxPool"),
+            "{name}: plan has {operators:?}"
+        );
+        assert_eq!(found, expected, "{name}");
+    }
+}
+
+#[test]
+fn float_max_pool_keeps_tract_kernel() {
+    let model = max_pool_model(DataType::Float, [2, 2], [2, 2], [0; 4], false);
+    let typed = onnx()
+        .model_for_proto_model(&model)
+        .expect("model loads")
+        .with_input_fact(0, f32::fact([1, 2, 4, 4]).into())
+        .expect("input fact")
+        .into_optimized()
+        .expect("model optimises");
+    assert!(typed.nodes().iter().all(|n| n.op.name() != "U8MaxPool"));
 }
