@@ -98,7 +98,7 @@ fn qlinear_conv(
 
 /// Applies `run` to each image of the u8 NCHW `input`, writing u8 images of
 /// `out_shape` (channels, height, width) into a new tensor. `name` is the operator's,
-/// for the error when `input` does not hold whole images of `image_len` values.
+/// for the error when `input` does not contain whole images of `image_len` values.
 fn map_images(
     name: &str,
     input: &TValue,
