@@ -112,8 +112,12 @@ impl MaxPool {
         if geometry.out_height == 0 || geometry.out_width == 0 {
             return Err("the output is empty".into());
         }
-        if geometry.pad_before[0] >= kernel_height || geometry.pad_before[1] >= kernel_width {
-            return Err("a window could lie wholly in the padding".into());
+        // onnxruntime rejects such pools, and tract's kernels disagree on them.
+        let kernel = [kernel_height, kernel_width];
+        if (0..2).any(|axis| {
+            padding[axis].pad_before >= kernel[axis] || padding[axis].pad_after >= kernel[axis]
+        }) {
+            return Err("the padding is as wide as the window".into());
         }
         Ok(U8MaxPool { geometry })
     }

@@ -649,6 +649,18 @@ fn u8_max_pool_matches_tract() {
 }
 
 #[test]
+fn padding_as_wide_as_window_keeps_tract_kernel() {
+    let model = max_pool_model(DataType::Uint8, [2, 2], [2, 2], [0, 0, 3, 3], false);
+    let shape = [1, 1, 3, 3];
+    let input: Vec<u8> = (1..=9).collect();
+    let (_, operators) = run_model(&onnx(), &model, &shape, &input);
+    assert!(
+        !operators.iter().any(|op| op == "U8MaxPool"),
+        "{operators:?}"
+    );
+}
+
+#[test]
 fn float_max_pool_keeps_tract_kernel() {
     let model = max_pool_model(DataType::Float, [2, 2], [2, 2], [0; 4], false);
     let typed = onnx()
