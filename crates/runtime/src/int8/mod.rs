@@ -12,8 +12,8 @@
 //! other than 0, non-constant weights or scales, an input shape not fixed at load, or a
 //! layout other than NCHW/OIHW. The reason is logged at debug level.
 //!
-//! `MaxPool` on u8 tensors, which sits between the quantized convolutions of most
-//! classifiers, is likewise rebuilt as [`U8MaxPool`].
+//! `MaxPool` on u8 tensors, as between the quantized convolutions of the int8 digit
+//! CNN, is likewise rebuilt as [`U8MaxPool`].
 
 // The kernels call SIMD intrinsics behind runtime CPU feature checks, and Rust exposes
 // those only as unsafe functions. Every unsafe block states the invariant it relies on.

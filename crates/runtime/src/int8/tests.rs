@@ -569,56 +569,32 @@ struct PoolCase {
     ceil_mode: bool,
 }
 
+const fn pool_case(
+    size: [usize; 2],
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    pads: [usize; 4],
+    ceil_mode: bool,
+) -> PoolCase {
+    PoolCase {
+        size,
+        kernel,
+        strides,
+        pads,
+        ceil_mode,
+    }
+}
+
+#[rustfmt::skip]
 const POOL_CASES: &[PoolCase] = &[
-    PoolCase {
-        size: [28, 28],
-        kernel: [2, 2],
-        strides: [2, 2],
-        pads: [0; 4],
-        ceil_mode: false,
-    },
-    PoolCase {
-        size: [7, 7],
-        kernel: [2, 2],
-        strides: [2, 2],
-        pads: [0; 4],
-        ceil_mode: false,
-    },
-    PoolCase {
-        size: [7, 7],
-        kernel: [2, 2],
-        strides: [2, 2],
-        pads: [0; 4],
-        ceil_mode: true,
-    },
-    PoolCase {
-        size: [13, 11],
-        kernel: [3, 3],
-        strides: [2, 2],
-        pads: [1, 1, 1, 1],
-        ceil_mode: false,
-    },
-    PoolCase {
-        size: [9, 10],
-        kernel: [3, 2],
-        strides: [1, 2],
-        pads: [1, 0, 1, 0],
-        ceil_mode: true,
-    },
-    PoolCase {
-        size: [5, 6],
-        kernel: [3, 3],
-        strides: [1, 1],
-        pads: [2, 2, 2, 2],
-        ceil_mode: false,
-    },
-    PoolCase {
-        size: [1, 1],
-        kernel: [1, 1],
-        strides: [1, 1],
-        pads: [0; 4],
-        ceil_mode: false,
-    },
+    // Input size, window, strides, pads, ceil mode.
+    pool_case([28, 28], [2, 2], [2, 2], [0; 4], false),
+    pool_case([7, 7], [2, 2], [2, 2], [0; 4], false),
+    pool_case([7, 7], [2, 2], [2, 2], [0; 4], true),
+    pool_case([13, 11], [3, 3], [2, 2], [1, 1, 1, 1], false),
+    pool_case([9, 10], [3, 2], [1, 2], [1, 0, 1, 0], true),
+    pool_case([5, 6], [3, 3], [1, 1], [2, 2, 2, 2], false),
+    pool_case([1, 1], [1, 1], [1, 1], [0; 4], false),
 ];
 
 #[test]
