@@ -77,11 +77,18 @@ fn variants(workbench: &Workbench, dir: &Path, with_mixed: bool) -> anyhow::Resu
         method: CalibrationMethod::MinMax,
         compute,
         keep_float: Vec::new(),
+        bias_correction: true,
     };
     let (weights, _) = workbench.quantize(&workbench.float, &options(Compute::Float))?;
     add("int8-weights", &weights)?;
     let (integer, _) = workbench.quantize(&workbench.float, &options(Compute::Integer))?;
     add("int8-integer", &integer)?;
+    // Clipping the rare extremes of each activation leaves finer steps for the bulk:
+    // on EfficientNet-Lite0 this gains a point of agreement over min-max.
+    let mut percentile = options(Compute::Integer);
+    percentile.method = CalibrationMethod::Percentile { percentile: 99.99 };
+    let (clipped, _) = workbench.quantize(&workbench.float, &percentile)?;
+    add("int8-p99.99", &clipped)?;
     let (pruned, _) = fleet_compress::prune::prune_channels(&workbench.float, 0.25)?;
     add("pruned-25%", &pruned)?;
     let (pruned_int8, _) = workbench.quantize(&pruned, &options(Compute::Integer))?;

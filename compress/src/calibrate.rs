@@ -4,7 +4,9 @@
 //! The float model runs in tract with the tensors of interest made extra outputs. A first
 //! pass records each tensor's minimum and maximum. For the percentile and entropy methods
 //! a second pass fills a histogram of [`HISTOGRAM_BINS`] bins over that span, and the
-//! clipping range is chosen from it.
+//! clipping range is chosen from it. The first pass also averages each channel (axis 1)
+//! of every tensor, which the quantizer uses to correct the bias that rounding weights
+//! adds to a layer's output.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -85,12 +87,32 @@ impl Range {
     }
 }
 
+/// Calibration results: clipping ranges, and the mean of each channel (axis 1) of
+/// tensors with at least two axes.
+#[derive(Debug, Clone, Default)]
+pub struct Calibration {
+    pub ranges: HashMap<String, Range>,
+    pub channel_means: HashMap<String, Vec<f32>>,
+}
+
+impl From<HashMap<String, Range>> for Calibration {
+    /// Ranges alone, without channel means: the quantizer then corrects no bias.
+    fn from(ranges: HashMap<String, Range>) -> Calibration {
+        Calibration {
+            ranges,
+            channel_means: HashMap::new(),
+        }
+    }
+}
+
 /// Running statistics of one tensor.
 #[derive(Debug, Clone)]
 struct Observer {
     min: f32,
     max: f32,
     histogram: Vec<u64>,
+    /// Sum of the finite values of each channel, and how many were summed.
+    channel_sums: Vec<(f64, u64)>,
 }
 
 impl Observer {
@@ -99,6 +121,7 @@ impl Observer {
             min: f32::INFINITY,
             max: f32::NEG_INFINITY,
             histogram: Vec::new(),
+            channel_sums: Vec::new(),
         }
     }
 
@@ -107,6 +130,44 @@ impl Observer {
             self.min = self.min.min(value);
             self.max = self.max.max(value);
         }
+    }
+
+    /// Adds `values`, laid out in `shape`, to the per-channel sums; tensors with fewer
+    /// than two axes have no channels and are skipped.
+    fn observe_channels(&mut self, values: &[f32], shape: &[usize]) {
+        let [outer, channels, rest @ ..] = shape else {
+            return;
+        };
+        let inner: usize = rest.iter().product();
+        if self.channel_sums.len() != *channels {
+            self.channel_sums = vec![(0.0, 0); *channels];
+        }
+        for block in values.chunks_exact(channels * inner).take(*outer) {
+            for (sum, plane) in self.channel_sums.iter_mut().zip(block.chunks_exact(inner)) {
+                for &value in plane.iter().filter(|v| v.is_finite()) {
+                    sum.0 += value as f64;
+                    sum.1 += 1;
+                }
+            }
+        }
+    }
+
+    fn channel_means(&self) -> Option<Vec<f32>> {
+        if self.channel_sums.is_empty() {
+            return None;
+        }
+        Some(
+            self.channel_sums
+                .iter()
+                .map(|&(sum, count)| {
+                    if count == 0 {
+                        0.0
+                    } else {
+                        (sum / count as f64) as f32
+                    }
+                })
+                .collect(),
+        )
     }
 
     fn span(&self) -> Range {
@@ -246,8 +307,8 @@ fn entropy_threshold(histogram: &[u64], levels: usize) -> usize {
     best.1
 }
 
-/// Clipping ranges of the named tensors of `model`, from running it on `samples`
-/// (each sample one input tensor of the model's input shape).
+/// Clipping ranges and channel means of the named tensors of `model`, from running it
+/// on `samples` (each sample one input tensor of the model's input shape).
 pub fn calibrate(
     model: &OnnxModel,
     input_shape: &[usize],
@@ -255,7 +316,7 @@ pub fn calibrate(
     samples: &[Tensor],
     method: CalibrationMethod,
     progress: &ProgressBar,
-) -> anyhow::Result<HashMap<String, Range>> {
+) -> anyhow::Result<Calibration> {
     anyhow::ensure!(!samples.is_empty(), "the calibration set is empty");
     for (index, sample) in samples.iter().enumerate() {
         anyhow::ensure!(
@@ -280,6 +341,7 @@ pub fn calibrate(
                 let values = view.as_slice().context("tensor is not contiguous")?;
                 if pass == 0 {
                     observer.observe_range(values);
+                    observer.observe_channels(values, view.shape());
                 } else {
                     observer.observe_histogram(values);
                 }
@@ -287,11 +349,16 @@ pub fn calibrate(
             progress.inc(1);
         }
     }
-    Ok(tensors
-        .iter()
-        .cloned()
-        .zip(observers.iter().map(|o| o.range(method)))
-        .collect())
+    let mut calibration = Calibration::default();
+    for (name, observer) in tensors.iter().zip(&observers) {
+        calibration
+            .ranges
+            .insert(name.clone(), observer.range(method));
+        if let Some(means) = observer.channel_means() {
+            calibration.channel_means.insert(name.clone(), means);
+        }
+    }
+    Ok(calibration)
 }
 
 /// Builds a runnable float model whose outputs are the named tensors, in order.
@@ -376,6 +443,23 @@ mod tests {
     fn range_of_a_constant_tensor_holds_only_zero() {
         let range = observed(&[0.0; 16]).range(CalibrationMethod::Entropy);
         assert_eq!(range, Range { min: 0.0, max: 0.0 });
+    }
+
+    #[test]
+    fn channel_means_average_over_batch_and_plane() {
+        let mut observer = Observer::new();
+        // Two images of two channels of 2 values: channel 0 is 1, 3, 5, 7 and
+        // channel 1 is 10, 20, 30 and a NaN, which is left out.
+        let values = [1.0, 3.0, 10.0, 20.0, 5.0, 7.0, 30.0, f32::NAN];
+        observer.observe_channels(&values, &[2, 2, 2]);
+        assert_eq!(observer.channel_means(), Some(vec![4.0, 20.0]));
+    }
+
+    #[test]
+    fn vectors_have_no_channel_means() {
+        let mut observer = Observer::new();
+        observer.observe_channels(&[1.0, 2.0], &[2]);
+        assert_eq!(observer.channel_means(), None);
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub struct QuantizeArgs {
     /// Leave this Conv or Gemm node in float; repeatable.
     #[arg(long = "keep-float", value_name = "NODE")]
     pub keep_float: Vec<String>,
+    /// Keep each int8 layer's bias as it is, without correcting it for the mean shift
+    /// that rounding the weights to i8 causes.
+    #[arg(long)]
+    pub no_bias_correction: bool,
     /// Accuracy budget: largest top-1 drop on the evaluation set, in points. Layers are
     /// returned to float, most sensitive first, until it holds.
     #[arg(long)]
@@ -368,6 +372,7 @@ fn run_quantize(args: &QuantizeArgs) -> anyhow::Result<()> {
         method: args.method,
         compute: args.compute,
         keep_float: args.keep_float.clone(),
+        bias_correction: !args.no_bias_correction,
     };
     let budget = Budget {
         max_accuracy_drop: args.max_accuracy_drop,

@@ -65,6 +65,9 @@ pub enum Step {
         compute: Compute,
         #[serde(default)]
         keep_float: Vec<String>,
+        /// Correct each int8 layer's bias for the shift rounding its weights causes.
+        #[serde(default = "default_bias_correction")]
+        bias_correction: bool,
     },
     Fp16 {
         mode: Fp16Mode,
@@ -110,6 +113,10 @@ fn default_method() -> CalibrationMethod {
 
 fn default_compute() -> Compute {
     Compute::Integer
+}
+
+fn default_bias_correction() -> bool {
+    true
 }
 
 /// Calibration methods as their command-line names (`min-max`, `percentile-99.99`).
@@ -197,6 +204,7 @@ pub fn run_pipeline(
                 method,
                 compute,
                 keep_float,
+                bias_correction,
             } => {
                 anyhow::ensure!(
                     !crate::quantize::layers(&model)?.is_empty(),
@@ -207,6 +215,7 @@ pub fn run_pipeline(
                     method: *method,
                     compute: *compute,
                     keep_float: keep_float.clone(),
+                    bias_correction: *bias_correction,
                 };
                 let outcome = workbench.mixed_precision(
                     &model,

@@ -24,6 +24,12 @@
 //! weights as i8, dequantized when the model loads: a quarter of the size for runtimes
 //! without integer kernels.
 //!
+//! Rounding a layer's weights to i8 shifts the mean of each output channel by
+//! `(dequantized - float weights) x (mean input)`. Depthwise channels have only a few
+//! weights each, so their rounding errors do not cancel. Where calibration measured the
+//! mean of each input channel, the quantizer subtracts this shift from the layer's
+//! bias (bias correction).
+//!
 //! Every scale written is finite, positive and normal: a weight channel that is all
 //! zero (pruning makes these), a tensor that calibration saw constant, or a bias too
 //! large for i32 at the natural scale are all given a safe scale, and counted in the
@@ -33,9 +39,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 use tract_onnx::pb::NodeProto;
-use tract_onnx::prelude::tract_ndarray::{ArrayD, Axis};
+use tract_onnx::prelude::tract_ndarray::{ArrayD, ArrayViewD, Axis};
 
-use crate::calibrate::Range;
+use crate::calibrate::{Calibration, Range};
 use crate::graph::{
     self, GraphError, OnnxModel, attribute_float, attribute_int, f32_tensor, i8_tensor, i32_tensor,
     int_attribute, u8_tensor,
@@ -192,6 +198,8 @@ pub struct QuantizeReport {
     pub bias_limited_channels: usize,
     /// Activations calibration saw constant, given the minimum span.
     pub degenerate_activations: usize,
+    /// Int8 layers whose bias was corrected for the shift that rounding weights causes.
+    pub bias_corrected_layers: usize,
 }
 
 /// Scale and zero point of a u8 activation.
@@ -276,16 +284,61 @@ fn quantize_weights(
     (quantized, scales)
 }
 
+/// Computes the mean change of each output channel that rounding the weights causes,
+/// for inputs whose channels average `input_means`.
+///
+/// `weights` and `quantized` have output channels on axis 0 and the input channels of
+/// a group on axis 1, as in `Conv`; pass a matrix as `[N, K]`. `groups` splits the
+/// inputs as `Conv`'s attribute does. Returns `None` when the means do not match the
+/// weights' input channels.
+fn rounding_shift(
+    weights: ArrayViewD<'_, f32>,
+    quantized: ArrayViewD<'_, i8>,
+    scales: &[f32],
+    input_means: &[f32],
+    groups: usize,
+) -> Option<Vec<f32>> {
+    let outputs = weights.shape()[0];
+    let inputs_per_group = *weights.shape().get(1)?;
+    if groups == 0
+        || !outputs.is_multiple_of(groups)
+        || input_means.len() != groups * inputs_per_group
+    {
+        return None;
+    }
+    let outputs_per_group = outputs / groups;
+    let shifts = (0..outputs)
+        .map(|channel| {
+            let first_input = channel / outputs_per_group * inputs_per_group;
+            let float = weights.index_axis(Axis(0), channel);
+            let rounded = quantized.index_axis(Axis(0), channel);
+            let mut shift = 0.0f64;
+            for input in 0..inputs_per_group {
+                let error: f64 = float
+                    .index_axis(Axis(0), input)
+                    .iter()
+                    .zip(rounded.index_axis(Axis(0), input))
+                    .map(|(&w, &q)| (q as f32 * scales[channel] - w) as f64)
+                    .sum();
+                shift += error * input_means[first_input + input] as f64;
+            }
+            shift as f32
+        })
+        .collect();
+    Some(shifts)
+}
+
 /// Rewrites `model` with each layer in the mode `modes` gives (layers absent from
-/// `modes` stay float). `ranges` must hold every tensor [`calibration_tensors`] named
-/// for the int8 layers.
+/// `modes` stay float). `calibration` must contain the range of every tensor
+/// [`calibration_tensors`] names for the int8 layers. An int8 layer whose input has
+/// channel means gets its bias corrected.
 pub fn quantize(
     model: &OnnxModel,
     layers: &[Layer],
     modes: &HashMap<String, LayerMode>,
-    ranges: &HashMap<String, Range>,
+    calibration: &Calibration,
 ) -> Result<(OnnxModel, QuantizeReport), GraphError> {
-    let mut rewrite = Rewrite::new(model, ranges);
+    let mut rewrite = Rewrite::new(model, calibration);
     let by_name: HashMap<&str, &Layer> = layers.iter().map(|l| (l.name.as_str(), l)).collect();
     let mut skipped = HashSet::new();
     for layer in layers {
@@ -318,7 +371,7 @@ pub fn quantize(
 /// State of one rewrite: the nodes written so far and which form each tensor has.
 struct Rewrite<'a> {
     source: &'a OnnxModel,
-    ranges: &'a HashMap<String, Range>,
+    calibration: &'a Calibration,
     model: OnnxModel,
     nodes: Vec<NodeProto>,
     /// Tensors available in float under their own name.
@@ -329,14 +382,14 @@ struct Rewrite<'a> {
 }
 
 impl<'a> Rewrite<'a> {
-    fn new(source: &'a OnnxModel, ranges: &'a HashMap<String, Range>) -> Rewrite<'a> {
+    fn new(source: &'a OnnxModel, calibration: &'a Calibration) -> Rewrite<'a> {
         let mut float: HashSet<String> = source.data_inputs().into_iter().collect();
         float.extend(source.graph().initializer.iter().map(|t| t.name.clone()));
         let mut model = source.clone();
         model.nodes_mut().clear();
         Rewrite {
             source,
-            ranges,
+            calibration,
             model,
             nodes: Vec::new(),
             float,
@@ -346,7 +399,7 @@ impl<'a> Rewrite<'a> {
     }
 
     fn range(&self, tensor: &str, node: &NodeProto) -> Result<Range, GraphError> {
-        self.ranges.get(tensor).copied().ok_or_else(|| {
+        self.calibration.ranges.get(tensor).copied().ok_or_else(|| {
             GraphError::node(node, format!("no calibrated range for tensor {tensor}"))
         })
     }
@@ -393,13 +446,17 @@ impl<'a> Rewrite<'a> {
         }
     }
 
+    /// Adds the scale and zero point of activation `tensor`; returns their names.
+    ///
+    /// Zero points are shared by value: every activation with zero point 0 (all those
+    /// after a `Relu` or `Clip`) reads one scalar.
     fn activation_initializers(
         &mut self,
         tensor: &str,
         params: ActivationParams,
     ) -> (String, String) {
         let scale = format!("{tensor}_scale");
-        let zero_point = format!("{tensor}_zero_point");
+        let zero_point = format!("activation_zero_point_{}", params.zero_point);
         self.model
             .set_initializer(f32_tensor(&scale, &[], &[params.scale]));
         self.model
@@ -408,11 +465,6 @@ impl<'a> Rewrite<'a> {
     }
 
     /// Adds a layer's i8 weights and per-channel scales; returns their names.
-    ///
-    /// Weights are symmetric, so their zero point is 0 in every channel. Where an
-    /// operator needs a weight zero point, [`Rewrite::weight_zero_point`] supplies one
-    /// scalar for all channels instead of a vector of zeros, which on EfficientNet-Lite0
-    /// was 22,218 bytes of the file.
     fn weight_initializers(
         &mut self,
         prefix: &str,
@@ -431,11 +483,14 @@ impl<'a> Rewrite<'a> {
         (weight, scale)
     }
 
-    /// Adds a layer's weight zero point, a scalar 0 for every output channel; returns
-    /// its name. `QLinearConv` and `MatMulInteger` accept a scalar with per-channel
-    /// scales.
-    fn weight_zero_point(&mut self, prefix: &str) -> String {
-        let name = format!("{prefix}_weight_zero_point");
+    /// Adds the weight zero point and returns its name.
+    ///
+    /// Weights are symmetric, so the zero point is 0 in every channel of every layer,
+    /// and one scalar serves all of them. `QLinearConv` and `MatMulInteger` accept a
+    /// scalar beside per-channel scales. A vector of zeros per layer took 22,218 bytes
+    /// of EfficientNet-Lite0's file.
+    fn weight_zero_point(&mut self) -> String {
+        let name = "weight_zero_point".to_string();
         self.model.set_initializer(i8_tensor(&name, &[], &[0]));
         name
     }
@@ -455,6 +510,34 @@ impl<'a> Rewrite<'a> {
             }
         };
         Ok((weights, bias))
+    }
+
+    /// Returns `bias` less `factor` times the rounding shift of the layer reading
+    /// `input`, or `bias` unchanged when calibration has no channel means for `input`.
+    /// [`rounding_shift`] describes the weights' layout.
+    fn corrected_bias(
+        &mut self,
+        input: &str,
+        bias: Vec<f32>,
+        (weights, quantized, scales): (ArrayViewD<'_, f32>, ArrayViewD<'_, i8>, &[f32]),
+        groups: usize,
+        factor: f32,
+    ) -> Vec<f32> {
+        let shift = self
+            .calibration
+            .channel_means
+            .get(input)
+            .and_then(|means| rounding_shift(weights, quantized, scales, means, groups));
+        match shift {
+            Some(shift) if shift.len() == bias.len() => {
+                self.report.bias_corrected_layers += 1;
+                bias.iter()
+                    .zip(&shift)
+                    .map(|(b, s)| b - factor * s)
+                    .collect()
+            }
+            _ => bias,
+        }
     }
 
     fn int8_conv(&mut self, node: &NodeProto, layer: &Layer) -> Result<(), GraphError> {
@@ -483,6 +566,14 @@ impl<'a> Rewrite<'a> {
             Some((&bias, input_params.scale)),
             &mut self.report,
         );
+        let groups = attribute_int(node, "group", 1).max(1) as usize;
+        let bias = self.corrected_bias(
+            &layer.input,
+            bias,
+            (weights.view(), quantized.view(), &scales),
+            groups,
+            1.0,
+        );
         let bias_q: Vec<i32> = bias
             .iter()
             .zip(&scales)
@@ -491,7 +582,7 @@ impl<'a> Rewrite<'a> {
         let output_range = self.range(&layer.output, node)?;
         let output_params = activation_params(output_range, layer.clip_max, &mut self.report);
         let (weight_name, weight_scale) = self.weight_initializers(&node.name, &quantized, &scales);
-        let weight_zero = self.weight_zero_point(&node.name);
+        let weight_zero = self.weight_zero_point();
         let bias_name = format!("{}_bias_quantized", node.name);
         self.model
             .set_initializer(i32_tensor(&bias_name, &[channels], &bias_q));
@@ -544,6 +635,33 @@ impl<'a> Rewrite<'a> {
         };
         let columns = weights.shape()[1];
         let (quantized, scales) = quantize_weights(&weights, 1, None, &mut self.report);
+        // Keep the bias's own dims: a [M, 1] bias broadcasts along rows.
+        let bias_dims: Vec<usize> = node
+            .input
+            .get(2)
+            .and_then(|name| self.source.initializer(name))
+            .map(|t| t.dims.iter().map(|&d| d as usize).collect())
+            .unwrap_or_else(|| vec![columns]);
+        let per_column =
+            bias_dims.last() == Some(&columns) && bias_dims.iter().product::<usize>() == columns;
+        let bias = match bias {
+            Some(bias) => Some(bias.iter().map(|b| b * beta).collect()),
+            // A bias added only to undo the rounding shift.
+            None if self.calibration.channel_means.contains_key(&node.input[0]) => {
+                Some(vec![0.0; columns])
+            }
+            None => None,
+        };
+        let bias = match bias {
+            Some(bias) if per_column => Some(self.corrected_bias(
+                &node.input[0],
+                bias,
+                (weights.t().into_dyn(), quantized.t().into_dyn(), &scales),
+                1,
+                alpha,
+            )),
+            other => other,
+        };
         let prefix = &node.name;
         let weight_name = format!("{prefix}_weight_quantized");
         let rescale_name = format!("{prefix}_output_scale");
@@ -552,7 +670,7 @@ impl<'a> Rewrite<'a> {
             weights.shape(),
             quantized.as_slice().expect("standard layout"),
         ));
-        let weight_zero = self.weight_zero_point(prefix);
+        let weight_zero = self.weight_zero_point();
         let rescale: Vec<f32> = scales
             .iter()
             .map(|s| s * input_params.scale * alpha)
@@ -581,15 +699,8 @@ impl<'a> Rewrite<'a> {
         match bias {
             Some(bias) => {
                 let bias_name = format!("{prefix}_bias");
-                let bias: Vec<f32> = bias.iter().map(|b| b * beta).collect();
-                // Keep the bias's own dims: a [M, 1] bias broadcasts along rows.
-                let dims: Vec<usize> = self
-                    .source
-                    .initializer(&node.input[2])
-                    .map(|t| t.dims.iter().map(|&d| d as usize).collect())
-                    .unwrap_or_else(|| vec![columns]);
                 self.model
-                    .set_initializer(f32_tensor(&bias_name, &dims, &bias));
+                    .set_initializer(f32_tensor(&bias_name, &bias_dims, &bias));
                 self.nodes.push(graph::node(
                     "Mul",
                     &format!("{prefix}_rescale"),
@@ -710,6 +821,56 @@ mod tests {
         let bias_q = bias[0] as f64 / (input_scale as f64 * scales[0] as f64);
         assert!(bias_q.abs() <= MAX_BIAS, "bias {bias_q} overflows");
         assert_eq!(report.bias_limited_channels, 1);
+    }
+
+    fn shift(
+        weights: &[f32],
+        quantized: &[i8],
+        shape: &[usize],
+        means: &[f32],
+        groups: usize,
+    ) -> Option<Vec<f32>> {
+        let weights = ArrayD::from_shape_vec(shape, weights.to_vec()).unwrap();
+        let quantized = ArrayD::from_shape_vec(shape, quantized.to_vec()).unwrap();
+        rounding_shift(
+            weights.view(),
+            quantized.view(),
+            &[0.01, 0.01],
+            means,
+            groups,
+        )
+    }
+
+    fn assert_close(found: &[f32], expected: &[f32]) {
+        assert_eq!(found.len(), expected.len(), "{found:?}");
+        for (f, e) in found.iter().zip(expected) {
+            assert!((f - e).abs() < 1e-6, "{found:?} against {expected:?}");
+        }
+    }
+
+    #[test]
+    fn rounding_shift_weighs_by_input_mean() {
+        // Rounded to steps of 0.01, 0.104 loses 0.004 and 0.203 loses 0.003.
+        let weights = [0.104, 0.203];
+        let quantized = [10, 20];
+        let shifts = shift(&weights, &quantized, &[1, 2, 1, 1], &[2.0, 3.0], 1).unwrap();
+        assert_close(&shifts, &[-0.004 * 2.0 - 0.003 * 3.0]);
+    }
+
+    #[test]
+    fn rounding_shift_depthwise() {
+        let weights = [0.104, 0.0, 0.0, 0.203];
+        let quantized = [10, 0, 0, 20];
+        let shifts = shift(&weights, &quantized, &[2, 1, 1, 2], &[2.0, 3.0], 2).unwrap();
+        assert_close(&shifts, &[-0.004 * 2.0, -0.003 * 3.0]);
+    }
+
+    #[test]
+    fn rounding_shift_mismatched_means() {
+        let weights = [0.104, 0.203];
+        let quantized = [10, 20];
+        assert_eq!(shift(&weights, &quantized, &[1, 2, 1, 1], &[2.0], 1), None);
+        assert_eq!(shift(&weights, &quantized, &[2, 1, 1, 1], &[2.0], 3), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::assess::{Agreement, Reference, Runner, compare};
-use crate::calibrate::{CalibrationMethod, Range, calibrate};
+use crate::calibrate::{Calibration, CalibrationMethod, calibrate};
 use crate::graph::OnnxModel;
 use crate::quantize::{self, Layer, LayerMode, QuantizeReport};
 use crate::samples::{Samples, load_samples};
@@ -34,6 +34,9 @@ pub struct QuantizeOptions {
     pub compute: Compute,
     /// Layers (node names) to leave in float.
     pub keep_float: Vec<String>,
+    /// Subtract from each int8 layer's bias the mean shift that rounding its weights
+    /// causes (see [`crate::quantize`]).
+    pub bias_correction: bool,
 }
 
 /// Accuracy a compressed model must keep, measured against the float model.
@@ -201,14 +204,15 @@ impl Workbench {
         Ok((layers, modes))
     }
 
-    /// Calibrated ranges of every tensor the int8 layers among `layers` read or write.
-    pub fn ranges(
+    /// Calibrated ranges of every tensor the int8 layers among `layers` read or write,
+    /// with channel means when `options` enables bias correction.
+    pub fn calibrate(
         &self,
         base: &OnnxModel,
         layers: &[Layer],
         modes: &HashMap<String, LayerMode>,
-        method: CalibrationMethod,
-    ) -> anyhow::Result<HashMap<String, Range>> {
+        options: &QuantizeOptions,
+    ) -> anyhow::Result<Calibration> {
         let int8_layers: Vec<Layer> = layers
             .iter()
             .filter(|layer| modes.get(&layer.name) == Some(&LayerMode::Int8))
@@ -216,7 +220,7 @@ impl Workbench {
             .collect();
         let tensors = quantize::calibration_tensors(&int8_layers);
         if tensors.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(Calibration::default());
         }
         let inputs: Vec<tract_onnx::prelude::Tensor> = self
             .calibration
@@ -228,9 +232,19 @@ impl Workbench {
             })
             .collect::<anyhow::Result<_>>()?;
         let bar = progress_bar(self.show_progress, "calibrating");
-        let ranges = calibrate(base, &self.input_shape, &tensors, &inputs, method, &bar)?;
+        let mut calibration = calibrate(
+            base,
+            &self.input_shape,
+            &tensors,
+            &inputs,
+            options.method,
+            &bar,
+        )?;
         bar.finish_and_clear();
-        Ok(ranges)
+        if !options.bias_correction {
+            calibration.channel_means.clear();
+        }
+        Ok(calibration)
     }
 
     /// Quantizes `base` (the float model, or one derived from it) with `options`.
@@ -240,8 +254,8 @@ impl Workbench {
         options: &QuantizeOptions,
     ) -> anyhow::Result<(OnnxModel, QuantizeReport)> {
         let (layers, modes) = self.modes(base, options)?;
-        let ranges = self.ranges(base, &layers, &modes, options.method)?;
-        Ok(quantize::quantize(base, &layers, &modes, &ranges)?)
+        let calibration = self.calibrate(base, &layers, &modes, options)?;
+        Ok(quantize::quantize(base, &layers, &modes, &calibration)?)
     }
 
     /// Loads `model` in tract and measures it; fails if tract cannot load or run it.
@@ -341,8 +355,8 @@ impl Workbench {
         latency_runs: usize,
     ) -> anyhow::Result<MixedPrecision> {
         let (layers, mut modes) = self.modes(base, options)?;
-        let ranges = self.ranges(base, &layers, &modes, options.method)?;
-        let (model, report) = quantize::quantize(base, &layers, &modes, &ranges)?;
+        let calibration = self.calibrate(base, &layers, &modes, options)?;
+        let (model, report) = quantize::quantize(base, &layers, &modes, &calibration)?;
         let fully_quantized = self.measure("int8", &model, latency_runs)?;
         let violation = budget.violation(&fully_quantized, float);
         let mut outcome = MixedPrecision {
@@ -371,7 +385,7 @@ impl Workbench {
         for layer in layers.iter().filter(|l| modes[&l.name] != LayerMode::Float) {
             let alone: HashMap<String, LayerMode> =
                 [(layer.name.clone(), modes[&layer.name])].into();
-            let (single, _) = quantize::quantize(base, &layers, &alone, &ranges)?;
+            let (single, _) = quantize::quantize(base, &layers, &alone, &calibration)?;
             let runner = Runner::new(&single, &self.input_shape).with_context(|| {
                 format!("the model with only {} quantized does not load", layer.name)
             })?;
@@ -391,7 +405,7 @@ impl Workbench {
         for sensitivity in outcome.sensitivities.clone() {
             modes.insert(sensitivity.layer.clone(), LayerMode::Float);
             outcome.kept_float.push(sensitivity.layer.clone());
-            let (model, report) = quantize::quantize(base, &layers, &modes, &ranges)?;
+            let (model, report) = quantize::quantize(base, &layers, &modes, &calibration)?;
             let measured = self.measure("mixed", &model, latency_runs)?;
             let holds = budget.violation(&measured, float).is_none();
             outcome.model = model;

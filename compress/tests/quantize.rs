@@ -131,6 +131,7 @@ fn quantize_keeps_digit_accuracy_on_mnist() {
             method: CalibrationMethod::MinMax,
             compute,
             keep_float: Vec::new(),
+            bias_correction: true,
         };
         let (model, report) = workbench.quantize(&workbench.float, &options).unwrap();
         let expected = if compute == Compute::Integer {
@@ -201,7 +202,7 @@ fn quantize_degenerate_channels_stay_safe() {
     .into_iter()
     .map(|(name, range)| (name.to_string(), range))
     .collect();
-    let (quantized, report) = quantize::quantize(&model, &layers, &modes, &ranges).unwrap();
+    let (quantized, report) = quantize::quantize(&model, &layers, &modes, &ranges.into()).unwrap();
     assert_scales_are_normal(&quantized);
     assert_eq!(report.degenerate_weight_channels, 2, "{report:?}");
 
@@ -223,6 +224,101 @@ fn quantize_degenerate_channels_stay_safe() {
             );
         }
     }
+}
+
+/// Builds a depthwise 3x3 convolution over 4 channels of 8x8 whose weights all round
+/// the same way. Per channel, one weight of 1.0 sets the i8 step to 1/127, and eight of
+/// 0.6 steps round up to 1 step. So every output of int8 compute is high by about 3.2
+/// steps times the input's mean.
+fn biased_rounding_model() -> ModelProto {
+    let channel: Vec<f32> = [1.0].into_iter().chain([0.6 / 127.0; 8]).collect();
+    let weight: Vec<f32> = channel.repeat(4);
+    let mut conv = graph::node(
+        "Conv",
+        "depthwise",
+        &["input", "weight", "bias"],
+        &["output"],
+    );
+    conv.attribute.push(graph::int_attribute("group", 4));
+    ModelProto {
+        ir_version: 7,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(GraphProto {
+            name: "biased-rounding".into(),
+            node: vec![conv],
+            initializer: vec![
+                f32_tensor("weight", &[4, 1, 3, 3], &weight),
+                f32_tensor("bias", &[4], &[0.0, 0.1, -0.1, 0.2]),
+            ],
+            input: vec![float_value("input", &[1, 4, 8, 8])],
+            output: vec![float_value("output", &[1, 4, 6, 6])],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn bias_correction_removes_rounding_shift() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), "biased.onnx", &biased_rounding_model());
+    let model = OnnxModel::read(&path).unwrap();
+    let layers = quantize::layers(&model).unwrap();
+    let modes: HashMap<String, LayerMode> = [("depthwise".to_string(), LayerMode::Int8)].into();
+    let shape = [1, 4, 8, 8];
+    // Inputs between 1 and 3, so every channel's mean is far from zero.
+    let inputs: Vec<Vec<f32>> = (0..16)
+        .map(|seed| {
+            (0..256)
+                .map(|i| 1.0 + ((i * 37 + seed * 11) % 101) as f32 / 50.0)
+                .collect()
+        })
+        .collect();
+    let samples: Vec<tract_onnx::prelude::Tensor> = inputs
+        .iter()
+        .map(|input| tract_onnx::prelude::Tensor::from_shape(&shape, input).unwrap())
+        .collect();
+    let calibration = fleet_compress::calibrate::calibrate(
+        &model,
+        &shape,
+        &quantize::calibration_tensors(&layers),
+        &samples,
+        CalibrationMethod::MinMax,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    assert_eq!(calibration.channel_means["input"].len(), 4);
+
+    let mean_error = |calibration: &fleet_compress::calibrate::Calibration| {
+        let (quantized, report) = quantize::quantize(&model, &layers, &modes, calibration).unwrap();
+        let float_runner = fleet_compress::assess::Runner::new(&model, &shape).unwrap();
+        let int8_runner = fleet_compress::assess::Runner::new(&quantized, &shape).unwrap();
+        let mut sum = 0.0f64;
+        let mut count = 0;
+        for input in &inputs {
+            let expected = float_runner.run(input).unwrap();
+            let actual = int8_runner.run(input).unwrap();
+            for (e, a) in expected.iter().zip(&actual) {
+                sum += (a - e) as f64;
+                count += 1;
+            }
+        }
+        (sum / count as f64, report.bias_corrected_layers)
+    };
+    let mut without_means = calibration.clone();
+    without_means.channel_means.clear();
+    let (uncorrected, uncorrected_layers) = mean_error(&without_means);
+    let (corrected, corrected_layers) = mean_error(&calibration);
+    assert_eq!((uncorrected_layers, corrected_layers), (0, 1));
+    // 8 x 0.4 steps of 1/127 on inputs averaging 2 is a shift of about 0.05.
+    assert!(uncorrected > 0.03, "uncorrected mean error {uncorrected}");
+    assert!(
+        corrected.abs() < 0.2 * uncorrected,
+        "corrected mean error {corrected} against {uncorrected} uncorrected"
+    );
 }
 
 #[test]
@@ -555,7 +651,7 @@ fn weight_only(model: &OnnxModel) -> OnnxModel {
         .iter()
         .map(|layer| (layer.name.clone(), LayerMode::WeightOnly))
         .collect();
-    quantize::quantize(model, &layers, &modes, &HashMap::new())
+    quantize::quantize(model, &layers, &modes, &HashMap::new().into())
         .unwrap()
         .0
 }
