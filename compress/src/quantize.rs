@@ -512,32 +512,19 @@ impl<'a> Rewrite<'a> {
         Ok((weights, bias))
     }
 
-    /// Returns `bias` less `factor` times the rounding shift of the layer reading
-    /// `input`, or `bias` unchanged when calibration has no channel means for `input`.
-    /// [`rounding_shift`] describes the weights' layout.
-    fn corrected_bias(
+    /// Returns the rounding shift of each output channel of the layer reading `input`
+    /// (see [`rounding_shift`] for the weights' layout), or `None` when calibration has
+    /// no channel means for `input` or they do not fit the weights.
+    fn rounding_shift_of(
         &mut self,
         input: &str,
-        bias: Vec<f32>,
         (weights, quantized, scales): (ArrayViewD<'_, f32>, ArrayViewD<'_, i8>, &[f32]),
         groups: usize,
-        factor: f32,
-    ) -> Vec<f32> {
-        let shift = self
-            .calibration
-            .channel_means
-            .get(input)
-            .and_then(|means| rounding_shift(weights, quantized, scales, means, groups));
-        match shift {
-            Some(shift) if shift.len() == bias.len() => {
-                self.report.bias_corrected_layers += 1;
-                bias.iter()
-                    .zip(&shift)
-                    .map(|(b, s)| b - factor * s)
-                    .collect()
-            }
-            _ => bias,
-        }
+    ) -> Option<Vec<f32>> {
+        let means = self.calibration.channel_means.get(input)?;
+        let shift = rounding_shift(weights, quantized, scales, means, groups)?;
+        self.report.bias_corrected_layers += 1;
+        Some(shift)
     }
 
     fn int8_conv(&mut self, node: &NodeProto, layer: &Layer) -> Result<(), GraphError> {
@@ -567,13 +554,15 @@ impl<'a> Rewrite<'a> {
             &mut self.report,
         );
         let groups = attribute_int(node, "group", 1).max(1) as usize;
-        let bias = self.corrected_bias(
+        let shift = self.rounding_shift_of(
             &layer.input,
-            bias,
             (weights.view(), quantized.view(), &scales),
             groups,
-            1.0,
         );
+        let bias: Vec<f32> = match shift {
+            Some(shift) => bias.iter().zip(&shift).map(|(b, s)| b - s).collect(),
+            None => bias,
+        };
         let bias_q: Vec<i32> = bias
             .iter()
             .zip(&scales)
@@ -613,6 +602,13 @@ impl<'a> Rewrite<'a> {
         Ok(())
     }
 
+    /// Rewrites a `Gemm` as `MatMulInteger` on the u8 input and i8 weights, then a float
+    /// rescale per column and one float addend.
+    ///
+    /// `MatMulInteger` gets no zero points. The weights' is 0, and the input's enters
+    /// through the addend, since `(x - zp) . w = x . w - zp * sum(w)` and the column
+    /// sums of constant weights are known here. So the product needs no zero-point
+    /// correction when it runs.
     fn int8_gemm(&mut self, node: &NodeProto) -> Result<(), GraphError> {
         if attribute_int(node, "transA", 0) != 0 {
             return Err(GraphError::node(
@@ -635,56 +631,75 @@ impl<'a> Rewrite<'a> {
         };
         let columns = weights.shape()[1];
         let (quantized, scales) = quantize_weights(&weights, 1, None, &mut self.report);
-        // Keep the bias's own dims: a [M, 1] bias broadcasts along rows.
-        let bias_dims: Vec<usize> = node
-            .input
-            .get(2)
-            .and_then(|name| self.source.initializer(name))
-            .map(|t| t.dims.iter().map(|&d| d as usize).collect())
-            .unwrap_or_else(|| vec![columns]);
-        let per_column =
-            bias_dims.last() == Some(&columns) && bias_dims.iter().product::<usize>() == columns;
-        let bias = match bias {
-            Some(bias) => Some(bias.iter().map(|b| b * beta).collect()),
-            // A bias added only to undo the rounding shift.
-            None if self.calibration.channel_means.contains_key(&node.input[0]) => {
-                Some(vec![0.0; columns])
+        let rescale: Vec<f32> = scales
+            .iter()
+            .map(|s| s * input_params.scale * alpha)
+            .collect();
+
+        // Per column: minus the input zero point times the weights' sum, and minus the
+        // rounding shift, which the product scales by alpha.
+        let zero_point = f32::from(input_params.zero_point);
+        let mut offset: Vec<f32> = quantized
+            .axis_iter(Axis(1))
+            .zip(&rescale)
+            .map(|(column, r)| -r * zero_point * column.iter().map(|&w| f32::from(w)).sum::<f32>())
+            .collect();
+        let shift = self.rounding_shift_of(
+            &node.input[0],
+            (weights.t().into_dyn(), quantized.t().into_dyn(), &scales),
+            1,
+        );
+        if let Some(shift) = shift {
+            for (offset, shift) in offset.iter_mut().zip(shift) {
+                *offset -= alpha * shift;
             }
-            None => None,
+        }
+        let offset = ArrayD::from_shape_vec(vec![columns], offset).expect("one per column");
+        // The bias keeps its own dims: a [M, 1] bias broadcasts along rows.
+        let addend = match bias {
+            Some(bias) => {
+                let dims: Vec<usize> = self
+                    .source
+                    .initializer(&node.input[2])
+                    .map(|t| t.dims.iter().map(|&d| d as usize).collect())
+                    .unwrap_or_else(|| vec![bias.len()]);
+                let broadcasts =
+                    dims.len() <= 2 && dims.last().is_none_or(|&d| d == 1 || d == columns);
+                if !broadcasts {
+                    return Err(GraphError::node(
+                        node,
+                        format!("bias of shape {dims:?} does not broadcast to {columns} columns"),
+                    ));
+                }
+                let bias = ArrayD::from_shape_vec(dims, bias)
+                    .map_err(|error| GraphError::node(node, format!("bias: {error}")))?
+                    .mapv(|b| b * beta);
+                &bias + &offset
+            }
+            None => offset,
         };
-        let bias = match bias {
-            Some(bias) if per_column => Some(self.corrected_bias(
-                &node.input[0],
-                bias,
-                (weights.t().into_dyn(), quantized.t().into_dyn(), &scales),
-                1,
-                alpha,
-            )),
-            other => other,
-        };
+
         let prefix = &node.name;
         let weight_name = format!("{prefix}_weight_quantized");
         let rescale_name = format!("{prefix}_output_scale");
+        let addend_name = format!("{prefix}_bias");
         self.model.set_initializer(i8_tensor(
             &weight_name,
             weights.shape(),
             quantized.as_slice().expect("standard layout"),
         ));
-        let weight_zero = self.weight_zero_point();
-        let rescale: Vec<f32> = scales
-            .iter()
-            .map(|s| s * input_params.scale * alpha)
-            .collect();
         self.model
             .set_initializer(f32_tensor(&rescale_name, &[columns], &rescale));
-        let (_, input_zero) = self.activation_initializers(&node.input[0], input_params);
+        let addend_values: Vec<f32> = addend.iter().copied().collect();
+        self.model
+            .set_initializer(f32_tensor(&addend_name, addend.shape(), &addend_values));
         let accumulator = format!("{prefix}_accumulator");
         let as_float = format!("{prefix}_accumulator_float");
         let scaled = format!("{prefix}_scaled");
         self.nodes.push(graph::node(
             "MatMulInteger",
             &format!("{prefix}_matmul"),
-            &[&input, &weight_name, &input_zero, &weight_zero],
+            &[&input, &weight_name],
             &[&accumulator],
         ));
         let mut cast = graph::node(
@@ -695,32 +710,19 @@ impl<'a> Rewrite<'a> {
         );
         cast.attribute.push(int_attribute("to", 1));
         self.nodes.push(cast);
+        self.nodes.push(graph::node(
+            "Mul",
+            &format!("{prefix}_rescale"),
+            &[&as_float, &rescale_name],
+            &[&scaled],
+        ));
         let output = &node.output[0];
-        match bias {
-            Some(bias) => {
-                let bias_name = format!("{prefix}_bias");
-                self.model
-                    .set_initializer(f32_tensor(&bias_name, &bias_dims, &bias));
-                self.nodes.push(graph::node(
-                    "Mul",
-                    &format!("{prefix}_rescale"),
-                    &[&as_float, &rescale_name],
-                    &[&scaled],
-                ));
-                self.nodes.push(graph::node(
-                    "Add",
-                    &format!("{prefix}_add_bias"),
-                    &[&scaled, &bias_name],
-                    &[output],
-                ));
-            }
-            None => self.nodes.push(graph::node(
-                "Mul",
-                &format!("{prefix}_rescale"),
-                &[&as_float, &rescale_name],
-                &[output],
-            )),
-        }
+        self.nodes.push(graph::node(
+            "Add",
+            &format!("{prefix}_add_bias"),
+            &[&scaled, &addend_name],
+            &[output],
+        ));
         self.float.insert(output.clone());
         Ok(())
     }

@@ -4,10 +4,12 @@
 //! ```sh
 //! cargo run --release -p fleet-runtime --example op_profile -- MODEL.onnx 1,3,224,224
 //! cargo run --release -p fleet-runtime --example op_profile -- MODEL.onnx 1,3,224,224 --tract-only
+//! cargo run --release -p fleet-runtime --example op_profile -- MODEL.onnx 1,3,224,224 --nodes
 //! ```
 //!
 //! The input is all zeros; 50 runs after 5 warm-up runs on one thread. Prints the total
-//! median time and, per operator name, the summed median time of its nodes.
+//! median time and, per operator name, the summed median time of its nodes. `--nodes`
+//! adds the slowest nodes, with their output shapes.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -17,12 +19,14 @@ use tract_onnx::prelude::*;
 
 const RUNS: usize = 50;
 const WARMUP_RUNS: usize = 5;
+/// Nodes listed by `--nodes`.
+const SLOWEST_NODES: usize = 15;
 
 #[allow(clippy::print_stdout)]
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(path), Some(shape)) = (args.first(), args.get(1)) else {
-        anyhow::bail!("usage: op_profile MODEL.onnx N,C,H,W [--tract-only]");
+        anyhow::bail!("usage: op_profile MODEL.onnx N,C,H,W [--tract-only] [--nodes]");
     };
     let shape: Vec<usize> = shape
         .split(',')
@@ -68,11 +72,15 @@ fn main() -> anyhow::Result<()> {
     }
 
     let mut by_operator: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+    let mut by_node = Vec::new();
     for (id, mut times) in node_times {
-        let name = plan.model().node(id).op().name().to_string();
+        let node = plan.model().node(id);
+        let name = node.op().name().to_string();
+        let time = median(&mut times);
         let entry = by_operator.entry(name).or_default();
         entry.0 += 1;
-        entry.1 += median(&mut times);
+        entry.1 += time;
+        by_node.push((time, id));
     }
     let mut rows: Vec<_> = by_operator.into_iter().collect();
     rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
@@ -83,6 +91,24 @@ fn main() -> anyhow::Result<()> {
     println!("{:<32} {:>6} {:>10}", "operator", "nodes", "ms");
     for (name, (count, time)) in rows {
         println!("{name:<32} {count:>6} {time:>10.3}");
+    }
+    if args.iter().any(|a| a == "--nodes") {
+        by_node.sort_by(|a, b| b.0.total_cmp(&a.0));
+        println!("\nslowest nodes:");
+        for (time, id) in by_node.into_iter().take(SLOWEST_NODES) {
+            let node = plan.model().node(id);
+            let outputs: Vec<String> = node
+                .outputs
+                .iter()
+                .map(|output| format!("{:?}", output.fact))
+                .collect();
+            println!(
+                "{time:>8.3} ms  {} ({}) -> {}",
+                node.name,
+                node.op().name(),
+                outputs.join(", ")
+            );
+        }
     }
     Ok(())
 }

@@ -355,11 +355,7 @@ impl GemmConv {
                     }
                 };
                 let sources = [source(0), source(1), source(2), source(3)];
-                for pixel in 0..PANEL_PIXELS {
-                    for (j, source) in sources.iter().enumerate() {
-                        block[pixel * STEP + j] = source[pixel];
-                    }
-                }
+                interleave_rows(sources, block.try_into().expect("64 bytes"));
             }
         }
     }
@@ -417,6 +413,61 @@ impl GemmConv {
                     *value = source[x];
                 }
             }
+        }
+    }
+}
+
+/// Interleaves four rows of 16 bytes into one panel step: `block[4 * pixel + j]` is
+/// `rows[j][pixel]`, a 4 x 16 byte transpose.
+///
+/// It uses the unpack instructions of SSE2 (part of every x86-64) or the interleaving
+/// store of NEON (part of every aarch64). Copied byte by byte, the packing made
+/// EfficientNet-Lite0's integer convolutions take 5.2 ms instead of 4.75 ms
+/// (`op_profile`, one thread, AMD EPYC).
+#[inline(always)]
+pub(super) fn interleave_rows(
+    rows: [&[u8; PANEL_PIXELS]; STEP],
+    block: &mut [u8; PANEL_STEP_BYTES],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_loadu_si128, _mm_storeu_si128, _mm_unpackhi_epi8, _mm_unpackhi_epi16,
+            _mm_unpacklo_epi8, _mm_unpacklo_epi16,
+        };
+        // SAFETY: SSE2 is part of x86-64; every load and store stays within the 16-byte
+        // rows and the 64-byte block.
+        unsafe {
+            let [r0, r1, r2, r3] = rows.map(|row| _mm_loadu_si128(row.as_ptr().cast::<__m128i>()));
+            // Pairs (r0, r1) and (r2, r3) per pixel, pixels 0..8 and 8..16.
+            let (low01, high01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+            let (low23, high23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+            let quarters = [
+                _mm_unpacklo_epi16(low01, low23),
+                _mm_unpackhi_epi16(low01, low23),
+                _mm_unpacklo_epi16(high01, high23),
+                _mm_unpackhi_epi16(high01, high23),
+            ];
+            for (quarter, value) in quarters.into_iter().enumerate() {
+                let address = block.as_mut_ptr().add(quarter * 16);
+                _mm_storeu_si128(address.cast::<__m128i>(), value);
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::arch::aarch64::{uint8x16x4_t, vld1q_u8, vst4q_u8};
+        // SAFETY: NEON is part of aarch64; the loads read 16-byte rows and the store
+        // writes the 64-byte block.
+        unsafe {
+            let [r0, r1, r2, r3] = rows.map(|row| vld1q_u8(row.as_ptr()));
+            vst4q_u8(block.as_mut_ptr(), uint8x16x4_t(r0, r1, r2, r3));
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    for pixel in 0..PANEL_PIXELS {
+        for (j, row) in rows.iter().enumerate() {
+            block[pixel * STEP + j] = row[pixel];
         }
     }
 }
@@ -503,6 +554,172 @@ unsafe fn tile_vnni(weights: &[i8], panels: &[u8], panel_len: usize, steps: usiz
                 _mm512_storeu_si512(address.cast::<__m512i>(), sum);
             }
         }
+    }
+}
+
+/// A matrix product of u8 rows by constant i8 weights with i32 results: ONNX
+/// `MatMulInteger` whose right-hand side is a constant with zero point 0.
+///
+/// tract's own `MatMulInteger` sums the weight columns on every run, because its
+/// zero-point correction reads them. On EfficientNet-Lite0's 1280 x 1000 classifier
+/// that sum alone took 0.7 ms. Here the sums are taken once, when the operator is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntegerMatMul {
+    /// Reduction length: columns of the input, rows of the weights.
+    depth: usize,
+    /// Output columns.
+    columns: usize,
+    /// Weights by output column, `[column][depth]`.
+    weights: Vec<i8>,
+    /// Per column, the input zero point times the column's weight sum.
+    offsets: Vec<i32>,
+}
+
+impl IntegerMatMul {
+    /// Takes `weights` as ONNX stores them, `[depth][columns]`. Returns `None` when the
+    /// lengths disagree or the accumulator could overflow i32.
+    pub fn new(
+        depth: usize,
+        columns: usize,
+        weights: &[i8],
+        input_zero_point: u8,
+    ) -> Option<IntegerMatMul> {
+        if weights.len() != depth * columns || depth == 0 || columns == 0 {
+            return None;
+        }
+        let largest_product = depth as i64 * 255 * 127;
+        if largest_product * 2 > i64::from(i32::MAX) {
+            return None;
+        }
+        let mut by_column = vec![0i8; weights.len()];
+        let mut offsets = Vec::with_capacity(columns);
+        for column in 0..columns {
+            let target = &mut by_column[column * depth..][..depth];
+            for (k, value) in target.iter_mut().enumerate() {
+                *value = weights[k * columns + column];
+            }
+            let sum: i64 = target.iter().map(|&w| i64::from(w)).sum();
+            offsets.push((i64::from(input_zero_point) * sum) as i32);
+        }
+        Some(IntegerMatMul {
+            depth,
+            columns,
+            weights: by_column,
+            offsets,
+        })
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    pub fn columns(&self) -> usize {
+        self.columns
+    }
+
+    /// Multiplies the rows of `input` (`[rows][depth]`) into `output` (`[rows][columns]`).
+    pub fn run(&self, input: &[u8], output: &mut [i32]) {
+        assert_eq!(input.len() % self.depth, 0, "input length");
+        assert_eq!(
+            output.len(),
+            input.len() / self.depth * self.columns,
+            "output length"
+        );
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: the CPU supports every feature the function enables.
+                unsafe { self.run_avx512(input, output) };
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: as above.
+                unsafe { self.run_avx2(input, output) };
+                return;
+            }
+        }
+        self.run_generic(input, output);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn run_avx512(&self, input: &[u8], output: &mut [i32]) {
+        self.run_generic(input, output);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, input: &[u8], output: &mut [i32]) {
+        self.run_generic(input, output);
+    }
+
+    /// Computes the product in plain loops, which the compiler vectorises for the
+    /// enclosing function's target features.
+    #[inline(always)]
+    fn run_generic(&self, input: &[u8], output: &mut [i32]) {
+        for (row, out) in input
+            .chunks_exact(self.depth)
+            .zip(output.chunks_exact_mut(self.columns))
+        {
+            for ((value, weights), offset) in out
+                .iter_mut()
+                .zip(self.weights.chunks_exact(self.depth))
+                .zip(&self.offsets)
+            {
+                // Wrapping only so that debug builds vectorise too: `new` bounds the sum.
+                let dot = row.iter().zip(weights).fold(0i32, |dot, (&x, &w)| {
+                    dot.wrapping_add(i32::from(x) * i32::from(w))
+                });
+                *value = dot.wrapping_sub(*offset);
+            }
+        }
+    }
+}
+
+/// Quantizes `input` to u8 as ONNX `QuantizeLinear` with one scale and zero point:
+/// `saturate(round_ties_even(x / scale) + zero_point)`. NaN becomes 0.
+///
+/// tract multiplies by the reciprocal of the scale instead of dividing, which puts
+/// some values on the neighbouring level (2 of 200,000 random values at scale 0.05).
+/// Its loop also took 3 ns a value on the 150,528 inputs of EfficientNet-Lite0. With
+/// this one, all 11 quantize nodes of that model take 0.025 ms together (`op_profile`,
+/// AMD EPYC).
+pub fn quantize_u8(input: &[f32], scale: f32, zero_point: u8, output: &mut [u8]) {
+    assert_eq!(input.len(), output.len(), "output length");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports every feature the function enables.
+            unsafe { quantize_u8_avx512(input, scale, zero_point, output) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            unsafe { quantize_u8_avx2(input, scale, zero_point, output) };
+            return;
+        }
+    }
+    quantize_u8_generic(input, scale, zero_point, output);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_u8_avx512(input: &[f32], scale: f32, zero_point: u8, output: &mut [u8]) {
+    quantize_u8_generic(input, scale, zero_point, output);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_u8_avx2(input: &[f32], scale: f32, zero_point: u8, output: &mut [u8]) {
+    quantize_u8_generic(input, scale, zero_point, output);
+}
+
+#[inline(always)]
+fn quantize_u8_generic(input: &[f32], scale: f32, zero_point: u8, output: &mut [u8]) {
+    let zero_point = i32::from(zero_point);
+    for (out, &value) in output.iter_mut().zip(input) {
+        // `max` returns -512 for NaN, which saturates to 0.
+        *out = requantize((value / scale).max(-512.0), 1.0, zero_point);
     }
 }
 

@@ -13,13 +13,17 @@
 //! layout other than NCHW/OIHW. The reason is logged at debug level.
 //!
 //! `MaxPool` on u8 tensors, as between the quantized convolutions of the int8 digit
-//! CNN, is likewise rebuilt as [`U8MaxPool`].
+//! CNN, is likewise rebuilt as [`U8MaxPool`], `MatMulInteger` with constant i8
+//! weights as [`IntegerMatMulOp`], and `QuantizeLinear` to u8 with one scale as
+//! [`U8QuantizeLinear`].
 
 // The kernels call SIMD intrinsics behind runtime CPU feature checks, and Rust exposes
 // those only as unsafe functions. Every unsafe block states the invariant it relies on.
 #[allow(unsafe_code)]
 mod kernels;
+mod matmul;
 mod pool;
+mod quantize;
 
 use std::sync::{Arc, OnceLock};
 
@@ -31,8 +35,12 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::cnn::Conv as HirConv;
 
-pub use kernels::{DEPTHWISE_MAX_TAPS, DepthwiseConv, GemmConv, Geometry, Requantize};
+pub use kernels::{
+    DEPTHWISE_MAX_TAPS, DepthwiseConv, GemmConv, Geometry, IntegerMatMul, Requantize, quantize_u8,
+};
+pub use matmul::IntegerMatMulOp;
 pub use pool::{PoolGeometry, U8MaxPool};
+pub use quantize::U8QuantizeLinear;
 
 /// The signature tract-onnx's operator register stores.
 type OpBuilder =
@@ -41,12 +49,24 @@ type OpBuilder =
 /// tract's own `QLinearConv` builder, which parses the node's attributes for us.
 static TRACT_QLINEAR_CONV: OnceLock<OpBuilder> = OnceLock::new();
 
-/// Returns tract's ONNX loader with `QLinearConv` and u8 `MaxPool` executed by this
-/// module's kernels wherever they apply.
+/// Returns tract's ONNX loader with `QLinearConv`, u8 `MaxPool`, `MatMulInteger` and
+/// u8 `QuantizeLinear` executed by this module's kernels wherever they apply.
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     replace_builder(&mut onnx, "QLinearConv", &TRACT_QLINEAR_CONV, qlinear_conv);
     replace_builder(&mut onnx, "MaxPool", &pool::TRACT_MAX_POOL, pool::max_pool);
+    replace_builder(
+        &mut onnx,
+        "MatMulInteger",
+        &matmul::TRACT_MATMUL_INTEGER,
+        matmul::matmul_integer,
+    );
+    replace_builder(
+        &mut onnx,
+        "QuantizeLinear",
+        &quantize::TRACT_QUANTIZE_LINEAR,
+        quantize::quantize_linear,
+    );
     onnx
 }
 
@@ -64,26 +84,100 @@ fn replace_builder(
     }
 }
 
-/// Runs tract's builder kept in `tract` on `node` and, when the operator it parsed is
-/// an expansion of type `T`, replaces it with `wrap(T)`.
+/// Runs tract's builder kept in `tract` on `node` and, when it parsed an expansion for
+/// which `wrap` returns an operator, returns that operator instead of tract's.
+fn wrap_tract_expansion(
+    tract: &OnceLock<OpBuilder>,
+    context: &ParsingContext<'_>,
+    node: &NodeProto,
+    wrap: impl FnOnce(&dyn Expansion) -> Option<Box<dyn InferenceOp>>,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let builder = tract
+        .get()
+        .with_context(|| format!("{} registered without tract's builder", node.op_type))?;
+    let (op, extra_outputs) = builder(context, node)?;
+    let wrapped = op
+        .as_op()
+        .downcast_ref::<Box<dyn Expansion>>()
+        .and_then(|expansion| wrap(expansion.as_ref()));
+    Ok((wrapped.unwrap_or(op), extra_outputs))
+}
+
+/// Wraps tract's expansion like [`wrap_tract_expansion`] when it is of the public type
+/// `T`.
 fn wrap_tract_op<T: Expansion + Clone>(
     tract: &OnceLock<OpBuilder>,
     context: &ParsingContext<'_>,
     node: &NodeProto,
     wrap: impl FnOnce(T) -> Box<dyn InferenceOp>,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let builder = tract
-        .get()
-        .with_context(|| format!("{} registered without tract's builder", node.op_type))?;
-    let (op, extra_outputs) = builder(context, node)?;
-    let parsed = op
-        .as_op()
-        .downcast_ref::<Box<dyn Expansion>>()
-        .and_then(|expansion| Downcast::as_any(expansion.as_ref()).downcast_ref::<T>())
-        .cloned();
-    match parsed {
-        Some(parsed) => Ok((wrap(parsed), extra_outputs)),
-        None => Ok((op, extra_outputs)),
+    wrap_tract_expansion(tract, context, node, |expansion| {
+        Downcast::as_any(expansion)
+            .downcast_ref::<T>()
+            .cloned()
+            .map(wrap)
+    })
+}
+
+/// An ONNX operator that this module runs with its own kernel where the node's
+/// constants and shapes allow, and with tract's expansion elsewhere.
+trait Lowering: std::fmt::Debug + Clone + Send + Sync + 'static {
+    /// The ONNX operator's name.
+    const NAME: &'static str;
+
+    /// Returns tract's expansion of the node, which infers the shapes and wires the
+    /// nodes the kernel does not cover.
+    fn tract(&self) -> &dyn Expansion;
+
+    /// Builds this module's operator on the node's first input, or returns which
+    /// parameter rules it out.
+    fn lower(&self, model: &TypedModel, inputs: &[OutletId]) -> Result<Box<dyn TypedOp>, String>;
+
+    fn validation(&self) -> Validation {
+        self.tract().validation()
+    }
+}
+
+/// The expansion of a [`Lowering`] node, lowered when the typed model is built and the
+/// constants are known.
+#[derive(Debug, Clone)]
+struct Lowered<L>(L);
+
+impl<L: Lowering> Expansion for Lowered<L> {
+    fn name(&self) -> StaticName {
+        L::NAME.into()
+    }
+
+    fn validation(&self) -> Validation {
+        self.0.validation()
+    }
+
+    fn nboutputs(&self) -> TractResult<usize> {
+        self.0.tract().nboutputs()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        solver: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        self.0.tract().rules(solver, inputs, outputs)
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        match self.0.lower(model, inputs) {
+            Ok(op) => model.wire_node(prefix, op, &[inputs[0]]),
+            Err(reason) => {
+                tracing::debug!(node = prefix, op = L::NAME, %reason, "runs on tract's kernel");
+                self.0.tract().wire(prefix, model, inputs)
+            }
+        }
     }
 }
 
@@ -92,7 +186,7 @@ fn qlinear_conv(
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     wrap_tract_op(&TRACT_QLINEAR_CONV, context, node, |conv: HirConv| {
-        expand(QLinearConv { conv })
+        expand(Lowered(QLinearConv { conv }))
     })
 }
 
@@ -129,44 +223,25 @@ fn map_images(
     Ok(output.into_tvalue())
 }
 
-/// `QLinearConv` as tract parses it, lowered to [`IntegerConv`] when the typed model is
-/// built and the constants are known.
+/// `QLinearConv` as tract parses it, lowered to [`IntegerConv`].
 #[derive(Debug, Clone)]
 struct QLinearConv {
     conv: HirConv,
 }
 
-impl Expansion for QLinearConv {
-    fn name(&self) -> StaticName {
-        "QLinearConv".into()
+impl Lowering for QLinearConv {
+    const NAME: &'static str = "QLinearConv";
+
+    fn tract(&self) -> &dyn Expansion {
+        &self.conv
+    }
+
+    fn lower(&self, model: &TypedModel, inputs: &[OutletId]) -> Result<Box<dyn TypedOp>, String> {
+        Ok(Box::new(self.integer_conv(model, inputs)?))
     }
 
     fn validation(&self) -> Validation {
         Validation::Rounding
-    }
-
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        solver: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        self.conv.rules(solver, inputs, outputs)
-    }
-
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
-        match self.integer_conv(model, inputs) {
-            Ok(op) => model.wire_node(prefix, op, &[inputs[0]]),
-            Err(reason) => {
-                tracing::debug!(node = prefix, %reason, "QLinearConv runs on tract's kernels");
-                self.conv.wire(prefix, model, inputs)
-            }
-        }
     }
 }
 
@@ -177,28 +252,12 @@ impl QLinearConv {
         if conv.data_format != DataFormat::NCHW || conv.kernel_fmt != KernelFormat::OIHW {
             return Err("the layout is not NCHW with OIHW weights".into());
         }
-        let fact = |slot: usize| {
-            model
-                .outlet_fact(inputs[slot])
-                .map_err(|e| format!("{e:#}"))
-        };
         let constant = |slot: Option<usize>, parameter: &str| -> Result<Arc<Tensor>, String> {
             let slot = slot.ok_or_else(|| format!("the {parameter} is missing"))?;
-            fact(slot)?
-                .konst
-                .clone()
-                .ok_or_else(|| format!("the {parameter} is not a constant"))
+            constant(model, inputs[slot], parameter)
         };
 
-        let input = fact(0)?;
-        if input.datum_type != DatumType::U8 {
-            return Err(format!("the input is {:?}, not u8", input.datum_type));
-        }
-        let shape = input
-            .shape
-            .as_concrete()
-            .ok_or("the input shape is not fixed")?
-            .to_vec();
+        let shape = u8_shape(model, inputs[0])?;
         let [_, in_channels, in_height, in_width] = shape[..] else {
             return Err(format!("the input has shape {shape:?}, not NCHW"));
         };
@@ -307,6 +366,29 @@ impl QLinearConv {
             kernel: Arc::new(kernel),
         })
     }
+}
+
+/// Returns the fixed shape of `outlet`, a u8 tensor.
+fn u8_shape(model: &TypedModel, outlet: OutletId) -> Result<Vec<usize>, String> {
+    let fact = model.outlet_fact(outlet).map_err(|e| format!("{e:#}"))?;
+    if fact.datum_type != DatumType::U8 {
+        return Err(format!("the input is {:?}, not u8", fact.datum_type));
+    }
+    let shape = fact
+        .shape
+        .as_concrete()
+        .ok_or("the input shape is not fixed")?;
+    Ok(shape.to_vec())
+}
+
+/// Returns the value of `outlet`, the node's `parameter`, when it is a constant.
+fn constant(model: &TypedModel, outlet: OutletId, parameter: &str) -> Result<Arc<Tensor>, String> {
+    model
+        .outlet_fact(outlet)
+        .map_err(|e| format!("{e:#}"))?
+        .konst
+        .clone()
+        .ok_or_else(|| format!("the {parameter} is not a constant"))
 }
 
 fn values<T: Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, String> {

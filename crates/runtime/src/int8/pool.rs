@@ -15,7 +15,7 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::cnn::HirMaxPool;
 
-use super::{OpBuilder, map_images, wrap_tract_op};
+use super::{Lowered, Lowering, OpBuilder, map_images, u8_shape, wrap_tract_op};
 
 /// tract's own `MaxPool` builder, which parses the node's attributes for us.
 pub(super) static TRACT_MAX_POOL: OnceLock<OpBuilder> = OnceLock::new();
@@ -27,48 +27,26 @@ pub(super) fn max_pool(
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     wrap_tract_op(&TRACT_MAX_POOL, context, node, |pool: HirMaxPool| {
-        expand(MaxPool { pool })
+        expand(Lowered(MaxPool { pool }))
     })
 }
 
-/// `MaxPool` as tract parses it, lowered to [`U8MaxPool`] when the typed model is built
-/// and its input is a u8 tensor of known shape.
+/// `MaxPool` as tract parses it, lowered to [`U8MaxPool`] when its input is a u8 tensor
+/// of known shape.
 #[derive(Debug, Clone)]
 struct MaxPool {
     pool: HirMaxPool,
 }
 
-impl Expansion for MaxPool {
-    fn name(&self) -> StaticName {
-        "MaxPool".into()
+impl Lowering for MaxPool {
+    const NAME: &'static str = "MaxPool";
+
+    fn tract(&self) -> &dyn Expansion {
+        &self.pool
     }
 
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        solver: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        self.pool.rules(solver, inputs, outputs)
-    }
-
-    fn nboutputs(&self) -> TractResult<usize> {
-        self.pool.nboutputs()
-    }
-
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
-        match self.u8_pool(model, inputs) {
-            Ok(op) => model.wire_node(prefix, op, &[inputs[0]]),
-            Err(reason) => {
-                tracing::debug!(node = prefix, %reason, "MaxPool runs on tract's kernel");
-                self.pool.wire(prefix, model, inputs)
-            }
-        }
+    fn lower(&self, model: &TypedModel, inputs: &[OutletId]) -> Result<Box<dyn TypedOp>, String> {
+        Ok(Box::new(self.u8_pool(model, inputs)?))
     }
 }
 
@@ -79,14 +57,7 @@ impl MaxPool {
         if spec.data_format != DataFormat::NCHW {
             return Err(format!("the layout is {:?}, not NCHW", spec.data_format));
         }
-        let input = model.outlet_fact(inputs[0]).map_err(|e| format!("{e:#}"))?;
-        if input.datum_type != DatumType::U8 {
-            return Err(format!("the input is {:?}, not u8", input.datum_type));
-        }
-        let shape = input
-            .shape
-            .as_concrete()
-            .ok_or("the input shape is not fixed")?;
+        let shape = u8_shape(model, inputs[0])?;
         let [_, channels, in_height, in_width] = shape[..] else {
             return Err(format!("the input has shape {shape:?}, not NCHW"));
         };

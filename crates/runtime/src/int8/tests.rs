@@ -3,10 +3,10 @@ use tract_onnx::pb::{
     ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType, type_proto,
 };
 use tract_onnx::prelude::{
-    DatumExt, Framework, InferenceModelExt, IntoRunnable, TValue, Tensor, tvec,
+    Datum, DatumExt, Framework, InferenceModelExt, IntoRunnable, TValue, Tensor, tvec,
 };
 
-use super::kernels::{reference, requantize as rescale};
+use super::kernels::{interleave_rows, reference, requantize as rescale};
 use super::*;
 
 /// Small deterministic generator, so failures reproduce.
@@ -282,6 +282,18 @@ fn kernels_match_reference() {
 }
 
 #[test]
+fn interleave_rows_transposes_four_rows() {
+    let rows: [[u8; 16]; 4] = std::array::from_fn(|j| std::array::from_fn(|p| (16 * j + p) as u8));
+    let mut block = [0u8; 64];
+    interleave_rows([&rows[0], &rows[1], &rows[2], &rows[3]], &mut block);
+    for pixel in 0..16 {
+        for (j, row) in rows.iter().enumerate() {
+            assert_eq!(block[4 * pixel + j], row[pixel], "pixel {pixel}, row {j}");
+        }
+    }
+}
+
+#[test]
 fn rescale_rounds_before_zero_point() {
     // 46.500008 + 104 rounds to 150.5 in f32, which would round down to 150.
     assert_eq!(rescale(46.500_008, 1.0, 104), 151);
@@ -462,16 +474,16 @@ fn qlinear_conv_model(case: &Case, numbers: &mut Numbers, weight_zero_point: i8)
 
 /// Loads `model` with `framework`, runs it on `input` and returns the output and the
 /// names of the operators in the optimised plan.
-fn run_model(
+fn run_model<T: Datum + Copy, I: Datum + Copy>(
     framework: &tract_onnx::Onnx,
     model: &ModelProto,
     shape: &[usize],
-    input: &[u8],
-) -> (Vec<u8>, Vec<String>) {
+    input: &[I],
+) -> (Vec<T>, Vec<String>) {
     let typed = framework
         .model_for_proto_model(model)
         .expect("model loads")
-        .with_input_fact(0, u8::fact(shape).into())
+        .with_input_fact(0, I::fact(shape).into())
         .expect("input fact")
         .into_optimized()
         .expect("model optimises");
@@ -486,8 +498,8 @@ fn run_model(
     let values = output[0]
         .try_as_plain_ram()
         .expect("plain output")
-        .as_slice::<u8>()
-        .expect("u8 output")
+        .as_slice::<T>()
+        .expect("output of the expected type")
         .to_vec();
     (values, operators)
 }
@@ -501,8 +513,8 @@ fn onnx_qlinear_conv_matches_tract() {
         let model = qlinear_conv_model(case, &mut numbers, 0);
         let shape = [2, case.in_channels, case.size[0], case.size[1]];
         let input = numbers.u8s(shape.iter().product());
-        let (found, operators) = run_model(&ours, &model, &shape, &input);
-        let (expected, _) = run_model(&tract, &model, &shape, &input);
+        let (found, operators) = run_model::<u8, _>(&ours, &model, &shape, &input);
+        let (expected, _) = run_model::<u8, _>(&tract, &model, &shape, &input);
         assert!(
             operators.iter().any(|name| name == "IntegerConv"),
             "{}: plan has {operators:?}",
@@ -525,8 +537,8 @@ fn weight_zero_point_keeps_tract_kernel() {
     let model = qlinear_conv_model(case, &mut numbers, 3);
     let shape = [1, case.in_channels, case.size[0], case.size[1]];
     let input = numbers.u8s(shape.iter().product());
-    let (found, operators) = run_model(&onnx(), &model, &shape, &input);
-    let (expected, _) = run_model(&tract_onnx::onnx(), &model, &shape, &input);
+    let (found, operators) = run_model::<u8, _>(&onnx(), &model, &shape, &input);
+    let (expected, _) = run_model::<u8, _>(&tract_onnx::onnx(), &model, &shape, &input);
     assert!(!operators.iter().any(|name| name == "IntegerConv"));
     assert_eq!(found, expected);
 }
@@ -614,8 +626,8 @@ fn u8_max_pool_matches_tract() {
         );
         let shape = [2, 3, case.size[0], case.size[1]];
         let input = numbers.u8s(shape.iter().product());
-        let (found, operators) = run_model(&onnx(), &model, &shape, &input);
-        let (expected, _) = run_model(&tract_onnx::onnx(), &model, &shape, &input);
+        let (found, operators) = run_model::<u8, _>(&onnx(), &model, &shape, &input);
+        let (expected, _) = run_model::<u8, _>(&tract_onnx::onnx(), &model, &shape, &input);
         assert!(
             operators.iter().any(|op| op == "U8MaxPool"),
             "{name}: plan has {operators:?}"
@@ -629,7 +641,7 @@ fn padding_as_wide_as_window_keeps_tract_kernel() {
     let model = max_pool_model(DataType::Uint8, [2, 2], [2, 2], [0, 0, 3, 3], false);
     let shape = [1, 1, 3, 3];
     let input: Vec<u8> = (1..=9).collect();
-    let (_, operators) = run_model(&onnx(), &model, &shape, &input);
+    let (_, operators) = run_model::<u8, _>(&onnx(), &model, &shape, &input);
     assert!(
         !operators.iter().any(|op| op == "U8MaxPool"),
         "{operators:?}"
@@ -647,4 +659,174 @@ fn float_max_pool_keeps_tract_kernel() {
         .into_optimized()
         .expect("model optimises");
     assert!(typed.nodes().iter().all(|n| n.op.name() != "U8MaxPool"));
+}
+
+/// Builds an ONNX model of one `MatMulInteger` reading `x` (u8, `rows` x `depth`) with
+/// random i8 weights of `columns` columns and the given zero points, if any.
+fn matmul_integer_model(
+    numbers: &mut Numbers,
+    [depth, columns]: [usize; 2],
+    input_zero_point: Option<u8>,
+    weight_zero_point: Option<i8>,
+) -> ModelProto {
+    let weights = numbers.i8s(depth * columns);
+    let mut initializer = vec![tensor(
+        "w",
+        DataType::Int8,
+        &[depth, columns],
+        weights.iter().map(|&w| w as u8).collect(),
+    )];
+    let mut inputs = vec![
+        "x".to_string(),
+        "w".to_string(),
+        String::new(),
+        String::new(),
+    ];
+    if let Some(zero_point) = input_zero_point {
+        initializer.push(tensor(
+            "x_zero_point",
+            DataType::Uint8,
+            &[],
+            vec![zero_point],
+        ));
+        inputs[2] = "x_zero_point".into();
+    }
+    if let Some(zero_point) = weight_zero_point {
+        initializer.push(tensor(
+            "w_zero_point",
+            DataType::Int8,
+            &[],
+            vec![zero_point as u8],
+        ));
+        inputs[3] = "w_zero_point".into();
+    }
+    while inputs.last().is_some_and(String::is_empty) {
+        inputs.pop();
+    }
+    let node = NodeProto {
+        op_type: "MatMulInteger".into(),
+        name: "matmul".into(),
+        input: inputs,
+        output: vec!["y".into()],
+        ..NodeProto::default()
+    };
+    single_node_model(node, initializer, DataType::Uint8)
+}
+
+#[test]
+fn onnx_matmul_integer_matches_tract() {
+    let mut numbers = Numbers(0xbeef);
+    // rows, depth, columns, input zero point, weight zero point
+    let cases = [
+        (1, 1280, 1000, Some(131u8), Some(0i8)),
+        (1, 64, 10, None, None),
+        (3, 17, 5, Some(255), None),
+        (2, 9, 4, None, Some(0)),
+        (4, 33, 7, Some(0), Some(0)),
+        (2, 1, 1, Some(7), None),
+    ];
+    for (rows, depth, columns, input_zero_point, weight_zero_point) in cases {
+        let case = format!(
+            "{rows}x{depth}x{columns}, zero points {input_zero_point:?} {weight_zero_point:?}"
+        );
+        let model = matmul_integer_model(
+            &mut numbers,
+            [depth, columns],
+            input_zero_point,
+            weight_zero_point,
+        );
+        let shape = [rows, depth];
+        let input = numbers.u8s(rows * depth);
+        let (found, operators) = run_model::<i32, _>(&onnx(), &model, &shape, &input);
+        let (expected, _) = run_model::<i32, _>(&tract_onnx::onnx(), &model, &shape, &input);
+        assert!(
+            operators.iter().any(|name| name == "IntegerMatMul"),
+            "{case}: plan has {operators:?}"
+        );
+        assert_eq!(found, expected, "{case}");
+    }
+}
+
+#[test]
+fn matmul_weight_zero_point_keeps_tract_kernel() {
+    let mut numbers = Numbers(5);
+    let model = matmul_integer_model(&mut numbers, [12, 3], Some(9), Some(2));
+    let input = numbers.u8s(2 * 12);
+    let (found, operators) = run_model::<i32, _>(&onnx(), &model, &[2, 12], &input);
+    let (expected, _) = run_model::<i32, _>(&tract_onnx::onnx(), &model, &[2, 12], &input);
+    assert!(
+        !operators.iter().any(|name| name == "IntegerMatMul"),
+        "plan has {operators:?}"
+    );
+    assert_eq!(found, expected);
+}
+
+/// Builds an ONNX model of one `QuantizeLinear` from `x` (f32) to u8 with `scales`
+/// (one, or one per channel of axis 1) and zero point 3.
+fn quantize_linear_model(scales: &[f32]) -> ModelProto {
+    let dims: &[usize] = if scales.len() == 1 {
+        &[]
+    } else {
+        &[scales.len()]
+    };
+    let zero_points = vec![3u8; scales.len()];
+    let initializer = vec![
+        tensor("scale", DataType::Float, dims, float_bytes(scales)),
+        tensor("zero_point", DataType::Uint8, dims, zero_points),
+    ];
+    let node = NodeProto {
+        op_type: "QuantizeLinear".into(),
+        name: "quantize".into(),
+        input: vec!["x".into(), "scale".into(), "zero_point".into()],
+        output: vec!["y".into()],
+        ..NodeProto::default()
+    };
+    single_node_model(node, initializer, DataType::Float)
+}
+
+#[test]
+fn u8_quantize_linear_follows_onnx() {
+    let scale = 0.05f32;
+    let mut numbers = Numbers(17);
+    let mut input: Vec<f32> = (0..4000)
+        .map(|_| (numbers.below(40_000) as f32 - 20_000.0) / 1000.0)
+        .collect();
+    // Exact ties between two levels, both ways, and values no level reaches.
+    input.extend([
+        2.5 * scale,
+        3.5 * scale,
+        -2.5 * scale,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e30,
+        -1e30,
+    ]);
+    let model = quantize_linear_model(&[scale]);
+    let shape = [1, input.len()];
+    let (found, operators) = run_model::<u8, _>(&onnx(), &model, &shape, &input);
+    assert!(
+        operators.iter().any(|name| name == "U8QuantizeLinear"),
+        "plan has {operators:?}"
+    );
+    for (value, found) in input.iter().zip(&found) {
+        let expected = if value.is_nan() {
+            0
+        } else {
+            ((value / scale).round_ties_even() + 3.0).clamp(0.0, 255.0) as u8
+        };
+        assert_eq!(*found, expected, "quantizing {value}");
+    }
+}
+
+#[test]
+fn per_channel_quantize_linear_keeps_tract_kernel() {
+    let model = quantize_linear_model(&[0.1, 0.2]);
+    let input = [0.5f32, -0.3, 1.0, 2.0];
+    let (found, operators) = run_model::<u8, _>(&onnx(), &model, &[1, 2, 2], &input);
+    assert!(
+        !operators.iter().any(|name| name == "U8QuantizeLinear"),
+        "plan has {operators:?}"
+    );
+    assert_eq!(found, [8, 0, 8, 13]);
 }
