@@ -7,7 +7,7 @@ use tract_onnx::prelude::{
     Framework, InferenceFact, InferenceModelExt, IntoRunnable, TValue, TypedFact, TypedOp,
     TypedSimplePlan, tvec,
 };
-use tract_onnx::tract_hir::internal::{DatumType, ShapeFact};
+use tract_onnx::tract_hir::internal::DatumType;
 
 use crate::{Backend, RuntimeError, Tensor};
 
@@ -32,7 +32,7 @@ impl TractBackend {
         let fact = InferenceFact::dt_shape(DatumType::F32, input_shape.to_vec());
         model.set_input_fact(0, fact).map_err(load_error)?;
         let optimized = model.into_optimized().map_err(load_error)?;
-        check_single_float_output(path, &optimized.output_fact(0).map_err(load_error)?.shape)?;
+        check_single_float_output(path, optimized.output_fact(0).map_err(load_error)?)?;
         let plan: Arc<TypedSimplePlan> = optimized.into_runnable().map_err(load_error)?;
         let state = plan.spawn().map_err(load_error)?;
         tracing::debug!(model = %path.display(), shape = ?input_shape, "tract model ready");
@@ -43,7 +43,17 @@ impl TractBackend {
     }
 }
 
-fn check_single_float_output(path: &Path, shape: &ShapeFact) -> Result<(), RuntimeError> {
+/// Checks that the first output is float32 with a shape known once the input is fixed.
+/// `run` reads only that output, so any other model would fail on every request.
+fn check_single_float_output(path: &Path, fact: &TypedFact) -> Result<(), RuntimeError> {
+    if fact.datum_type != DatumType::F32 {
+        return Err(RuntimeError::Unsupported(format!(
+            "{}: the first output is {:?}; models must output float32",
+            path.display(),
+            fact.datum_type
+        )));
+    }
+    let shape = &fact.shape;
     if shape.as_concrete().is_none() {
         return Err(RuntimeError::Unsupported(format!(
             "{}: output shape {shape:?} is not fully known after fixing the input shape",

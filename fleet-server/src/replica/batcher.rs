@@ -192,7 +192,7 @@ impl Worker {
         for job in &jobs {
             data.extend_from_slice(&job.data);
         }
-        let result = self.infer(samples, &data);
+        let result = guarded(|| self.infer(samples, &data));
         self.metrics.batches.inc();
         self.metrics.requests.inc_by(jobs.len() as u64);
         self.metrics.batch_size.observe(samples as f64);
@@ -258,9 +258,42 @@ impl Worker {
     }
 }
 
+/// Runs `infer`, turning a panic inside it (tract asserts on some inputs) into an
+/// error for the batch's requests. Without this the batching thread would die, and every
+/// later request would get the shutting-down error while the health routes still
+/// reported the replica ready.
+fn guarded<T>(infer: impl FnOnce() -> Result<T, RuntimeError>) -> Result<T, RuntimeError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(infer)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|text| text.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string());
+        Err(RuntimeError::Inference {
+            backend: "tract",
+            reason: format!("the model panicked: {message}"),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guarded_turns_panic_into_error() {
+        let result: Result<(), RuntimeError> = guarded(|| panic!("index out of bounds"));
+        let error = result.unwrap_err().to_string();
+        assert!(
+            error.contains("the model panicked: index out of bounds"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn guarded_passes_results_through() {
+        assert_eq!(guarded(|| Ok(7)).unwrap(), 7);
+    }
 
     #[test]
     fn buckets_are_powers_of_two_up_to_max() {

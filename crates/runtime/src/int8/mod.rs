@@ -14,8 +14,8 @@
 //!
 //! `MaxPool` on u8 tensors, as between the quantized convolutions of the int8 digit
 //! CNN, is likewise rebuilt as [`U8MaxPool`], `MatMulInteger` with constant i8
-//! weights as [`IntegerMatMulOp`], and `QuantizeLinear` to u8 with one scale as
-//! [`U8QuantizeLinear`].
+//! weights as [`IntegerMatMulOp`], and `QuantizeLinear` to u8 or i8 with one scale as
+//! [`ScalarQuantizeLinear`].
 
 // The kernels call SIMD intrinsics behind runtime CPU feature checks, and Rust exposes
 // those only as unsafe functions. Every unsafe block states the invariant it relies on.
@@ -36,11 +36,12 @@ use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::cnn::Conv as HirConv;
 
 pub use kernels::{
-    DEPTHWISE_MAX_TAPS, DepthwiseConv, GemmConv, Geometry, IntegerMatMul, Requantize, quantize_u8,
+    DEPTHWISE_MAX_TAPS, DepthwiseConv, GemmConv, Geometry, IntegerMatMul, Quantized, Requantize,
+    quantize_f32,
 };
 pub use matmul::IntegerMatMulOp;
 pub use pool::{PoolGeometry, U8MaxPool};
-pub use quantize::U8QuantizeLinear;
+pub use quantize::ScalarQuantizeLinear;
 
 /// The signature tract-onnx's operator register stores.
 type OpBuilder =
@@ -50,7 +51,7 @@ type OpBuilder =
 static TRACT_QLINEAR_CONV: OnceLock<OpBuilder> = OnceLock::new();
 
 /// Returns tract's ONNX loader with `QLinearConv`, u8 `MaxPool`, `MatMulInteger` and
-/// u8 `QuantizeLinear` executed by this module's kernels wherever they apply.
+/// `QuantizeLinear` executed by this module's kernels wherever they apply.
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     replace_builder(&mut onnx, "QLinearConv", &TRACT_QLINEAR_CONV, qlinear_conv);
@@ -136,6 +137,16 @@ trait Lowering: std::fmt::Debug + Clone + Send + Sync + 'static {
     fn validation(&self) -> Validation {
         self.tract().validation()
     }
+
+    /// Infers the node's types and shapes; tract's rules unless overridden.
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        solver: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        self.tract().rules(solver, inputs, outputs)
+    }
 }
 
 /// The expansion of a [`Lowering`] node, lowered when the typed model is built and the
@@ -162,7 +173,7 @@ impl<L: Lowering> Expansion for Lowered<L> {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        self.0.tract().rules(solver, inputs, outputs)
+        self.0.rules(solver, inputs, outputs)
     }
 
     fn wire(

@@ -761,18 +761,27 @@ fn matmul_weight_zero_point_keeps_tract_kernel() {
     assert_eq!(found, expected);
 }
 
-/// Builds an ONNX model of one `QuantizeLinear` from `x` (f32) to u8 with `scales`
-/// (one, or one per channel of axis 1) and zero point 3.
-fn quantize_linear_model(scales: &[f32]) -> ModelProto {
+/// Builds an ONNX model of one `QuantizeLinear` from `x` (f32) with `scales` (one, or
+/// one per channel of axis 1) and zero point 3 as u8, or -3 as i8 when `signed`.
+fn quantize_linear_model(scales: &[f32], signed: bool) -> ModelProto {
     let dims: &[usize] = if scales.len() == 1 {
         &[]
     } else {
         &[scales.len()]
     };
-    let zero_points = vec![3u8; scales.len()];
+    let (zero_point_type, zero_point) = if signed {
+        (DataType::Int8, -3i8 as u8)
+    } else {
+        (DataType::Uint8, 3)
+    };
     let initializer = vec![
         tensor("scale", DataType::Float, dims, float_bytes(scales)),
-        tensor("zero_point", DataType::Uint8, dims, zero_points),
+        tensor(
+            "zero_point",
+            zero_point_type,
+            dims,
+            vec![zero_point; scales.len()],
+        ),
     ];
     let node = NodeProto {
         op_type: "QuantizeLinear".into(),
@@ -784,8 +793,35 @@ fn quantize_linear_model(scales: &[f32]) -> ModelProto {
     single_node_model(node, initializer, DataType::Float)
 }
 
+/// Quantizes `input` with the one-scale model of scale `scale` through the runtime and
+/// checks every value against the ONNX formula, with NaN going to the type's minimum.
+fn check_quantize_linear<T: Datum + Copy + PartialEq + std::fmt::Debug + TryFrom<i32>>(
+    input: &[f32],
+    scale: f32,
+    signed: bool,
+) {
+    let model = quantize_linear_model(&[scale], signed);
+    let shape = [1, input.len()];
+    let (found, operators) = run_model::<T, _>(&onnx(), &model, &shape, input);
+    assert!(
+        operators.iter().any(|name| name == "ScalarQuantizeLinear"),
+        "plan has {operators:?}"
+    );
+    let (zero_point, min, max) = if signed { (-3, -128, 127) } else { (3, 0, 255) };
+    for (value, found) in input.iter().zip(&found) {
+        let level = if value.is_nan() {
+            min
+        } else {
+            ((value / scale).round_ties_even() + zero_point as f32).clamp(min as f32, max as f32)
+                as i32
+        };
+        let expected = T::try_from(level).ok().expect("level in range");
+        assert_eq!(*found, expected, "quantizing {value}");
+    }
+}
+
 #[test]
-fn u8_quantize_linear_follows_onnx() {
+fn quantize_linear_follows_onnx() {
     let scale = 0.05f32;
     let mut numbers = Numbers(17);
     let mut input: Vec<f32> = (0..4000)
@@ -801,32 +837,60 @@ fn u8_quantize_linear_follows_onnx() {
         f32::NEG_INFINITY,
         1e30,
         -1e30,
+        2.2e8,
     ]);
-    let model = quantize_linear_model(&[scale]);
-    let shape = [1, input.len()];
-    let (found, operators) = run_model::<u8, _>(&onnx(), &model, &shape, &input);
-    assert!(
-        operators.iter().any(|name| name == "U8QuantizeLinear"),
-        "plan has {operators:?}"
-    );
-    for (value, found) in input.iter().zip(&found) {
-        let expected = if value.is_nan() {
-            0
-        } else {
-            ((value / scale).round_ties_even() + 3.0).clamp(0.0, 255.0) as u8
-        };
-        assert_eq!(*found, expected, "quantizing {value}");
-    }
+    check_quantize_linear::<u8>(&input, scale, false);
+    check_quantize_linear::<i8>(&input, scale, true);
 }
 
 #[test]
 fn per_channel_quantize_linear_keeps_tract_kernel() {
-    let model = quantize_linear_model(&[0.1, 0.2]);
+    let model = quantize_linear_model(&[0.1, 0.2], false);
     let input = [0.5f32, -0.3, 1.0, 2.0];
     let (found, operators) = run_model::<u8, _>(&onnx(), &model, &[1, 2, 2], &input);
     assert!(
-        !operators.iter().any(|name| name == "U8QuantizeLinear"),
+        !operators.iter().any(|name| name == "ScalarQuantizeLinear"),
         "plan has {operators:?}"
     );
     assert_eq!(found, [8, 0, 8, 13]);
+}
+
+#[test]
+fn quantize_linear_output_dtype_i8() {
+    // Opset 21 names the output type in an attribute when there is no zero point.
+    let mut model = quantize_linear_model(&[0.1], false);
+    let graph = model.graph.as_mut().expect("graph");
+    graph
+        .initializer
+        .retain(|tensor| tensor.name != "zero_point");
+    let node = &mut graph.node[0];
+    node.input.truncate(2);
+    node.attribute.push(AttributeProto {
+        name: "output_dtype".into(),
+        r#type: AttributeType::Int as i32,
+        i: DataType::Int8 as i64,
+        ..AttributeProto::default()
+    });
+    model.opset_import[0].version = 21;
+    let input = [-1.0f32, 1.0, 20.0];
+    let (found, operators) = run_model::<i8, _>(&onnx(), &model, &[1, 3], &input);
+    assert!(
+        operators.iter().any(|name| name == "ScalarQuantizeLinear"),
+        "plan has {operators:?}"
+    );
+    assert_eq!(found, [-10, 10, 127]);
+}
+
+#[test]
+fn backend_rejects_integer_output_at_load() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let path = dir.path().join("quantize.onnx");
+    let model = quantize_linear_model(&[0.1], false);
+    std::fs::write(&path, prost::Message::encode_to_vec(&model)).expect("model written");
+    let Err(error) = crate::TractBackend::load_onnx(&path, &[1, 4]) else {
+        panic!("a model with a u8 output loaded");
+    };
+    let error = error.to_string();
+    assert!(error.contains("models must output float32"), "{error}");
+    assert!(error.contains("quantize.onnx"), "{error}");
 }
