@@ -483,8 +483,15 @@ thread_local! {
     /// Scratch for packed input panels and the im2col matrix, reused across layers and
     /// runs on one thread.
     static PACKED_INPUT: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-    /// Scratch for the depthwise kernel's phase planes and sums.
-    static PADDED_PLANES: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Scratch for the depthwise kernel.
+    static DEPTHWISE_SCRATCH: RefCell<DepthwiseScratch> = const {
+        RefCell::new(DepthwiseScratch {
+            phases: Vec::new(),
+            sums: Vec::new(),
+            plane: Vec::new(),
+            levels: Vec::new(),
+        })
+    };
 }
 
 /// Multiplies one tile of [`TILE_ROWS`] weight rows by [`TILE_PANELS`] consecutive input
@@ -772,6 +779,19 @@ fn quantize_linear_generic<T: Quantized>(
     }
 }
 
+/// Buffers the depthwise kernel reuses across channels, layers and runs on one thread.
+#[derive(Default)]
+struct DepthwiseScratch {
+    /// The padded phase planes of one channel, zero point subtracted.
+    phases: Vec<f32>,
+    /// One channel's sums, with the phase planes' row length.
+    sums: Vec<f32>,
+    /// One channel's input as f32, zero point subtracted.
+    plane: Vec<f32>,
+    /// `sums` rescaled to u8.
+    levels: Vec<u8>,
+}
+
 /// A depthwise convolution (one input channel per group, one output channel per input
 /// channel) computed directly per channel.
 #[derive(Debug, Clone, PartialEq)]
@@ -890,10 +910,18 @@ impl DepthwiseConv {
 
         // Taken out of the thread-local rather than borrowed in a closure, so that this
         // loop is compiled with the caller's target features (see `GemmConv::run_with`).
-        let (mut phases, mut sums) = PADDED_PLANES.take();
+        let mut scratch = DEPTHWISE_SCRATCH.take();
+        let DepthwiseScratch {
+            phases,
+            sums,
+            plane: converted,
+            levels,
+        } = &mut scratch;
         phases.clear();
         phases.resize(stride_y * stride_x * phase_len, 0.0);
         sums.resize(run_len, 0.0);
+        levels.resize(run_len, 0);
+        converted.resize(height * width, 0.0);
         // Where each tap's run starts in the phase planes, the same for every channel.
         let mut tap_starts = Vec::with_capacity(taps);
         for ky in 0..kernel_height {
@@ -911,10 +939,23 @@ impl DepthwiseConv {
         }
         for channel in 0..geometry.in_channels {
             let plane = &input[channel * height * width..(channel + 1) * height * width];
+            if stride_x == 1 {
+                // One conversion over the whole plane vectorises even when rows are
+                // short, and each row is then a plain copy.
+                for (slot, &value) in converted.iter_mut().zip(plane) {
+                    *slot = f32::from(value) - input_zero_point;
+                }
+            }
             for (y, source_row) in plane.chunks_exact(width).enumerate() {
                 let padded_y = y + pad_top;
                 let row_start =
                     padded_y % stride_y * stride_x * phase_len + padded_y / stride_y * phase_width;
+                if stride_x == 1 {
+                    let start = row_start + pad_left;
+                    let count = width.min(phase_width - pad_left);
+                    phases[start..start + count].copy_from_slice(&converted[y * width..][..count]);
+                    continue;
+                }
                 for phase_x in 0..stride_x {
                     // Input columns x whose padded column x + pad_left is in this phase.
                     let first_x = (phase_x + stride_x - pad_left % stride_x) % stride_x;
@@ -931,21 +972,24 @@ impl DepthwiseConv {
             }
 
             let weights = &self.weights[channel * taps..(channel + 1) * taps];
-            accumulate(&phases, &tap_starts, weights, self.bias[channel], &mut sums);
+            accumulate(phases, &tap_starts, weights, self.bias[channel], sums);
 
+            // Rescaled in one pass over the whole run, which vectorises where rows of 7
+            // or 14 outputs do not, then copied row by row.
             let multiplier = self.multiplier[channel];
+            for (level, &sum) in levels.iter_mut().zip(sums.iter()) {
+                *level = requantize(sum, multiplier, output_zero_point);
+            }
             let target_plane =
                 &mut output[channel * out_height * out_width..][..out_height * out_width];
             for (target, row) in target_plane
                 .chunks_exact_mut(out_width)
-                .zip(sums.chunks_exact(phase_width))
+                .zip(levels.chunks_exact(phase_width))
             {
-                for (out, &sum) in target.iter_mut().zip(row) {
-                    *out = requantize(sum, multiplier, output_zero_point);
-                }
+                target.copy_from_slice(&row[..out_width]);
             }
         }
-        PADDED_PLANES.set((phases, sums));
+        DEPTHWISE_SCRATCH.set(scratch);
     }
 }
 

@@ -161,6 +161,17 @@ const CASES: &[Case] = &[
         group: 4,
     },
     Case {
+        name: "depthwise 3x3 stride 2x1 uneven pads",
+        in_channels: 5,
+        size: [9, 7],
+        out_channels: 5,
+        kernel: [3, 3],
+        strides: [2, 1],
+        dilations: [1, 1],
+        pads: [0, 2, 1, 0],
+        group: 5,
+    },
+    Case {
         name: "depthwise dilated",
         in_channels: 3,
         size: [9, 9],
