@@ -288,7 +288,7 @@ fn quantize_weights(
 /// for inputs whose channels average `input_means`.
 ///
 /// `weights` and `quantized` have output channels on axis 0 and the input channels of
-/// a group on axis 1, as in `Conv`; pass a matrix as `[N, K]`. `groups` splits the
+/// a group on axis 1, as in `Conv`. A matrix is passed as `[N, K]`. `groups` splits the
 /// inputs as `Conv`'s attribute does. Returns `None` when the means do not match the
 /// weights' input channels.
 fn rounding_shift(
