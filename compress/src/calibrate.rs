@@ -139,6 +139,9 @@ impl Observer {
             return;
         };
         let inner: usize = rest.iter().product();
+        if channels * inner == 0 {
+            return;
+        }
         if self.channel_sums.len() != *channels {
             self.channel_sums = vec![(0.0, 0); *channels];
         }
@@ -453,6 +456,13 @@ mod tests {
         let values = [1.0, 3.0, 10.0, 20.0, 5.0, 7.0, 30.0, f32::NAN];
         observer.observe_channels(&values, &[2, 2, 2]);
         assert_eq!(observer.channel_means(), Some(vec![4.0, 20.0]));
+    }
+
+    #[test]
+    fn empty_tensor_has_no_channel_means() {
+        let mut observer = Observer::new();
+        observer.observe_channels(&[], &[1, 0, 4]);
+        assert_eq!(observer.channel_means(), None);
     }
 
     #[test]

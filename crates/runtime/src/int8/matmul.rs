@@ -68,13 +68,13 @@ impl MatMulInteger {
         model: &TypedModel,
         inputs: &[OutletId],
     ) -> Result<IntegerMatMulOp, String> {
-        let constant = |slot: usize, parameter: &str| constant(model, inputs[slot], parameter);
+        let constant_at = |slot: usize, parameter: &str| constant(model, inputs[slot], parameter);
         let shape = u8_shape(model, inputs[0])?;
         let [_, depth] = shape[..] else {
             return Err(format!("the input has shape {shape:?}, not two axes"));
         };
 
-        let weights = constant(1, "weight")?;
+        let weights = constant_at(1, "weight")?;
         if weights.datum_type() != DatumType::I8 {
             return Err(format!("the weight is {:?}, not i8", weights.datum_type()));
         }
@@ -91,14 +91,14 @@ impl MatMulInteger {
         }
 
         if let Some(slot) = self.weight_zero_point
-            && values::<i32>(&*constant(slot, "weight zero point")?)?
+            && values::<i32>(&*constant_at(slot, "weight zero point")?)?
                 .iter()
                 .any(|&zero_point| zero_point != 0)
         {
             return Err("a weight zero point is not 0".into());
         }
         let input_zero_point = match self.input_zero_point {
-            Some(slot) => scalar_u8(&*constant(slot, "input zero point")?)?,
+            Some(slot) => scalar_u8(&*constant_at(slot, "input zero point")?)?,
             None => 0,
         };
         let kernel = IntegerMatMul::new(depth, columns, &values::<i8>(&weights)?, input_zero_point)

@@ -263,7 +263,7 @@ impl QLinearConv {
         if conv.data_format != DataFormat::NCHW || conv.kernel_fmt != KernelFormat::OIHW {
             return Err("the layout is not NCHW with OIHW weights".into());
         }
-        let constant = |slot: Option<usize>, parameter: &str| -> Result<Arc<Tensor>, String> {
+        let constant_at = |slot: Option<usize>, parameter: &str| -> Result<Arc<Tensor>, String> {
             let slot = slot.ok_or_else(|| format!("the {parameter} is missing"))?;
             constant(model, inputs[slot], parameter)
         };
@@ -273,7 +273,7 @@ impl QLinearConv {
             return Err(format!("the input has shape {shape:?}, not NCHW"));
         };
 
-        let kernel = constant(Some(conv.k_input.unwrap_or(1)), "weight")?;
+        let kernel = constant_at(Some(conv.k_input.unwrap_or(1)), "weight")?;
         if kernel.datum_type() != DatumType::I8 {
             return Err(format!("the weight is {:?}, not i8", kernel.datum_type()));
         }
@@ -294,19 +294,20 @@ impl QLinearConv {
         if channels_per_group * group != in_channels || out_channels % group != 0 {
             return Err("the weight does not match the input channels and group".into());
         }
-        if values::<i32>(&*constant(conv.k_zero_point_input, "weight zero point")?)?
+        if values::<i32>(&*constant_at(conv.k_zero_point_input, "weight zero point")?)?
             .iter()
             .any(|&zero_point| zero_point != 0)
         {
             return Err("a weight zero point is not 0".into());
         }
 
-        let input_zero_point = scalar_u8(&*constant(conv.x_zero_point_input, "input zero point")?)?;
+        let input_zero_point =
+            scalar_u8(&*constant_at(conv.x_zero_point_input, "input zero point")?)?;
         let output_zero_point =
-            scalar_u8(&*constant(conv.y_zero_point_input, "output zero point")?)?;
-        let input_scale = scalar_f32(&*constant(conv.x_scale_input, "input scale")?)?;
-        let output_scale = scalar_f32(&*constant(conv.y_scale_input, "output scale")?)?;
-        let weight_scales = values::<f32>(&*constant(conv.k_scale_input, "weight scale")?)?;
+            scalar_u8(&*constant_at(conv.y_zero_point_input, "output zero point")?)?;
+        let input_scale = scalar_f32(&*constant_at(conv.x_scale_input, "input scale")?)?;
+        let output_scale = scalar_f32(&*constant_at(conv.y_scale_input, "output scale")?)?;
+        let weight_scales = values::<f32>(&*constant_at(conv.k_scale_input, "weight scale")?)?;
         let weight_scale = |channel: usize| match weight_scales.len() {
             1 => Ok(weight_scales[0]),
             n if n == out_channels => Ok(weight_scales[channel]),
@@ -325,7 +326,7 @@ impl QLinearConv {
             })
             .collect::<Result<Vec<f32>, String>>()?;
         let bias = match conv.bias_input {
-            Some(slot) => values::<i32>(&*constant(Some(slot), "bias")?)?,
+            Some(slot) => values::<i32>(&*constant_at(Some(slot), "bias")?)?,
             None => vec![0; out_channels],
         };
         if bias.len() != out_channels {

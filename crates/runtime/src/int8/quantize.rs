@@ -87,17 +87,17 @@ impl QuantizeLinear {
         model: &TypedModel,
         inputs: &[OutletId],
     ) -> Result<ScalarQuantizeLinear, String> {
-        let constant = |slot: usize, parameter: &str| constant(model, inputs[slot], parameter);
+        let constant_at = |slot: usize, parameter: &str| constant(model, inputs[slot], parameter);
         let input = model.outlet_fact(inputs[0]).map_err(|e| format!("{e:#}"))?;
         if input.datum_type != DatumType::F32 {
             return Err(format!("the input is {:?}, not f32", input.datum_type));
         }
-        let scale = scalar_f32(&*constant(1, "scale")?)?;
+        let scale = scalar_f32(&*constant_at(1, "scale")?)?;
 
         // The zero point's type is the output's; without one, opset 21's `output_dtype`
         // names it, and u8 is the default.
         let (output, zero_point) = if self.has_zero_point {
-            let zero_point = constant(2, "zero point")?;
+            let zero_point = constant_at(2, "zero point")?;
             if zero_point.len() != 1 {
                 return Err(format!(
                     "the zero point has shape {:?}, not one value",
