@@ -14,11 +14,13 @@
 //!
 //! `MaxPool` on u8 tensors, as between the quantized convolutions of the int8 digit
 //! CNN, is likewise rebuilt as [`U8MaxPool`], `MatMulInteger` with constant i8
-//! weights as [`IntegerMatMulOp`], and `QuantizeLinear` to u8 or i8 with one scale as
-//! [`ScalarQuantizeLinear`].
+//! weights as [`IntegerMatMulOp`], `QuantizeLinear` to u8 or i8 with one scale as
+//! [`ScalarQuantizeLinear`], and `DequantizeLinear` from u8 or i8 with one scale as
+//! [`ScalarDequantizeLinear`].
 
 // The kernels call SIMD intrinsics behind runtime CPU feature checks, and Rust exposes
 // those only as unsafe functions. Every unsafe block states the invariant it relies on.
+mod dequantize;
 #[allow(unsafe_code)]
 mod kernels;
 mod matmul;
@@ -35,6 +37,7 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::cnn::Conv as HirConv;
 
+pub use dequantize::ScalarDequantizeLinear;
 pub use kernels::{
     DEPTHWISE_MAX_TAPS, DepthwiseConv, GemmConv, Geometry, IntegerMatMul, Quantized, Requantize,
     quantize_f32,
@@ -50,8 +53,9 @@ type OpBuilder =
 /// tract's own `QLinearConv` builder, which parses the node's attributes for us.
 static TRACT_QLINEAR_CONV: OnceLock<OpBuilder> = OnceLock::new();
 
-/// Returns tract's ONNX loader with `QLinearConv`, u8 `MaxPool`, `MatMulInteger` and
-/// `QuantizeLinear` executed by this module's kernels wherever they apply.
+/// Returns tract's ONNX loader with `QLinearConv`, u8 `MaxPool`, `MatMulInteger`,
+/// `QuantizeLinear` and `DequantizeLinear` executed by this module's kernels wherever
+/// they apply.
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     replace_builder(&mut onnx, "QLinearConv", &TRACT_QLINEAR_CONV, qlinear_conv);
@@ -67,6 +71,12 @@ pub fn onnx() -> tract_onnx::Onnx {
         "QuantizeLinear",
         &quantize::TRACT_QUANTIZE_LINEAR,
         quantize::quantize_linear,
+    );
+    replace_builder(
+        &mut onnx,
+        "DequantizeLinear",
+        &dequantize::TRACT_DEQUANTIZE_LINEAR,
+        dequantize::dequantize_linear,
     );
     onnx
 }

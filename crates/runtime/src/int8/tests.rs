@@ -172,6 +172,28 @@ const CASES: &[Case] = &[
         group: 5,
     },
     Case {
+        name: "depthwise 5x5, channels past a block of 16",
+        in_channels: 21,
+        size: [7, 7],
+        out_channels: 21,
+        kernel: [5, 5],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pads: [2, 2, 2, 2],
+        group: 21,
+    },
+    Case {
+        name: "depthwise 3x3 stride 2, two blocks",
+        in_channels: 32,
+        size: [14, 13],
+        out_channels: 32,
+        kernel: [3, 3],
+        strides: [2, 2],
+        dilations: [1, 1],
+        pads: [0, 0, 1, 1],
+        group: 32,
+    },
+    Case {
         name: "depthwise dilated",
         in_channels: 3,
         size: [9, 9],
@@ -273,7 +295,16 @@ fn kernels_match_reference() {
         if case.group > 1 && case.group == case.in_channels {
             let kernel = DepthwiseConv::new(geometry.clone(), &weights, requantize, zero_point)
                 .expect("depthwise kernel");
-            kernel.run(&input, &mut found);
+            kernel.run_planes(&input, &mut found);
+            // Both forms compute exact integer sums, so they must agree byte for byte.
+            let mut blocked = vec![0; geometry.output_len()];
+            if kernel.run_blocked(&input, &mut blocked) {
+                assert_eq!(
+                    blocked, found,
+                    "{}: blocked and plane forms differ",
+                    case.name
+                );
+            }
         } else {
             let kernel =
                 GemmConv::new(geometry.clone(), &weights, requantize, zero_point).expect("gemm");
@@ -775,6 +806,13 @@ fn matmul_weight_zero_point_keeps_tract_kernel() {
 /// Builds an ONNX model of one `QuantizeLinear` from `x` (f32) with `scales` (one, or
 /// one per channel of axis 1) and zero point 3 as u8, or -3 as i8 when `signed`.
 fn quantize_linear_model(scales: &[f32], signed: bool) -> ModelProto {
+    linear_quantization_model("QuantizeLinear", scales, signed)
+}
+
+/// Builds an ONNX model of one `op_type` (`QuantizeLinear` or `DequantizeLinear`) on
+/// `x` with `scales` (one, or one per channel of axis 1) and zero point 3 as u8, or -3
+/// as i8 when `signed`.
+fn linear_quantization_model(op_type: &str, scales: &[f32], signed: bool) -> ModelProto {
     let dims: &[usize] = if scales.len() == 1 {
         &[]
     } else {
@@ -795,13 +833,62 @@ fn quantize_linear_model(scales: &[f32], signed: bool) -> ModelProto {
         ),
     ];
     let node = NodeProto {
-        op_type: "QuantizeLinear".into(),
-        name: "quantize".into(),
+        op_type: op_type.into(),
+        name: op_type.to_lowercase(),
         input: vec!["x".into(), "scale".into(), "zero_point".into()],
         output: vec!["y".into()],
         ..NodeProto::default()
     };
-    single_node_model(node, initializer, DataType::Float)
+    let input_type = if op_type == "QuantizeLinear" {
+        DataType::Float
+    } else {
+        zero_point_type
+    };
+    single_node_model(node, initializer, input_type)
+}
+
+/// Dequantizes `input` with the one-scale model of scale `scale` through the runtime,
+/// checks that its own operator ran and matched tract's, and returns the output.
+fn dequantize_with_runtime<I: Datum + Copy>(input: &[I], scale: f32, signed: bool) -> Vec<f32> {
+    let model = linear_quantization_model("DequantizeLinear", &[scale], signed);
+    let shape = [2, input.len() / 2];
+    let (found, operators) = run_model::<f32, _>(&onnx(), &model, &shape, input);
+    let (expected, _) = run_model::<f32, _>(&tract_onnx::onnx(), &model, &shape, input);
+    assert!(
+        operators
+            .iter()
+            .any(|name| name == "ScalarDequantizeLinear"),
+        "plan has {operators:?}"
+    );
+    assert_eq!(found, expected);
+    found
+}
+
+#[test]
+fn dequantize_linear_matches_tract() {
+    let scale = 0.0371f32;
+    let unsigned: Vec<u8> = (0..=255).cycle().take(1000).collect();
+    let found = dequantize_with_runtime(&unsigned, scale, false);
+    assert_eq!(found[3], 0.0, "the zero point is 3");
+    assert_eq!(found[255], 252.0 * scale);
+
+    let signed: Vec<i8> = (-128..=127).collect();
+    let found = dequantize_with_runtime(&signed, scale, true);
+    assert_eq!(found[0], -125.0 * scale, "-128 less the zero point -3");
+}
+
+#[test]
+fn per_channel_dequantize_linear_keeps_tract_kernel() {
+    let model = linear_quantization_model("DequantizeLinear", &[0.5, 0.25], false);
+    let input = [5u8, 3, 7, 1];
+    let (found, operators) = run_model::<f32, _>(&onnx(), &model, &[1, 2, 2], &input);
+    assert!(
+        !operators
+            .iter()
+            .any(|name| name == "ScalarDequantizeLinear"),
+        "plan has {operators:?}"
+    );
+    assert_eq!(found, [1.0, 0.0, 1.0, -0.5]);
 }
 
 /// Quantizes `input` with the one-scale model of scale `scale` through the runtime and
