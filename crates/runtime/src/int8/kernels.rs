@@ -809,6 +809,7 @@ struct DepthwiseScratch {
     /// `sums` rescaled to u8.
     levels: Vec<u8>,
     /// One block of channels in the blocked form: `[padded row][padded column][lane]`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     blocks: Vec<f32>,
 }
 

@@ -327,8 +327,10 @@ impl QLinearConv {
         };
         let multiplier = (0..out_channels)
             .map(|channel| {
+                // A weight scale of 0 makes every output of its channel the zero point,
+                // as ONNX's formula gives; tract's kernel computed other values.
                 let multiplier = input_scale * weight_scale(channel)? / output_scale;
-                if multiplier.is_finite() && multiplier > 0.0 {
+                if multiplier.is_finite() && multiplier >= 0.0 {
                     Ok(multiplier)
                 } else {
                     Err(format!("the rescale of channel {channel} is {multiplier}"))

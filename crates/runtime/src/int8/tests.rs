@@ -573,6 +573,40 @@ fn onnx_qlinear_conv_matches_tract() {
 }
 
 #[test]
+fn zero_weight_scales_give_zero_point() {
+    let mut numbers = Numbers(41);
+    for case in [&CASES[0], &CASES[7]] {
+        let mut model = qlinear_conv_model(case, &mut numbers, 0);
+        let graph = model.graph.as_mut().expect("graph");
+        let scales = graph
+            .initializer
+            .iter_mut()
+            .find(|tensor| tensor.name == "w_scale")
+            .expect("weight scales");
+        scales.raw_data = float_bytes(&vec![0.0; case.out_channels]);
+        let zero_point = graph
+            .initializer
+            .iter()
+            .find(|tensor| tensor.name == "y_zero_point")
+            .expect("output zero point")
+            .raw_data[0];
+        let shape = [1, case.in_channels, case.size[0], case.size[1]];
+        let input = numbers.u8s(shape.iter().product());
+        let (found, operators) = run_model::<u8, _>(&onnx(), &model, &shape, &input);
+        assert!(
+            operators.iter().any(|name| name == "IntegerConv"),
+            "{}: plan has {operators:?}",
+            case.name
+        );
+        assert!(
+            found.iter().all(|&level| level == zero_point),
+            "{}: outputs {found:?}, expected all {zero_point}",
+            case.name
+        );
+    }
+}
+
+#[test]
 fn weight_zero_point_keeps_tract_kernel() {
     let mut numbers = Numbers(99);
     let case = &CASES[1];
