@@ -244,7 +244,7 @@ impl GemmConv {
         let geometry = &self.geometry;
         let pixels = geometry.out_pixels();
         let pixel_tiles = pixels.div_ceil(TILE_PIXELS);
-        // The last tile may hold fewer panels: a 14 x 14 plane is 13 panels, not 16.
+        // The last tile may contain fewer panels: a 14 x 14 plane is 13 panels, not 16.
         let panel_count = pixels.div_ceil(PANEL_PIXELS);
         let panel_len = self.steps * PANEL_STEP_BYTES;
         let group_input_len = geometry.input_len() / geometry.group;
@@ -881,8 +881,8 @@ impl BlockedForm {
         }
 
         let padded_pixel = |y: usize, x: usize| (y * padded_width + x) * BLOCK_LANES;
-        // Offsets are stored as u32 to halve the tables of wide planes;
-        // `DepthwiseConv::run_blocked` declines planes whose offsets do not fit.
+        // Offsets are stored as u32 to halve the tables of wide planes.
+        // `DepthwiseConv::run_blocked` returns `false` where they do not fit.
         let narrow = |offset: usize| u32::try_from(offset).unwrap_or(u32::MAX);
         let interior = pad_top..pad_top + geometry.in_height;
         let mut padding = Vec::new();
@@ -1400,7 +1400,7 @@ mod blocked_avx512 {
         levels
     }
 
-    /// Packs four pixels' levels into words holding the four consecutive pixels of one
+    /// Packs four pixels' levels into words containing the four consecutive pixels of one
     /// channel each, lowest byte first, as they lie in the channel plane.
     #[inline]
     #[target_feature(enable = "avx512f")]
