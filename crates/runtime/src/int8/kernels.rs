@@ -8,13 +8,14 @@
 //!   channels as rows and output pixels as columns. The input is packed into panels of
 //!   16 pixels times 4 reduction steps. That is the layout of the AVX-512 VNNI
 //!   instruction `vpdpbusd`, which sums u8 x i8 products four at a time into i32 lanes:
-//!   four times the multiply-adds of an f32 FMA per instruction. Machines without VNNI run the same
-//!   layout through a portable tile that the compiler vectorises.
+//!   four times the multiply-adds of an f32 FMA per instruction. x86-64 CPUs without
+//!   VNNI run the same layout through an AVX2 tile of exact 16-bit products; other
+//!   machines through a portable tile that the compiler vectorises.
 //! * [`DepthwiseConv`] computes each channel directly. Its products are small enough to
 //!   be exact in f32 (see [`DEPTHWISE_MAX_TAPS`]), so it runs in vectorised f32
 //!   arithmetic and still returns the integer result. With AVX-512 it puts 16
-//!   channels in the lanes of a register; elsewhere it runs over rows of output pixels
-//!   one channel at a time.
+//!   channels in the lanes of a register, with AVX2 8; elsewhere it runs over rows of
+//!   output pixels one channel at a time.
 //!
 //! Rounding is to nearest, ties to even, before the output zero point is added, as
 //! onnxruntime's `QLinearConv` does.
@@ -231,7 +232,11 @@ impl GemmConv {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, input: &[u8], output: &mut [u8]) {
-        self.run_with(input, output, tile_portable);
+        self.run_with(input, output, |weights, panels, panel_len, steps, acc| {
+            // SAFETY: `run_avx2` is only called where the CPU has AVX2, and `tile_avx2`
+            // checks the slice lengths.
+            unsafe { tile_avx2(weights, panels, panel_len, steps, acc) }
+        });
     }
 
     #[inline(always)]
@@ -513,9 +518,29 @@ thread_local! {
 #[inline(always)]
 fn tile_portable(weights: &[i8], panels: &[u8], panel_len: usize, steps: usize, acc: &mut Tile) {
     *acc = [[0; TILE_PIXELS]; TILE_ROWS];
+    // The panel count is a constant in each loop: with a bound known only at run time,
+    // the loop built for SSE2 ran 1.5 to 2.3 times slower on EfficientNet-Lite0's
+    // pointwise layers (`int8_kernels` example, AMD EPYC).
+    match panels.len() / panel_len {
+        4.. => tile_portable_panels::<4>(weights, panels, panel_len, steps, acc),
+        3 => tile_portable_panels::<3>(weights, panels, panel_len, steps, acc),
+        2 => tile_portable_panels::<2>(weights, panels, panel_len, steps, acc),
+        _ => tile_portable_panels::<1>(weights, panels, panel_len, steps, acc),
+    }
+}
+
+/// [`tile_portable`] over `PANELS` panels.
+#[inline(always)]
+fn tile_portable_panels<const PANELS: usize>(
+    weights: &[i8],
+    panels: &[u8],
+    panel_len: usize,
+    steps: usize,
+    acc: &mut Tile,
+) {
     for step in 0..steps {
         let w = &weights[step * TILE_ROWS * STEP..][..TILE_ROWS * STEP];
-        for panel in 0..(panels.len() / panel_len).min(TILE_PANELS) {
+        for panel in 0..PANELS {
             let x = &panels[panel * panel_len + step * PANEL_STEP_BYTES..][..PANEL_STEP_BYTES];
             for (row, sums) in acc.iter_mut().enumerate() {
                 let w = &w[row * STEP..][..STEP];
@@ -584,6 +609,107 @@ unsafe fn tile_vnni<const PANELS: usize>(
             unsafe {
                 let address = target.as_mut_ptr().add(panel * PANEL_PIXELS);
                 _mm512_storeu_si512(address.cast::<__m512i>(), sum);
+            }
+        }
+    }
+}
+
+/// Reduction steps whose weights [`tile_avx2`] widens to i16 at a time, on the stack.
+#[cfg(target_arch = "x86_64")]
+const AVX2_CHUNK_STEPS: usize = 64;
+
+/// [`tile_portable`] with AVX2's `vpmaddwd`, for x86-64 CPUs without VNNI.
+///
+/// Inputs and weights are widened to i16 and multiplied in pairs into i32 lanes, so
+/// every sum is exact. AVX2's u8 x i8 product `vpmaddubsw` would do twice the work per
+/// instruction, but it saturates pairs of products at 16 bits (2 x 255 x 127 does not
+/// fit), and its results would then differ from ONNX's. Each register holds 4 pixels
+/// with two partial sums each (reduction indices 0-1 and 2-3 of a step); the halves are
+/// added when the tile is stored. A pass covers 4 rows and 8 pixels: 8 accumulators,
+/// 2 input registers and one broadcast weight.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tile_avx2(weights: &[i8], panels: &[u8], panel_len: usize, steps: usize, acc: &mut Tile) {
+    use std::arch::x86_64::{
+        __m128i, __m256i, _mm_loadu_si128, _mm256_add_epi32, _mm256_cvtepi8_epi16,
+        _mm256_cvtepu8_epi16, _mm256_hadd_epi32, _mm256_madd_epi16, _mm256_permute4x64_epi64,
+        _mm256_set1_epi64x, _mm256_setzero_si256, _mm256_storeu_si256,
+    };
+    /// Pixels whose partial sums one register holds.
+    const QUARTER: usize = 4;
+    const QUARTERS: usize = PANEL_PIXELS / QUARTER;
+    assert!(weights.len() >= steps * TILE_ROWS * STEP);
+    assert!(steps * PANEL_STEP_BYTES <= panel_len);
+    let panel_count = (panels.len() / panel_len).min(TILE_PANELS);
+    assert!(panels.len() >= panel_count * panel_len);
+
+    // `[panel quarter][row]`: pixels 4q..4q+4 of the tile, two partial sums each.
+    let mut partials = [[_mm256_setzero_si256(); TILE_ROWS]; TILE_PANELS * QUARTERS];
+    // One step's weights as i16, `[row][STEP]`, fit one i64 per row.
+    let mut wide = [0i64; AVX2_CHUNK_STEPS * TILE_ROWS];
+    for chunk_start in (0..steps).step_by(AVX2_CHUNK_STEPS) {
+        let chunk = (steps - chunk_start).min(AVX2_CHUNK_STEPS);
+        // SAFETY: the asserts above bound every offset read here, and `wide` holds
+        // `AVX2_CHUNK_STEPS` steps of 4 rows.
+        unsafe {
+            for step in 0..chunk {
+                let source = weights
+                    .as_ptr()
+                    .add((chunk_start + step) * TILE_ROWS * STEP);
+                let widened = _mm256_cvtepi8_epi16(_mm_loadu_si128(source.cast::<__m128i>()));
+                _mm256_storeu_si256(
+                    wide.as_mut_ptr().add(step * TILE_ROWS).cast::<__m256i>(),
+                    widened,
+                );
+            }
+            for panel in 0..panel_count {
+                for half in 0..2 {
+                    let quarter = panel * QUARTERS + half * 2;
+                    let mut sums = [partials[quarter], partials[quarter + 1]];
+                    let base = panels.as_ptr().add(
+                        panel * panel_len
+                            + chunk_start * PANEL_STEP_BYTES
+                            + half * 2 * QUARTER * STEP,
+                    );
+                    for step in 0..chunk {
+                        // Loops rather than closures, which would not inherit AVX2.
+                        let mut x = [_mm256_setzero_si256(); 2];
+                        for (j, x) in x.iter_mut().enumerate() {
+                            let address = base.add(step * PANEL_STEP_BYTES + j * QUARTER * STEP);
+                            *x = _mm256_cvtepu8_epi16(_mm_loadu_si128(address.cast::<__m128i>()));
+                        }
+                        for row in 0..TILE_ROWS {
+                            let w = _mm256_set1_epi64x(*wide.as_ptr().add(step * TILE_ROWS + row));
+                            for (sums, &x) in sums.iter_mut().zip(&x) {
+                                sums[row] = _mm256_add_epi32(sums[row], _mm256_madd_epi16(x, w));
+                            }
+                        }
+                    }
+                    [partials[quarter], partials[quarter + 1]] = sums;
+                }
+            }
+        }
+    }
+    for panel in 0..panel_count {
+        for (row, target) in acc.iter_mut().enumerate() {
+            for pair in 0..QUARTERS / 2 {
+                let quarter = panel * QUARTERS + pair * 2;
+                // Pixels [0 1 4 5 | 2 3 6 7] of the two quarters, put in order.
+                let added = _mm256_hadd_epi32(partials[quarter][row], partials[quarter + 1][row]);
+                let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(added);
+                let start = panel * PANEL_PIXELS + pair * 2 * QUARTER;
+                // SAFETY: 8 i32 from `start`, inside the row of TILE_PIXELS.
+                unsafe {
+                    _mm256_storeu_si256(
+                        target[start..start + 2 * QUARTER]
+                            .as_mut_ptr()
+                            .cast::<__m256i>(),
+                        ordered,
+                    );
+                }
             }
         }
     }
@@ -830,11 +956,14 @@ pub struct DepthwiseConv {
 }
 
 /// Tables and lane-ordered parameters of the blocked depthwise form, laid out once when
-/// the model loads. Channels are taken [`BLOCK_LANES`] at a time. The last block is
-/// padded with channels whose weights and bias are zero and whose output is dropped.
+/// the model loads. Channels are taken `lanes` at a time, one register of f32. The last
+/// block is padded with channels whose weights and bias are zero and whose output is
+/// dropped.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct BlockedForm {
+    /// Channels per block: 16 for AVX-512, 8 for AVX2.
+    lanes: usize,
     /// `[block][tap][lane]`.
     weights: Vec<f32>,
     /// `[block][lane]`.
@@ -854,7 +983,13 @@ struct BlockedForm {
 }
 
 impl BlockedForm {
-    fn new(geometry: &Geometry, weights: &[f32], bias: &[f32], multiplier: &[f32]) -> Self {
+    fn new(
+        geometry: &Geometry,
+        weights: &[f32],
+        bias: &[f32],
+        multiplier: &[f32],
+        lanes: usize,
+    ) -> Self {
         let [kernel_height, kernel_width] = geometry.kernel;
         let [stride_y, stride_x] = geometry.strides;
         let [dilation_y, dilation_x] = geometry.dilations;
@@ -866,21 +1001,20 @@ impl BlockedForm {
             .max((out_width - 1) * stride_x + (kernel_width - 1) * dilation_x + 1);
         let taps = kernel_height * kernel_width;
 
-        let blocks = geometry.in_channels.div_ceil(BLOCK_LANES);
-        let mut lane_weights = vec![0.0; blocks * taps * BLOCK_LANES];
-        let mut lane_bias = vec![0.0; blocks * BLOCK_LANES];
-        let mut lane_multiplier = vec![0.0; blocks * BLOCK_LANES];
+        let blocks = geometry.in_channels.div_ceil(lanes);
+        let mut lane_weights = vec![0.0; blocks * taps * lanes];
+        let mut lane_bias = vec![0.0; blocks * lanes];
+        let mut lane_multiplier = vec![0.0; blocks * lanes];
         for channel in 0..geometry.in_channels {
-            let (block, lane) = (channel / BLOCK_LANES, channel % BLOCK_LANES);
+            let (block, lane) = (channel / lanes, channel % lanes);
             for tap in 0..taps {
-                lane_weights[(block * taps + tap) * BLOCK_LANES + lane] =
-                    weights[channel * taps + tap];
+                lane_weights[(block * taps + tap) * lanes + lane] = weights[channel * taps + tap];
             }
             lane_bias[channel] = bias[channel];
             lane_multiplier[channel] = multiplier[channel];
         }
 
-        let padded_pixel = |y: usize, x: usize| (y * padded_width + x) * BLOCK_LANES;
+        let padded_pixel = |y: usize, x: usize| (y * padded_width + x) * lanes;
         // Offsets are stored as u32 to halve the tables of wide planes.
         // `DepthwiseConv::run_blocked` returns `false` where they do not fit.
         let narrow = |offset: usize| u32::try_from(offset).unwrap_or(u32::MAX);
@@ -888,20 +1022,21 @@ impl BlockedForm {
         let mut padding = Vec::new();
         for y in 0..padded_height {
             if interior.contains(&y) {
-                padding.push((padded_pixel(y, 0), pad_left * BLOCK_LANES));
+                padding.push((padded_pixel(y, 0), pad_left * lanes));
                 let right = pad_left + width;
-                padding.push((padded_pixel(y, right), (padded_width - right) * BLOCK_LANES));
+                padding.push((padded_pixel(y, right), (padded_width - right) * lanes));
             } else {
-                padding.push((padded_pixel(y, 0), padded_width * BLOCK_LANES));
+                padding.push((padded_pixel(y, 0), padded_width * lanes));
             }
         }
         padding.retain(|&(_, len)| len > 0);
 
         BlockedForm {
+            lanes,
             weights: lane_weights,
             bias: lane_bias,
             multiplier: lane_multiplier,
-            padded_len: padded_height * padded_width * BLOCK_LANES,
+            padded_len: padded_height * padded_width * lanes,
             padding,
             input_offsets: (0..geometry.in_height * width)
                 .map(|q| narrow(padded_pixel(q / width + pad_top, q % width + pad_left)))
@@ -919,6 +1054,34 @@ impl BlockedForm {
                 .collect(),
         }
     }
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl BlockedForm {
+    /// Sizes `padded` for one block and zeroes its padding. The interior is not
+    /// cleared: every block overwrites all of it.
+    fn prepare(&self, padded: &mut Vec<f32>) {
+        padded.resize(self.padded_len, 0.0);
+        for &(start, len) in &self.padding {
+            padded[start..start + len].fill(0.0);
+        }
+    }
+}
+
+/// Returns input pixel `q` of the `count` channels of a block that starts at
+/// `block_input`, each plane `in_plane` bytes, as f32 by lane; lanes past `count` are 0.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn lane_values<const LANES: usize>(
+    block_input: &[u8],
+    in_plane: usize,
+    q: usize,
+    count: usize,
+) -> [f32; LANES] {
+    let mut values = [0.0f32; LANES];
+    for (lane, value) in values.iter_mut().enumerate().take(count) {
+        *value = f32::from(block_input[lane * in_plane + q]);
+    }
+    values
 }
 
 impl DepthwiseConv {
@@ -939,8 +1102,9 @@ impl DepthwiseConv {
         }
         let weights: Vec<f32> = weights.iter().map(|&w| f32::from(w)).collect();
         let bias: Vec<f32> = requantize.bias.iter().map(|&b| b as f32).collect();
-        let blocked = blocked_form_supported()
-            .then(|| BlockedForm::new(&geometry, &weights, &bias, &requantize.multiplier));
+        let blocked = blocked_lanes().map(|lanes| {
+            BlockedForm::new(&geometry, &weights, &bias, &requantize.multiplier, lanes)
+        });
         Some(DepthwiseConv {
             weights,
             bias,
@@ -964,8 +1128,9 @@ impl DepthwiseConv {
     }
 
     /// Computes one image with the channels in SIMD lanes, as [`blocked_avx512::run`]
-    /// describes. Returns `false`, writing nothing, unless the CPU has AVX-512F and
-    /// every offset fits the 32-bit offsets of its gathers, scatters and tables.
+    /// describes. Returns `false`, writing nothing, unless the CPU has AVX-512F, or AVX2
+    /// and FMA, and every offset fits the 32-bit offsets of the form's tables (and, with
+    /// AVX-512, of its gathers and scatters).
     ///
     /// On EfficientNet-Lite0 this form is faster than [`DepthwiseConv::run_planes`] on
     /// every depthwise layer, from 112 x 112 pixels of 32 channels to 7 x 7 of 1152.
@@ -978,11 +1143,24 @@ impl DepthwiseConv {
         if let Some(form) = &self.blocked {
             let fits_offsets = i32::try_from(input.len().max(output.len())).is_ok()
                 && u32::try_from(form.padded_len).is_ok();
-            if std::arch::is_x86_feature_detected!("avx512f") && fits_offsets {
+            let avx512 = form.lanes == blocked_avx512::LANES
+                && std::arch::is_x86_feature_detected!("avx512f");
+            let avx2 = form.lanes == blocked_avx2::LANES
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            if fits_offsets && (avx512 || avx2) {
                 let mut scratch = DEPTHWISE_SCRATCH.take();
-                // SAFETY: the CPU supports AVX-512F, the lengths match the geometry the
-                // form was laid out for, and the offsets fit in i32.
-                unsafe { blocked_avx512::run(self, form, input, output, &mut scratch.blocks) };
+                let padded = &mut scratch.blocks;
+                // SAFETY: the CPU supports the features of the form its lanes select, the
+                // lengths match the geometry the form was laid out for, and the offsets
+                // fit in i32.
+                unsafe {
+                    if avx512 {
+                        blocked_avx512::run(self, form, input, output, padded);
+                    } else {
+                        blocked_avx2::run(self, form, input, output, padded);
+                    }
+                }
                 DEPTHWISE_SCRATCH.set(scratch);
                 return true;
             }
@@ -1174,16 +1352,24 @@ fn subtract_zero_point(source: &[u8], stride: usize, zero_point: f32, target: &m
     }
 }
 
-/// Returns whether this CPU runs the blocked depthwise form.
-fn blocked_form_supported() -> bool {
+/// Returns the channels per block of the blocked depthwise form on this CPU, or `None`
+/// where it runs the plane form only.
+///
+/// TODO: a NEON form with 4 channels per register for aarch64 boards; until then they
+/// run the plane form, which has not been timed on ARM hardware.
+fn blocked_lanes() -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(blocked_avx512::LANES);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Some(blocked_avx2::LANES);
+        }
+    }
+    None
 }
-
-/// Channels in one block of the blocked depthwise form: one 512-bit register of f32.
-const BLOCK_LANES: usize = 16;
 
 /// The blocked depthwise form for AVX-512F.
 #[cfg(target_arch = "x86_64")]
@@ -1198,7 +1384,10 @@ mod blocked_avx512 {
         _mm512_storeu_si512, _mm512_sub_ps,
     };
 
-    use super::{BLOCK_LANES, BlockedForm, DepthwiseConv};
+    use super::{BlockedForm, DepthwiseConv, lane_values};
+
+    /// Channels in one block: one 512-bit register of f32.
+    pub(super) const LANES: usize = 16;
 
     /// Output pixels computed together: eight independent accumulator registers, so
     /// that consecutive multiply-adds do not wait for each other's results.
@@ -1232,11 +1421,7 @@ mod blocked_avx512 {
         let in_plane = geometry.in_height * geometry.in_width;
         let out_plane = geometry.out_pixels();
         let taps = form.tap_offsets.len();
-        // Zero the padding only: every block overwrites the whole interior.
-        padded.resize(form.padded_len, 0.0);
-        for &(start, len) in &form.padding {
-            padded[start..start + len].fill(0.0);
-        }
+        form.prepare(padded);
         let input_zero_point = _mm512_set1_ps(f32::from(conv.input_zero_point));
         let output_zero_point = _mm512_set1_epi32(i32::from(conv.output_zero_point));
         let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -1245,9 +1430,9 @@ mod blocked_avx512 {
         let out_planes = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(out_plane as i32));
         let byte = _mm512_set1_epi32(0xff);
 
-        for block in 0..channels.div_ceil(BLOCK_LANES) {
-            let first = block * BLOCK_LANES;
-            let count = (channels - first).min(BLOCK_LANES);
+        for block in 0..channels.div_ceil(LANES) {
+            let first = block * LANES;
+            let count = (channels - first).min(LANES);
             let mask = ((1u32 << count) - 1) as __mmask16;
             let block_input = &input[first * in_plane..];
             let padded_ptr = padded.as_mut_ptr();
@@ -1281,10 +1466,7 @@ mod blocked_avx512 {
                 q += PIXELS_PER_WORD;
             }
             for q in q..in_plane {
-                let mut values = [0.0f32; BLOCK_LANES];
-                for (lane, value) in values.iter_mut().enumerate().take(count) {
-                    *value = f32::from(block_input[lane * in_plane + q]);
-                }
+                let values = lane_values::<LANES>(block_input, in_plane, q, count);
                 // SAFETY: the offset lies in the padded block, as laid out.
                 unsafe {
                     _mm512_storeu_ps(
@@ -1294,7 +1476,7 @@ mod blocked_avx512 {
                 }
             }
 
-            let lane_range = block * BLOCK_LANES..(block + 1) * BLOCK_LANES;
+            let lane_range = block * LANES..(block + 1) * LANES;
             // SAFETY: each range is exactly one register's lanes.
             let rescale = unsafe {
                 Rescale {
@@ -1303,7 +1485,7 @@ mod blocked_avx512 {
                     zero_point: output_zero_point,
                 }
             };
-            let weights = &form.weights[block * taps * BLOCK_LANES..][..taps * BLOCK_LANES];
+            let weights = &form.weights[block * taps * LANES..][..taps * LANES];
             let block_output = output[first * out_plane..].as_mut_ptr();
             let mut p = 0;
             while p + PIXELS <= out_plane {
@@ -1329,7 +1511,7 @@ mod blocked_avx512 {
                 p += PIXELS;
             }
             for p in p..out_plane {
-                let mut levels = [0i32; BLOCK_LANES];
+                let mut levels = [0i32; LANES];
                 // SAFETY: as above, for one pixel.
                 unsafe {
                     let [level] =
@@ -1369,7 +1551,7 @@ mod blocked_avx512 {
         for (tap, &offset) in form.tap_offsets.iter().enumerate() {
             // SAFETY: the caller's contract bounds every read.
             unsafe {
-                let weight = _mm512_loadu_ps(weights.as_ptr().add(tap * BLOCK_LANES));
+                let weight = _mm512_loadu_ps(weights.as_ptr().add(tap * LANES));
                 for (sum, &window) in sums.iter_mut().zip(windows) {
                     let values = _mm512_loadu_ps(padded.as_ptr().add(window as usize + offset));
                     *sum = _mm512_fmadd_ps(weight, values, *sum);
@@ -1412,6 +1594,280 @@ mod blocked_avx512 {
                 _mm512_slli_epi32::<24>(levels[3]),
             ),
         )
+    }
+}
+
+/// The blocked depthwise form for AVX2 and FMA: [`blocked_avx512`]'s method with 8
+/// channels per register. The two modules mirror each other line for line where the
+/// intrinsics differ only in width; sharing that code would take a trait over register
+/// types whose methods each carry their own target features. AVX2 has no scatter instruction, so the output passes
+/// through an 8 x 8 byte transpose of pack and shuffle instructions; the input takes
+/// the mirror transpose of unpack instructions in place of the gathers.
+#[cfg(target_arch = "x86_64")]
+mod blocked_avx2 {
+    use std::arch::x86_64::{
+        __m128i, __m256, __m256i, _mm_loadl_epi64, _mm_srli_si128, _mm_unpackhi_epi16,
+        _mm_unpackhi_epi32, _mm_unpacklo_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32,
+        _mm256_add_epi32, _mm256_cvtepi32_ps, _mm256_cvtepu8_epi32, _mm256_cvtps_epi32,
+        _mm256_extract_epi64, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_epi32, _mm256_max_ps,
+        _mm256_min_epi32, _mm256_min_ps, _mm256_mul_ps, _mm256_packs_epi32, _mm256_packus_epi16,
+        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi8, _mm256_setzero_si256,
+        _mm256_shuffle_epi8, _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_ps,
+        _mm256_unpackhi_epi32, _mm256_unpacklo_epi32,
+    };
+
+    use super::{BlockedForm, DepthwiseConv, lane_values};
+
+    /// Channels in one block: one 256-bit register of f32.
+    pub(super) const LANES: usize = 8;
+    /// Output pixels computed together, as in the AVX-512 form; also the pixels of one
+    /// transpose.
+    const PIXELS: usize = 8;
+
+    /// Computes one image a block of 8 channels at a time.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `form` must be laid out for `conv`'s geometry
+    /// with 8 lanes, and the lengths of `input` and `output` must match it.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn run(
+        conv: &DepthwiseConv,
+        form: &BlockedForm,
+        input: &[u8],
+        output: &mut [u8],
+        padded: &mut Vec<f32>,
+    ) {
+        let geometry = &conv.geometry;
+        let channels = geometry.in_channels;
+        let in_plane = geometry.in_height * geometry.in_width;
+        let out_plane = geometry.out_pixels();
+        let taps = form.tap_offsets.len();
+        assert_eq!(form.lanes, LANES, "lanes of the blocked form");
+        assert_eq!(input.len(), channels * in_plane, "input length");
+        assert_eq!(output.len(), channels * out_plane, "output length");
+        form.prepare(padded);
+        let input_zero_point = _mm256_set1_ps(f32::from(conv.input_zero_point));
+        let rescale_zero_point = _mm256_set1_epi32(i32::from(conv.output_zero_point));
+
+        for block in 0..channels.div_ceil(LANES) {
+            let first = block * LANES;
+            let count = (channels - first).min(LANES);
+            let block_input = &input[first * in_plane..];
+            let padded_ptr = padded.as_mut_ptr();
+
+            let mut q = 0;
+            if count == LANES {
+                while q + PIXELS <= in_plane {
+                    // SAFETY: channel c's 8 bytes from `q` lie inside its plane, and every
+                    // input offset lies in the padded block, as laid out.
+                    unsafe {
+                        let rows: [__m128i; LANES] = std::array::from_fn(|c| {
+                            _mm_loadl_epi64(block_input.as_ptr().add(c * in_plane + q).cast())
+                        });
+                        for (j, bytes) in transpose_in(rows).into_iter().enumerate() {
+                            let values = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+                            _mm256_storeu_ps(
+                                padded_ptr.add(form.input_offsets[q + j] as usize),
+                                _mm256_sub_ps(values, input_zero_point),
+                            );
+                        }
+                    }
+                    q += PIXELS;
+                }
+            }
+            for q in q..in_plane {
+                let values = lane_values::<LANES>(block_input, in_plane, q, count);
+                // SAFETY: the offset lies in the padded block, as laid out.
+                unsafe {
+                    _mm256_storeu_ps(
+                        padded_ptr.add(form.input_offsets[q] as usize),
+                        _mm256_sub_ps(_mm256_loadu_ps(values.as_ptr()), input_zero_point),
+                    );
+                }
+            }
+
+            let lane_range = block * LANES..(block + 1) * LANES;
+            // SAFETY: each range is exactly one register's lanes.
+            let rescale = unsafe {
+                Rescale {
+                    bias: _mm256_loadu_ps(form.bias[lane_range.clone()].as_ptr()),
+                    multiplier: _mm256_loadu_ps(form.multiplier[lane_range].as_ptr()),
+                    zero_point: rescale_zero_point,
+                }
+            };
+            let weights = &form.weights[block * taps * LANES..][..taps * LANES];
+            let block_output = &mut output[first * out_plane..];
+            let mut p = 0;
+            while p + PIXELS <= out_plane {
+                // SAFETY: window and tap offsets stay inside the padded block, as laid
+                // out, and channel c's 8 bytes from `p` lie inside its output plane.
+                unsafe {
+                    let levels = pixels::<PIXELS>(
+                        padded,
+                        &form.window_offsets[p..],
+                        form,
+                        weights,
+                        &rescale,
+                    );
+                    if count == LANES {
+                        for (c, bytes) in transpose_out(levels).into_iter().enumerate() {
+                            block_output
+                                .as_mut_ptr()
+                                .add(c * out_plane + p)
+                                .cast::<i64>()
+                                .write_unaligned(bytes);
+                        }
+                    } else {
+                        for (j, level) in levels.into_iter().enumerate() {
+                            store_lanes(level, count, &mut block_output[p + j..], out_plane);
+                        }
+                    }
+                }
+                p += PIXELS;
+            }
+            for p in p..out_plane {
+                // SAFETY: as above, for one pixel.
+                let [level] = unsafe {
+                    pixels::<1>(padded, &form.window_offsets[p..], form, weights, &rescale)
+                };
+                store_lanes(level, count, &mut block_output[p..], out_plane);
+            }
+        }
+    }
+
+    struct Rescale {
+        bias: __m256,
+        multiplier: __m256,
+        zero_point: __m256i,
+    }
+
+    /// Writes the first `count` lanes of `levels` to `target[0]`, `target[stride]`, ...
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn store_lanes(levels: __m256i, count: usize, target: &mut [u8], stride: usize) {
+        let mut lanes = [0i32; LANES];
+        // SAFETY: `lanes` is one register wide.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), levels) };
+        for (lane, &level) in lanes.iter().enumerate().take(count) {
+            target[lane * stride] = level as u8;
+        }
+    }
+
+    /// Takes 8 consecutive pixels of 8 channels, one channel per register's low 8 bytes,
+    /// and returns the 8 pixels, each with its 8 channels in the low 8 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose_in(rows: [__m128i; LANES]) -> [__m128i; PIXELS] {
+        // Channel pairs per pixel, then channel quads per pixel pair, then all eight.
+        let pairs = [0, 2, 4, 6].map(|c| _mm_unpacklo_epi8(rows[c], rows[c + 1]));
+        let quads = [
+            _mm_unpacklo_epi16(pairs[0], pairs[1]),
+            _mm_unpackhi_epi16(pairs[0], pairs[1]),
+            _mm_unpacklo_epi16(pairs[2], pairs[3]),
+            _mm_unpackhi_epi16(pairs[2], pairs[3]),
+        ];
+        let pixel_pairs = [
+            _mm_unpacklo_epi32(quads[0], quads[2]),
+            _mm_unpackhi_epi32(quads[0], quads[2]),
+            _mm_unpacklo_epi32(quads[1], quads[3]),
+            _mm_unpackhi_epi32(quads[1], quads[3]),
+        ];
+        std::array::from_fn(|j| {
+            let pair = pixel_pairs[j / 2];
+            if j % 2 == 0 {
+                pair
+            } else {
+                _mm_srli_si128::<8>(pair)
+            }
+        })
+    }
+
+    /// Takes the levels (0 to 255, one per 32-bit lane) of 8 consecutive pixels and
+    /// returns, per channel, its 8 pixels as bytes in plane order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose_out(levels: [__m256i; PIXELS]) -> [i64; LANES] {
+        // Bytes `[pixel][channel]` of pixels 0-3 and 4-7, channels 0-3 in the low
+        // 128-bit half and 4-7 in the high one.
+        let low = _mm256_packus_epi16(
+            _mm256_packs_epi32(levels[0], levels[1]),
+            _mm256_packs_epi32(levels[2], levels[3]),
+        );
+        let high = _mm256_packus_epi16(
+            _mm256_packs_epi32(levels[4], levels[5]),
+            _mm256_packs_epi32(levels[6], levels[7]),
+        );
+        // A 4 x 4 transpose in each half: `[channel][pixel]`.
+        let order = _mm256_setr_epi8(
+            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9, 13, 2, 6,
+            10, 14, 3, 7, 11, 15,
+        );
+        let (low, high) = (
+            _mm256_shuffle_epi8(low, order),
+            _mm256_shuffle_epi8(high, order),
+        );
+        // Channels 0, 1 | 4, 5 and 2, 3 | 6, 7, each with pixels 0-3 then 4-7.
+        let even = _mm256_unpacklo_epi32(low, high);
+        let odd = _mm256_unpackhi_epi32(low, high);
+        [
+            _mm256_extract_epi64::<0>(even),
+            _mm256_extract_epi64::<1>(even),
+            _mm256_extract_epi64::<0>(odd),
+            _mm256_extract_epi64::<1>(odd),
+            _mm256_extract_epi64::<2>(even),
+            _mm256_extract_epi64::<3>(even),
+            _mm256_extract_epi64::<2>(odd),
+            _mm256_extract_epi64::<3>(odd),
+        ]
+    }
+
+    /// Computes the u8 levels, one per 32-bit lane, of `N` output pixels whose windows
+    /// start at `windows[..N]`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and every window plus tap offset must leave a
+    /// whole register inside `padded`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pixels<const N: usize>(
+        padded: &[f32],
+        windows: &[u32],
+        form: &BlockedForm,
+        weights: &[f32],
+        rescale: &Rescale,
+    ) -> [__m256i; N] {
+        let windows = &windows[..N];
+        let mut sums = [rescale.bias; N];
+        for (tap, &offset) in form.tap_offsets.iter().enumerate() {
+            // SAFETY: the caller's contract bounds every read.
+            unsafe {
+                let weight = _mm256_loadu_ps(weights.as_ptr().add(tap * LANES));
+                for (sum, &window) in sums.iter_mut().zip(windows) {
+                    let values = _mm256_loadu_ps(padded.as_ptr().add(window as usize + offset));
+                    *sum = _mm256_fmadd_ps(weight, values, *sum);
+                }
+            }
+        }
+        // The steps of `requantize`. `vcvtps2dq` rounds to nearest, ties to even, in
+        // the default rounding mode, which Rust code does not change.
+        let mut levels = [_mm256_setzero_si256(); N];
+        for (level, &sum) in levels.iter_mut().zip(&sums) {
+            let scaled = _mm256_min_ps(
+                _mm256_max_ps(
+                    _mm256_mul_ps(sum, rescale.multiplier),
+                    _mm256_set1_ps(-512.0),
+                ),
+                _mm256_set1_ps(512.0),
+            );
+            *level = _mm256_min_epi32(
+                _mm256_max_epi32(
+                    _mm256_add_epi32(_mm256_cvtps_epi32(scaled), rescale.zero_point),
+                    _mm256_setzero_si256(),
+                ),
+                _mm256_set1_epi32(255),
+            );
+        }
+        levels
     }
 }
 

@@ -62,6 +62,17 @@ const CASES: &[Case] = &[
         group: 1,
     },
     Case {
+        name: "pointwise deeper than one chunk of widened weights",
+        in_channels: 300,
+        size: [5, 7],
+        out_channels: 6,
+        kernel: [1, 1],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pads: [0; 4],
+        group: 1,
+    },
+    Case {
         name: "stem 3x3 stride 2",
         in_channels: 3,
         size: [15, 17],
