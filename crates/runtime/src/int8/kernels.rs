@@ -202,41 +202,61 @@ impl GemmConv {
                 return;
             }
         }
-        self.run_with(input, output, tile_portable);
+        self.run_with(
+            input,
+            output,
+            |weights, panels, panel_len, steps, _, acc| {
+                tile_portable(weights, panels, panel_len, steps, acc)
+            },
+        );
     }
 
     /// Computes one image with the portable tile only, whatever the CPU supports.
     pub fn run_portable(&self, input: &[u8], output: &mut [u8]) {
         assert_eq!(input.len(), self.geometry.input_len(), "input length");
         assert_eq!(output.len(), self.geometry.output_len(), "output length");
-        self.run_with(input, output, tile_portable);
+        self.run_with(
+            input,
+            output,
+            |weights, panels, panel_len, steps, _, acc| {
+                tile_portable(weights, panels, panel_len, steps, acc)
+            },
+        );
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn run_vnni(&self, input: &[u8], output: &mut [u8]) {
-        self.run_with(input, output, |weights, panels, panel_len, steps, acc| {
-            // SAFETY: `run_vnni` is only called where the CPU has these features, and
-            // `tile_vnni` checks the slice lengths.
-            unsafe {
-                match panels.len() / panel_len {
-                    4 => tile_vnni::<4>(weights, panels, panel_len, steps, acc),
-                    3 => tile_vnni::<3>(weights, panels, panel_len, steps, acc),
-                    2 => tile_vnni::<2>(weights, panels, panel_len, steps, acc),
-                    _ => tile_vnni::<1>(weights, panels, panel_len, steps, acc),
+        self.run_with(
+            input,
+            output,
+            |weights, panels, panel_len, steps, _, acc| {
+                // SAFETY: `run_vnni` is only called where the CPU has these features, and
+                // `tile_vnni` checks the slice lengths.
+                unsafe {
+                    match panels.len() / panel_len {
+                        4 => tile_vnni::<4>(weights, panels, panel_len, steps, acc),
+                        3 => tile_vnni::<3>(weights, panels, panel_len, steps, acc),
+                        2 => tile_vnni::<2>(weights, panels, panel_len, steps, acc),
+                        _ => tile_vnni::<1>(weights, panels, panel_len, steps, acc),
+                    }
                 }
-            }
-        });
+            },
+        );
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, input: &[u8], output: &mut [u8]) {
-        self.run_with(input, output, |weights, panels, panel_len, steps, acc| {
-            // SAFETY: `run_avx2` is only called where the CPU has AVX2, and `tile_avx2`
-            // checks the slice lengths.
-            unsafe { tile_avx2(weights, panels, panel_len, steps, acc) }
-        });
+        self.run_with(
+            input,
+            output,
+            |weights, panels, panel_len, steps, pixels, acc| {
+                // SAFETY: `run_avx2` is only called where the CPU has AVX2, and `tile_avx2`
+                // checks the slice lengths.
+                unsafe { tile_avx2(weights, panels, panel_len, steps, pixels, acc) }
+            },
+        );
     }
 
     #[inline(always)]
@@ -244,7 +264,7 @@ impl GemmConv {
         &self,
         input: &[u8],
         output: &mut [u8],
-        tile: impl Fn(&[i8], &[u8], usize, usize, &mut Tile),
+        tile: impl Fn(&[i8], &[u8], usize, usize, usize, &mut Tile),
     ) {
         let geometry = &self.geometry;
         let pixels = geometry.out_pixels();
@@ -274,7 +294,14 @@ impl GemmConv {
                 for row_tile in 0..row_tiles {
                     let weights =
                         &self.weights[(group * row_tiles + row_tile) * tile_len..][..tile_len];
-                    tile(weights, tile_panels, panel_len, self.steps, &mut acc);
+                    tile(
+                        weights,
+                        tile_panels,
+                        panel_len,
+                        self.steps,
+                        pixel_count,
+                        &mut acc,
+                    );
                     let first_channel = group * self.rows + row_tile * TILE_ROWS;
                     let channels = (self.rows - row_tile * TILE_ROWS).min(TILE_ROWS);
                     self.store_tile(
@@ -626,13 +653,21 @@ const AVX2_CHUNK_STEPS: usize = 64;
 /// fit), and its results would then differ from ONNX's. Each register holds 4 pixels
 /// with two partial sums each (reduction indices 0-1 and 2-3 of a step); the halves are
 /// added when the tile is stored. A pass covers 4 rows and 8 pixels: 8 accumulators,
-/// 2 input registers and one broadcast weight.
+/// 2 input registers and one broadcast weight. Passes that would hold none of the
+/// tile's first `pixels` pixels are skipped: a 7 x 7 plane's last panel has one pixel.
 ///
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn tile_avx2(weights: &[i8], panels: &[u8], panel_len: usize, steps: usize, acc: &mut Tile) {
+unsafe fn tile_avx2(
+    weights: &[i8],
+    panels: &[u8],
+    panel_len: usize,
+    steps: usize,
+    pixels: usize,
+    acc: &mut Tile,
+) {
     use std::arch::x86_64::{
         __m128i, __m256i, _mm_loadu_si128, _mm256_add_epi32, _mm256_cvtepi8_epi16,
         _mm256_cvtepu8_epi16, _mm256_hadd_epi32, _mm256_madd_epi16, _mm256_permute4x64_epi64,
@@ -646,6 +681,13 @@ unsafe fn tile_avx2(weights: &[i8], panels: &[u8], panel_len: usize, steps: usiz
     let panel_count = (panels.len() / panel_len).min(TILE_PANELS);
     assert!(panels.len() >= panel_count * panel_len);
 
+    // Passes of 8 pixels per panel that hold some of the first `pixels` pixels.
+    let halves = |panel: usize| {
+        pixels
+            .saturating_sub(panel * PANEL_PIXELS)
+            .min(PANEL_PIXELS)
+            .div_ceil(2 * QUARTER)
+    };
     // `[panel quarter][row]`: pixels 4q..4q+4 of the tile, two partial sums each.
     let mut partials = [[_mm256_setzero_si256(); TILE_ROWS]; TILE_PANELS * QUARTERS];
     // One step's weights as i16, `[row][STEP]`, fit one i64 per row.
@@ -666,7 +708,7 @@ unsafe fn tile_avx2(weights: &[i8], panels: &[u8], panel_len: usize, steps: usiz
                 );
             }
             for panel in 0..panel_count {
-                for half in 0..2 {
+                for half in 0..halves(panel) {
                     let quarter = panel * QUARTERS + half * 2;
                     let mut sums = [partials[quarter], partials[quarter + 1]];
                     let base = panels.as_ptr().add(
@@ -695,7 +737,7 @@ unsafe fn tile_avx2(weights: &[i8], panels: &[u8], panel_len: usize, steps: usiz
     }
     for panel in 0..panel_count {
         for (row, target) in acc.iter_mut().enumerate() {
-            for pair in 0..QUARTERS / 2 {
+            for pair in 0..halves(panel) {
                 let quarter = panel * QUARTERS + pair * 2;
                 // Pixels [0 1 4 5 | 2 3 6 7] of the two quarters, put in order.
                 let added = _mm256_hadd_epi32(partials[quarter][row], partials[quarter + 1][row]);
