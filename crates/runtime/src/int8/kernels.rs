@@ -9,13 +9,13 @@
 //!   16 pixels times 4 reduction steps. That is the layout of the AVX-512 VNNI
 //!   instruction `vpdpbusd`, which sums u8 x i8 products four at a time into i32 lanes:
 //!   four times the multiply-adds of an f32 FMA per instruction. x86-64 CPUs without
-//!   VNNI run the same layout through an AVX2 tile of exact 16-bit products; other
-//!   machines through a portable tile that the compiler vectorises.
+//!   VNNI run the same layout through an AVX2 tile of exact 16-bit products. Other
+//!   machines run a portable tile that the compiler vectorises.
 //! * [`DepthwiseConv`] computes each channel directly. Its products are small enough to
 //!   be exact in f32 (see [`DEPTHWISE_MAX_TAPS`]), so it runs in vectorised f32
 //!   arithmetic and still returns the integer result. With AVX-512 it puts 16
-//!   channels in the lanes of a register, with AVX2 8; elsewhere it runs over rows of
-//!   output pixels one channel at a time.
+//!   channels in the lanes of a register, and with AVX2 8. Elsewhere it runs over rows
+//!   of output pixels one channel at a time.
 //!
 //! Rounding is to nearest, ties to even, before the output zero point is added, as
 //! onnxruntime's `QLinearConv` does.
@@ -650,11 +650,12 @@ const AVX2_CHUNK_STEPS: usize = 64;
 /// Inputs and weights are widened to i16 and multiplied in pairs into i32 lanes, so
 /// every sum is exact. AVX2's u8 x i8 product `vpmaddubsw` would do twice the work per
 /// instruction, but it saturates pairs of products at 16 bits (2 x 255 x 127 does not
-/// fit), and its results would then differ from ONNX's. Each register holds 4 pixels
-/// with two partial sums each (reduction indices 0-1 and 2-3 of a step); the halves are
-/// added when the tile is stored. A pass covers 4 rows and 8 pixels: 8 accumulators,
-/// 2 input registers and one broadcast weight. Passes that would hold none of the
-/// tile's first `pixels` pixels are skipped: a 7 x 7 plane's last panel has one pixel.
+/// fit), and its results would then differ from ONNX's. Each register contains 4
+/// pixels with two partial sums each, for reduction indices 0-1 and 2-3 of a step.
+/// The two are added when the tile is stored. A pass covers 4 rows and 8 pixels: 8
+/// accumulators, 2 input registers and one broadcast weight. Passes that would contain
+/// none of the tile's first `pixels` pixels are skipped: a 7 x 7 plane's last panel has
+/// one pixel.
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -673,7 +674,7 @@ unsafe fn tile_avx2(
         _mm256_cvtepu8_epi16, _mm256_hadd_epi32, _mm256_madd_epi16, _mm256_permute4x64_epi64,
         _mm256_set1_epi64x, _mm256_setzero_si256, _mm256_storeu_si256,
     };
-    /// Pixels whose partial sums one register holds.
+    /// Pixels whose partial sums one register contains.
     const QUARTER: usize = 4;
     const QUARTERS: usize = PANEL_PIXELS / QUARTER;
     assert!(weights.len() >= steps * TILE_ROWS * STEP);
@@ -681,7 +682,7 @@ unsafe fn tile_avx2(
     let panel_count = (panels.len() / panel_len).min(TILE_PANELS);
     assert!(panels.len() >= panel_count * panel_len);
 
-    // Passes of 8 pixels per panel that hold some of the first `pixels` pixels.
+    // Passes of 8 pixels per panel that contain some of the first `pixels` pixels.
     let halves = |panel: usize| {
         pixels
             .saturating_sub(panel * PANEL_PIXELS)
@@ -694,8 +695,8 @@ unsafe fn tile_avx2(
     let mut wide = [0i64; AVX2_CHUNK_STEPS * TILE_ROWS];
     for chunk_start in (0..steps).step_by(AVX2_CHUNK_STEPS) {
         let chunk = (steps - chunk_start).min(AVX2_CHUNK_STEPS);
-        // SAFETY: the asserts above bound every offset read here, and `wide` holds
-        // `AVX2_CHUNK_STEPS` steps of 4 rows.
+        // SAFETY: the asserts above bound every offset read here, and `wide` has room
+        // for `AVX2_CHUNK_STEPS` steps of 4 rows.
         unsafe {
             for step in 0..chunk {
                 let source = weights
@@ -1111,7 +1112,7 @@ impl BlockedForm {
 }
 
 /// Returns input pixel `q` of the `count` channels of a block that starts at
-/// `block_input`, each plane `in_plane` bytes, as f32 by lane; lanes past `count` are 0.
+/// `block_input`, each plane `in_plane` bytes, as f32 by lane. Lanes past `count` are 0.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn lane_values<const LANES: usize>(
     block_input: &[u8],
@@ -1397,7 +1398,7 @@ fn subtract_zero_point(source: &[u8], stride: usize, zero_point: f32, target: &m
 /// Returns the channels per block of the blocked depthwise form on this CPU, or `None`
 /// where it runs the plane form only.
 ///
-/// TODO: a NEON form with 4 channels per register for aarch64 boards; until then they
+/// TODO: a NEON form with 4 channels per register for aarch64 boards. Until then they
 /// run the plane form, which has not been timed on ARM hardware.
 fn blocked_lanes() -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
@@ -1640,11 +1641,13 @@ mod blocked_avx512 {
 }
 
 /// The blocked depthwise form for AVX2 and FMA: [`blocked_avx512`]'s method with 8
-/// channels per register. The two modules mirror each other line for line where the
-/// intrinsics differ only in width; sharing that code would take a trait over register
-/// types whose methods each carry their own target features. AVX2 has no scatter instruction, so the output passes
-/// through an 8 x 8 byte transpose of pack and shuffle instructions; the input takes
+/// channels per register. AVX2 has no scatter instruction, so the output passes
+/// through an 8 x 8 byte transpose of pack and shuffle instructions. The input takes
 /// the mirror transpose of unpack instructions in place of the gathers.
+///
+/// The two modules mirror each other line for line where the intrinsics differ only
+/// in width. They stay apart because sharing that code would take a trait over
+/// register types whose methods each carry their own target features.
 #[cfg(target_arch = "x86_64")]
 mod blocked_avx2 {
     use std::arch::x86_64::{
@@ -1891,7 +1894,7 @@ mod blocked_avx2 {
             }
         }
         // The steps of `requantize`. `vcvtps2dq` rounds to nearest, ties to even, in
-        // the default rounding mode, which Rust code does not change.
+        // the default rounding mode, which nothing in the runtime changes.
         let mut levels = [_mm256_setzero_si256(); N];
         for (level, &sum) in levels.iter_mut().zip(&sums) {
             let scaled = _mm256_min_ps(
