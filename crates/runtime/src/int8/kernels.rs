@@ -37,8 +37,11 @@ type Tile = [[i32; TILE_PIXELS]; TILE_ROWS];
 /// Bytes of one panel for one group of [`STEP`] reduction steps.
 const PANEL_STEP_BYTES: usize = PANEL_PIXELS * STEP;
 /// Largest kernel area the f32 depthwise path accepts: every partial sum stays below
-/// 2^24, where f32 represents integers exactly (255 x 127 = 32,385 per product).
-pub const DEPTHWISE_MAX_TAPS: usize = (1 << 24) / (255 * 127);
+/// 2^24, where f32 represents integers exactly (255 x 128 = 32,640 per product).
+pub const DEPTHWISE_MAX_TAPS: usize = (1 << 24) / LARGEST_PRODUCT as usize;
+/// Largest magnitude of one u8 x i8 product after the input zero point is subtracted:
+/// |x - zero point| up to 255 times |w| up to 128.
+const LARGEST_PRODUCT: i64 = 255 * 128;
 
 /// Shape of one 2-D convolution, batch excluded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,8 +165,8 @@ impl GemmConv {
             let weight_sum: i64 = source.iter().map(|&w| i64::from(w)).sum();
             let bias =
                 i64::from(requantize.bias[channel]) - i64::from(input_zero_point) * weight_sum;
-            let largest_product = depth as i64 * 255 * 127;
-            if bias.abs() + largest_product > i64::from(i32::MAX) {
+            let largest_sum = depth as i64 * LARGEST_PRODUCT;
+            if bias.abs() + largest_sum > i64::from(i32::MAX) {
                 return None;
             }
             requantize.bias[channel] = bias as i32;
@@ -211,6 +214,20 @@ impl GemmConv {
         );
     }
 
+    /// Computes one image with the AVX2 tile, whatever else the CPU supports, so that
+    /// tests on CPUs with VNNI check it too. Returns `false`, writing nothing, where the
+    /// CPU lacks AVX2.
+    #[cfg(test)]
+    pub(super) fn run_avx2_tile(&self, input: &[u8], output: &mut [u8]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports the features the function enables.
+            unsafe { self.run_avx2(input, output) };
+            return true;
+        }
+        false
+    }
+
     /// Computes one image with the portable tile only, whatever the CPU supports.
     pub fn run_portable(&self, input: &[u8], output: &mut [u8]) {
         assert_eq!(input.len(), self.geometry.input_len(), "input length");
@@ -246,7 +263,7 @@ impl GemmConv {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2")]
     unsafe fn run_avx2(&self, input: &[u8], output: &mut [u8]) {
         self.run_with(
             input,
@@ -718,7 +735,6 @@ unsafe fn tile_avx2(
                             + half * 2 * QUARTER * STEP,
                     );
                     for step in 0..chunk {
-                        // Loops rather than closures, which would not inherit AVX2.
                         let mut x = [_mm256_setzero_si256(); 2];
                         for (j, x) in x.iter_mut().enumerate() {
                             let address = base.add(step * PANEL_STEP_BYTES + j * QUARTER * STEP);
@@ -788,8 +804,8 @@ impl IntegerMatMul {
         if weights.len() != depth * columns || depth == 0 || columns == 0 {
             return None;
         }
-        let largest_product = depth as i64 * 255 * 127;
-        if largest_product * 2 > i64::from(i32::MAX) {
+        let largest_sum = depth as i64 * LARGEST_PRODUCT;
+        if largest_sum * 2 > i64::from(i32::MAX) {
             return None;
         }
         let mut by_column = vec![0i8; weights.len()];
@@ -989,7 +1005,8 @@ pub struct DepthwiseConv {
     geometry: Geometry,
     /// `[channel][ky][kx]`, as f32.
     weights: Vec<f32>,
-    bias: Vec<f32>,
+    /// Added in i32 after the products: a bias can be far beyond f32's exact integers.
+    bias: Vec<i32>,
     multiplier: Vec<f32>,
     output_zero_point: u8,
     input_zero_point: u8,
@@ -1010,7 +1027,7 @@ struct BlockedForm {
     /// `[block][tap][lane]`.
     weights: Vec<f32>,
     /// `[block][lane]`.
-    bias: Vec<f32>,
+    bias: Vec<i32>,
     /// `[block][lane]`.
     multiplier: Vec<f32>,
     /// Floats in one block's padded input, `[padded row][padded column][lane]`.
@@ -1029,7 +1046,7 @@ impl BlockedForm {
     fn new(
         geometry: &Geometry,
         weights: &[f32],
-        bias: &[f32],
+        bias: &[i32],
         multiplier: &[f32],
         lanes: usize,
     ) -> Self {
@@ -1046,7 +1063,7 @@ impl BlockedForm {
 
         let blocks = geometry.in_channels.div_ceil(lanes);
         let mut lane_weights = vec![0.0; blocks * taps * lanes];
-        let mut lane_bias = vec![0.0; blocks * lanes];
+        let mut lane_bias = vec![0; blocks * lanes];
         let mut lane_multiplier = vec![0.0; blocks * lanes];
         for channel in 0..geometry.in_channels {
             let (block, lane) = (channel / lanes, channel % lanes);
@@ -1128,8 +1145,8 @@ fn lane_values<const LANES: usize>(
 }
 
 impl DepthwiseConv {
-    /// Returns `None` unless `geometry` is depthwise and its kernel area is at most
-    /// [`DEPTHWISE_MAX_TAPS`].
+    /// Returns `None` unless `geometry` is depthwise, its kernel area is at most
+    /// [`DEPTHWISE_MAX_TAPS`], and no bias plus products can overflow i32.
     pub fn new(
         geometry: Geometry,
         weights: &[i8],
@@ -1139,12 +1156,20 @@ impl DepthwiseConv {
         let taps = geometry.kernel[0] * geometry.kernel[1];
         let depthwise =
             geometry.group == geometry.in_channels && geometry.out_channels == geometry.in_channels;
-        if !depthwise || taps > DEPTHWISE_MAX_TAPS || weights.len() != geometry.out_channels * taps
+        let largest_sum = taps as i64 * LARGEST_PRODUCT;
+        let fits = requantize
+            .bias
+            .iter()
+            .all(|&bias| i64::from(bias).abs() + largest_sum <= i64::from(i32::MAX));
+        if !depthwise
+            || taps > DEPTHWISE_MAX_TAPS
+            || !fits
+            || weights.len() != geometry.out_channels * taps
         {
             return None;
         }
         let weights: Vec<f32> = weights.iter().map(|&w| f32::from(w)).collect();
-        let bias: Vec<f32> = requantize.bias.iter().map(|&b| b as f32).collect();
+        let bias = requantize.bias;
         let blocked = blocked_lanes().map(|lanes| {
             BlockedForm::new(&geometry, &weights, &bias, &requantize.multiplier, lanes)
         });
@@ -1161,6 +1186,20 @@ impl DepthwiseConv {
 
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
+    }
+
+    /// Returns this kernel with its blocked form laid out for `lanes` channels per block,
+    /// so that tests on CPUs with AVX-512 check the 8-lane form too.
+    #[cfg(test)]
+    pub(super) fn with_blocked_lanes(mut self, lanes: usize) -> DepthwiseConv {
+        self.blocked = Some(BlockedForm::new(
+            &self.geometry,
+            &self.weights,
+            &self.bias,
+            &self.multiplier,
+            lanes,
+        ));
+        self
     }
 
     /// Computes one image: `input` is CHW u8, `output` receives CHW u8.
@@ -1330,13 +1369,15 @@ impl DepthwiseConv {
             }
 
             let weights = &self.weights[channel * taps..(channel + 1) * taps];
-            accumulate_taps(phases, &tap_starts, weights, self.bias[channel], sums);
+            accumulate_taps(phases, &tap_starts, weights, sums);
 
             // Rescaled in one pass over the whole run, which vectorises where rows of 7
-            // or 14 outputs do not, then copied row by row.
-            let multiplier = self.multiplier[channel];
+            // or 14 outputs do not, then copied row by row. The sums of products are
+            // exact integers, and `new` bounds them plus the bias within i32.
+            let (bias, multiplier) = (self.bias[channel], self.multiplier[channel]);
             for (level, &sum) in levels.iter_mut().zip(sums.iter()) {
-                *level = requantize(sum, multiplier, output_zero_point);
+                let total = (sum as i32).wrapping_add(bias);
+                *level = requantize(total as f32, multiplier, output_zero_point);
             }
             let target_plane =
                 &mut output[channel * out_height * out_width..][..out_height * out_width];
@@ -1351,11 +1392,11 @@ impl DepthwiseConv {
     }
 }
 
-/// Sets `sums[i] = bias + sum over taps t of weights[t] * phases[starts[t] + i]`.
+/// Sets `sums[i]` to the sum over taps t of `weights[t] * phases[starts[t] + i]`.
 #[inline(always)]
-fn accumulate_taps(phases: &[f32], starts: &[usize], weights: &[f32], bias: f32, sums: &mut [f32]) {
+fn accumulate_taps(phases: &[f32], starts: &[usize], weights: &[f32], sums: &mut [f32]) {
     let len = sums.len();
-    sums.fill(bias);
+    sums.fill(0.0);
     for (&start, &weight) in starts.iter().zip(weights) {
         for (sum, &value) in sums.iter_mut().zip(&phases[start..][..len]) {
             *sum += weight * value;
@@ -1419,12 +1460,12 @@ fn blocked_lanes() -> Option<usize> {
 mod blocked_avx512 {
     use std::arch::x86_64::{
         __m512, __m512i, __mmask16, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT, _mm512_add_epi32,
-        _mm512_and_si512, _mm512_cvt_roundps_epi32, _mm512_cvtepi32_ps, _mm512_fmadd_ps,
-        _mm512_loadu_ps, _mm512_mask_i32gather_epi32, _mm512_mask_i32scatter_epi32,
-        _mm512_max_epi32, _mm512_max_ps, _mm512_min_epi32, _mm512_min_ps, _mm512_mul_ps,
-        _mm512_mullo_epi32, _mm512_or_si512, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32,
-        _mm512_setzero_si512, _mm512_slli_epi32, _mm512_srli_epi32, _mm512_storeu_ps,
-        _mm512_storeu_si512, _mm512_sub_ps,
+        _mm512_and_si512, _mm512_cvt_roundps_epi32, _mm512_cvtepi32_ps, _mm512_cvttps_epi32,
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_i32gather_epi32,
+        _mm512_mask_i32scatter_epi32, _mm512_max_epi32, _mm512_max_ps, _mm512_min_epi32,
+        _mm512_min_ps, _mm512_mul_ps, _mm512_mullo_epi32, _mm512_or_si512, _mm512_set1_epi32,
+        _mm512_set1_ps, _mm512_setr_epi32, _mm512_setzero_ps, _mm512_setzero_si512,
+        _mm512_slli_epi32, _mm512_srli_epi32, _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_ps,
     };
 
     use super::{BlockedForm, DepthwiseConv, lane_values};
@@ -1523,7 +1564,7 @@ mod blocked_avx512 {
             // SAFETY: each range is exactly one register's lanes.
             let rescale = unsafe {
                 Rescale {
-                    bias: _mm512_loadu_ps(form.bias[lane_range.clone()].as_ptr()),
+                    bias: _mm512_loadu_si512(form.bias[lane_range.clone()].as_ptr().cast()),
                     multiplier: _mm512_loadu_ps(form.multiplier[lane_range].as_ptr()),
                     zero_point: output_zero_point,
                 }
@@ -1569,7 +1610,7 @@ mod blocked_avx512 {
     }
 
     struct Rescale {
-        bias: __m512,
+        bias: __m512i,
         multiplier: __m512,
         zero_point: __m512i,
     }
@@ -1590,7 +1631,7 @@ mod blocked_avx512 {
         rescale: &Rescale,
     ) -> [__m512i; N] {
         let windows = &windows[..N];
-        let mut sums = [rescale.bias; N];
+        let mut sums = [_mm512_setzero_ps(); N];
         for (tap, &offset) in form.tap_offsets.iter().enumerate() {
             // SAFETY: the caller's contract bounds every read.
             unsafe {
@@ -1601,12 +1642,14 @@ mod blocked_avx512 {
                 }
             }
         }
-        // The steps of `requantize`: clamp, round to even, add the zero point, saturate.
+        // The bias is added in i32, as in the plane form. Then the steps of
+        // `requantize`: clamp, round to even, add the zero point, saturate.
         let mut levels = [_mm512_setzero_si512(); N];
         for (level, &sum) in levels.iter_mut().zip(&sums) {
+            let total = _mm512_add_epi32(_mm512_cvttps_epi32(sum), rescale.bias);
             let scaled = _mm512_min_ps(
                 _mm512_max_ps(
-                    _mm512_mul_ps(sum, rescale.multiplier),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(total), rescale.multiplier),
                     _mm512_set1_ps(-512.0),
                 ),
                 _mm512_set1_ps(512.0),
@@ -1654,11 +1697,12 @@ mod blocked_avx2 {
         __m128i, __m256, __m256i, _mm_loadl_epi64, _mm_srli_si128, _mm_unpackhi_epi16,
         _mm_unpackhi_epi32, _mm_unpacklo_epi8, _mm_unpacklo_epi16, _mm_unpacklo_epi32,
         _mm256_add_epi32, _mm256_cvtepi32_ps, _mm256_cvtepu8_epi32, _mm256_cvtps_epi32,
-        _mm256_extract_epi64, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_max_epi32, _mm256_max_ps,
-        _mm256_min_epi32, _mm256_min_ps, _mm256_mul_ps, _mm256_packs_epi32, _mm256_packus_epi16,
-        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi8, _mm256_setzero_si256,
-        _mm256_shuffle_epi8, _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_ps,
-        _mm256_unpackhi_epi32, _mm256_unpacklo_epi32,
+        _mm256_cvttps_epi32, _mm256_extract_epi64, _mm256_fmadd_ps, _mm256_loadu_ps,
+        _mm256_loadu_si256, _mm256_max_epi32, _mm256_max_ps, _mm256_min_epi32, _mm256_min_ps,
+        _mm256_mul_ps, _mm256_packs_epi32, _mm256_packus_epi16, _mm256_set1_epi32, _mm256_set1_ps,
+        _mm256_setr_epi8, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_shuffle_epi8,
+        _mm256_storeu_ps, _mm256_storeu_si256, _mm256_sub_ps, _mm256_unpackhi_epi32,
+        _mm256_unpacklo_epi32,
     };
 
     use super::{BlockedForm, DepthwiseConv, lane_values};
@@ -1735,7 +1779,7 @@ mod blocked_avx2 {
             // SAFETY: each range is exactly one register's lanes.
             let rescale = unsafe {
                 Rescale {
-                    bias: _mm256_loadu_ps(form.bias[lane_range.clone()].as_ptr()),
+                    bias: _mm256_loadu_si256(form.bias[lane_range.clone()].as_ptr().cast()),
                     multiplier: _mm256_loadu_ps(form.multiplier[lane_range].as_ptr()),
                     zero_point: rescale_zero_point,
                 }
@@ -1781,7 +1825,7 @@ mod blocked_avx2 {
     }
 
     struct Rescale {
-        bias: __m256,
+        bias: __m256i,
         multiplier: __m256,
         zero_point: __m256i,
     }
@@ -1882,7 +1926,7 @@ mod blocked_avx2 {
         rescale: &Rescale,
     ) -> [__m256i; N] {
         let windows = &windows[..N];
-        let mut sums = [rescale.bias; N];
+        let mut sums = [_mm256_setzero_ps(); N];
         for (tap, &offset) in form.tap_offsets.iter().enumerate() {
             // SAFETY: the caller's contract bounds every read.
             unsafe {
@@ -1893,13 +1937,15 @@ mod blocked_avx2 {
                 }
             }
         }
-        // The steps of `requantize`. `vcvtps2dq` rounds to nearest, ties to even, in
+        // The bias is added in i32, as in the plane form. Then the steps of
+        // `requantize`. `vcvtps2dq` and `vcvtdq2ps` round to nearest, ties to even, in
         // the default rounding mode, which nothing in the runtime changes.
         let mut levels = [_mm256_setzero_si256(); N];
         for (level, &sum) in levels.iter_mut().zip(&sums) {
+            let total = _mm256_add_epi32(_mm256_cvttps_epi32(sum), rescale.bias);
             let scaled = _mm256_min_ps(
                 _mm256_max_ps(
-                    _mm256_mul_ps(sum, rescale.multiplier),
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(total), rescale.multiplier),
                     _mm256_set1_ps(-512.0),
                 ),
                 _mm256_set1_ps(512.0),

@@ -233,9 +233,9 @@ fn map_images(
     );
     let [channels, height, width] = out_shape;
     // Zeroing the outputs took about 7% of EfficientNet-Lite0's int8 run (`perf`, AMD EPYC).
-    // SAFETY: every u8 bit pattern is a valid value, and each caller's `run` writes the
-    // whole image before the tensor is read. Debug builds of tract fill new tensors with
-    // 0xff, so a byte a kernel missed shows in the kernel tests.
+    // SAFETY: nothing reads the tensor before each caller's `run` has written every
+    // byte of it. Debug builds of tract fill new tensors with 0xff, so the model tests
+    // would see most bytes a kernel missed.
     let mut output = unsafe { Tensor::uninitialized::<u8>(&[batch, channels, height, width])? };
     {
         let mut plain_output = output.try_as_plain_ram_mut()?;
@@ -385,7 +385,8 @@ impl QLinearConv {
             DepthwiseConv::new(geometry, &weights, requantize, input_zero_point)
                 .map(ConvKernel::Depthwise)
                 .ok_or(format!(
-                    "the depthwise kernel exceeds {DEPTHWISE_MAX_TAPS} taps"
+                    "the depthwise kernel exceeds {DEPTHWISE_MAX_TAPS} taps, or a bias \
+                     plus the products could overflow i32"
                 ))?
         } else {
             GemmConv::new(geometry, &weights, requantize, input_zero_point)

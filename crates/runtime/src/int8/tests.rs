@@ -308,13 +308,16 @@ fn kernels_match_reference() {
                 .expect("depthwise kernel");
             kernel.run_planes(&input, &mut found);
             // Both forms compute exact integer sums, so they must agree byte for byte.
-            let mut blocked = vec![0; geometry.output_len()];
-            if kernel.run_blocked(&input, &mut blocked) {
-                assert_eq!(
-                    blocked, found,
-                    "{}: blocked and plane forms differ",
-                    case.name
-                );
+            for lanes in [8, 16] {
+                let kernel = kernel.clone().with_blocked_lanes(lanes);
+                let mut blocked = vec![0; geometry.output_len()];
+                if kernel.run_blocked(&input, &mut blocked) {
+                    assert_eq!(
+                        blocked, found,
+                        "{}: {lanes}-lane blocked and plane forms differ",
+                        case.name
+                    );
+                }
             }
         } else {
             let kernel =
@@ -323,6 +326,10 @@ fn kernels_match_reference() {
             let mut portable = vec![0; geometry.output_len()];
             kernel.run_portable(&input, &mut portable);
             assert_eq!(found, portable, "{}: portable tile differs", case.name);
+            let mut avx2 = vec![0; geometry.output_len()];
+            if kernel.run_avx2_tile(&input, &mut avx2) {
+                assert_eq!(avx2, portable, "{}: AVX2 tile differs", case.name);
+            }
         }
         let differences = count_differences(case.name, &found, &expected);
         assert!(
@@ -365,6 +372,59 @@ fn gemm_rejects_overflowing_bias() {
     requantize.bias[3] = i32::MAX - 10;
     let weights = weights(case, &mut numbers);
     assert!(GemmConv::new(case.geometry(), &weights, requantize, 128).is_none());
+}
+
+#[test]
+fn depthwise_rejects_overflowing_bias() {
+    let case = CASES
+        .iter()
+        .find(|case| case.name == "depthwise 3x3")
+        .expect("depthwise case");
+    let mut numbers = Numbers(7);
+    let weights = weights(case, &mut numbers);
+    let mut requantize = requantize(case, &mut numbers);
+    requantize.bias[2] = i32::MAX - 10;
+    assert!(DepthwiseConv::new(case.geometry(), &weights, requantize, 128).is_none());
+}
+
+#[test]
+fn depthwise_adds_bias_in_integers() {
+    // A bias beyond 2^24, where f32 holds only even integers. Products of 65 plus the
+    // bias are 100.5000076 levels, so only the exact sum rounds up to 101: adding
+    // the products to the bias in f32 gave 100.
+    let channels = 8;
+    let geometry = Geometry {
+        in_channels: channels,
+        in_height: 1,
+        in_width: 8,
+        out_channels: channels,
+        out_height: 1,
+        out_width: 8,
+        kernel: [1, 1],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pad_before: [0, 0],
+        group: channels,
+    };
+    let requantize = Requantize {
+        bias: vec![26_345_409; channels],
+        multiplier: vec![1.0 / (1 << 18) as f32; channels],
+        output_zero_point: 0,
+    };
+    let weights = vec![1i8; channels];
+    let input = vec![65u8; geometry.input_len()];
+    let kernel = DepthwiseConv::new(geometry.clone(), &weights, requantize, 0).expect("kernel");
+
+    let mut planes = vec![0; geometry.output_len()];
+    kernel.run_planes(&input, &mut planes);
+    assert_eq!(planes, vec![101; geometry.output_len()]);
+    for lanes in [8, 16] {
+        let kernel = kernel.clone().with_blocked_lanes(lanes);
+        let mut blocked = vec![0; geometry.output_len()];
+        if kernel.run_blocked(&input, &mut blocked) {
+            assert_eq!(blocked, planes, "{lanes} lanes");
+        }
+    }
 }
 
 fn tensor(name: &str, data_type: DataType, dims: &[usize], raw_data: Vec<u8>) -> TensorProto {
