@@ -82,6 +82,41 @@ fn call(
     (status, retry_after, json)
 }
 
+/// Posts `body` to the digit model over a plain socket: headers and the first 8 KiB,
+/// a pause, then the rest in pieces of 4 KiB, as a slow client would. Returns the response's status line,
+/// or what failed.
+fn send_in_two_parts(address: &str, token: &str, body: &[u8]) -> String {
+    use std::io::{BufRead, BufReader, Write};
+
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the gateway");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    let head = format!(
+        "POST /v2/models/digit-cnn/infer HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first, rest) = body.split_at(8192);
+    stream.write_all(head.as_bytes()).expect("send headers");
+    stream.write_all(first).expect("send the first part");
+    std::thread::sleep(Duration::from_millis(300));
+    // A gateway that responded and closed before reading the body makes this write
+    // fail, which is how HTTP clients that send first and read second saw no 413.
+    for piece in rest.chunks(4096) {
+        if let Err(error) = stream.write_all(piece) {
+            return format!("failed to send the rest of the body: {error}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut status_line = String::new();
+    match BufReader::new(stream).read_line(&mut status_line) {
+        Ok(_) => status_line,
+        Err(error) => format!("no response: {error}"),
+    }
+}
+
 fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let started = Instant::now();
     loop {
@@ -274,6 +309,8 @@ fn gateway_serves_through_replica_processes() {
     }]});
     let (status, _, answer) = infer(Some(&token), &large);
     assert_eq!(status, 413, "{answer}");
+    let status_line = send_in_two_parts(&http, &token, &serde_json::to_vec(&large).unwrap());
+    assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
 
     // 429 with Retry-After once the device's burst of 40 is spent.
     let mut throttled = None;

@@ -507,8 +507,17 @@ async fn infer_checked(
     Ok(response)
 }
 
-/// Reads the body and returns 413 when it is over the limit. A declared length over the
-/// limit is rejected before anything is read.
+/// Bytes of an oversized request body read and dropped before the 413 is sent.
+///
+/// A server that responds before reading the body and then closes the connection with
+/// unread bytes makes the kernel reset it, and a client still sending its body can
+/// gets the reset ("broken pipe") instead of the 413. Past this many bytes the
+/// connection is closed anyway, so a huge upload cannot hold it.
+const DRAINED_BYTES: usize = 4 << 20;
+
+/// Reads the body and returns 413 when it is over the limit, declared or sent. The
+/// rest of an oversized body is read and dropped, up to [`DRAINED_BYTES`], so that the
+/// client receives the 413.
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
@@ -524,11 +533,10 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(too_large());
-    }
     let mut stream = body.into_data_stream();
     let mut buffer = bytes::BytesMut::new();
+    let mut oversized = declared.is_some_and(|length| length > limit as u64);
+    let mut dropped = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|error| {
             GatewayError::new(
@@ -536,10 +544,22 @@ async fn read_body(
                 format!("failed to read the request body: {error}"),
             )
         })?;
-        if buffer.len() + chunk.len() > limit {
-            return Err(too_large());
+        if !oversized && buffer.len() + chunk.len() > limit {
+            oversized = true;
+            dropped = buffer.len();
+            buffer.clear();
         }
-        buffer.extend_from_slice(&chunk);
+        if oversized {
+            dropped += chunk.len();
+            if dropped > DRAINED_BYTES {
+                break;
+            }
+        } else {
+            buffer.extend_from_slice(&chunk);
+        }
+    }
+    if oversized {
+        return Err(too_large());
     }
     Ok(buffer.freeze())
 }
