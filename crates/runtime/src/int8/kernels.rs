@@ -38,10 +38,10 @@ type Tile = [[i32; TILE_PIXELS]; TILE_ROWS];
 const PANEL_STEP_BYTES: usize = PANEL_PIXELS * STEP;
 /// Largest kernel area the f32 depthwise path accepts: every partial sum stays below
 /// 2^24, where f32 represents integers exactly (255 x 128 = 32,640 per product).
-pub const DEPTHWISE_MAX_TAPS: usize = (1 << 24) / LARGEST_PRODUCT as usize;
+pub const DEPTHWISE_MAX_TAPS: usize = (1 << 24) / MAX_PRODUCT as usize;
 /// Largest magnitude of one u8 x i8 product after the input zero point is subtracted:
 /// |x - zero point| up to 255 times |w| up to 128.
-const LARGEST_PRODUCT: i64 = 255 * 128;
+const MAX_PRODUCT: i64 = 255 * 128;
 
 /// Shape of one 2-D convolution, batch excluded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,8 +165,8 @@ impl GemmConv {
             let weight_sum: i64 = source.iter().map(|&w| i64::from(w)).sum();
             let bias =
                 i64::from(requantize.bias[channel]) - i64::from(input_zero_point) * weight_sum;
-            let largest_sum = depth as i64 * LARGEST_PRODUCT;
-            if bias.abs() + largest_sum > i64::from(i32::MAX) {
+            let max_sum = depth as i64 * MAX_PRODUCT;
+            if bias.abs() + max_sum > i64::from(i32::MAX) {
                 return None;
             }
             requantize.bias[channel] = bias as i32;
@@ -804,8 +804,8 @@ impl IntegerMatMul {
         if weights.len() != depth * columns || depth == 0 || columns == 0 {
             return None;
         }
-        let largest_sum = depth as i64 * LARGEST_PRODUCT;
-        if largest_sum * 2 > i64::from(i32::MAX) {
+        let max_sum = depth as i64 * MAX_PRODUCT;
+        if max_sum * 2 > i64::from(i32::MAX) {
             return None;
         }
         let mut by_column = vec![0i8; weights.len()];
@@ -1156,11 +1156,11 @@ impl DepthwiseConv {
         let taps = geometry.kernel[0] * geometry.kernel[1];
         let depthwise =
             geometry.group == geometry.in_channels && geometry.out_channels == geometry.in_channels;
-        let largest_sum = taps as i64 * LARGEST_PRODUCT;
+        let max_sum = taps as i64 * MAX_PRODUCT;
         let fits = requantize
             .bias
             .iter()
-            .all(|&bias| i64::from(bias).abs() + largest_sum <= i64::from(i32::MAX));
+            .all(|&bias| i64::from(bias).abs() + max_sum <= i64::from(i32::MAX));
         if !depthwise
             || taps > DEPTHWISE_MAX_TAPS
             || !fits
