@@ -83,9 +83,9 @@ fn call(
 }
 
 /// Posts `body` to the digit model over a plain socket: headers and the first 8 KiB,
-/// a pause, then the rest in pieces of 4 KiB, as a slow client would. Returns the response's status line,
-/// or what failed.
-fn send_in_two_parts(address: &str, token: &str, body: &[u8]) -> String {
+/// a pause, then the rest in pieces of 4 KiB, as a slow client would. Returns the
+/// response's status line, or what failed.
+fn send_slowly(address: &str, token: &str, body: &[u8]) -> String {
     use std::io::{BufRead, BufReader, Write};
 
     let mut stream = std::net::TcpStream::connect(address).expect("connect to the gateway");
@@ -309,7 +309,7 @@ fn gateway_serves_through_replica_processes() {
     }]});
     let (status, _, answer) = infer(Some(&token), &large);
     assert_eq!(status, 413, "{answer}");
-    let status_line = send_in_two_parts(&http, &token, &serde_json::to_vec(&large).unwrap());
+    let status_line = send_slowly(&http, &token, &serde_json::to_vec(&large).unwrap());
     assert!(status_line.starts_with("HTTP/1.1 413"), "{status_line}");
 
     // 429 with Retry-After once the device's burst of 40 is spent.

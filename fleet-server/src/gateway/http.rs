@@ -511,7 +511,7 @@ async fn infer_checked(
 ///
 /// A server that responds before reading the body and then closes the connection with
 /// unread bytes makes the kernel reset it, and a client still sending its body can
-/// gets the reset ("broken pipe") instead of the 413. Past this many bytes the
+/// get the reset ("broken pipe") instead of the 413. Past this many bytes the
 /// connection is closed anyway, so a huge upload cannot hold it.
 const DRAINED_BYTES: usize = 4 << 20;
 

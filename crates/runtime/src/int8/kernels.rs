@@ -697,7 +697,6 @@ unsafe fn tile_avx2(
     assert!(weights.len() >= steps * TILE_ROWS * STEP);
     assert!(steps * PANEL_STEP_BYTES <= panel_len);
     let panel_count = (panels.len() / panel_len).min(TILE_PANELS);
-    assert!(panels.len() >= panel_count * panel_len);
 
     // Passes of 8 pixels per panel that contain some of the first `pixels` pixels.
     let halves = |panel: usize| {
