@@ -341,6 +341,102 @@ fn kernels_match_reference() {
     }
 }
 
+/// Random geometries through every form of both kernels: strides, dilations,
+/// asymmetric pads, kernels wider than the input, groups, and planes of one pixel.
+#[test]
+fn kernels_match_reference_on_random_geometries() {
+    let mut numbers = Numbers(0xc0ffee);
+    let (mut checked, mut differences, mut outputs) = (0, 0, 0);
+    while checked < 400 {
+        let depthwise = numbers.below(3) == 0;
+        let (group, in_channels, out_channels) = if depthwise {
+            let channels = 1 + numbers.below(40) as usize;
+            (channels, channels, channels)
+        } else {
+            let group = 1 + numbers.below(3) as usize;
+            let in_per_group = 1 + numbers.below(12) as usize;
+            let out_per_group = 1 + numbers.below(9) as usize;
+            (group, group * in_per_group, group * out_per_group)
+        };
+        let kernel = [1 + numbers.below(5) as usize, 1 + numbers.below(5) as usize];
+        let strides = [1 + numbers.below(3) as usize, 1 + numbers.below(3) as usize];
+        let dilations = [1 + numbers.below(2) as usize, 1 + numbers.below(2) as usize];
+        let size = [
+            1 + numbers.below(20) as usize,
+            1 + numbers.below(20) as usize,
+        ];
+        let pads: [usize; 4] =
+            std::array::from_fn(|i| numbers.below(kernel[i % 2] as u64) as usize);
+        let span = |axis: usize| dilations[axis] * (kernel[axis] - 1) + 1;
+        if (0..2).any(|axis| size[axis] + pads[axis] + pads[axis + 2] < span(axis)) {
+            continue;
+        }
+        let out = |axis: usize| {
+            (size[axis] + pads[axis] + pads[axis + 2] - span(axis)) / strides[axis] + 1
+        };
+        let geometry = Geometry {
+            in_channels,
+            in_height: size[0],
+            in_width: size[1],
+            out_channels,
+            out_height: out(0),
+            out_width: out(1),
+            kernel,
+            strides,
+            dilations,
+            pad_before: [pads[0], pads[1]],
+            group,
+        };
+        let name = format!("{geometry:?}");
+        let taps = in_channels / group * kernel[0] * kernel[1];
+        let weights = numbers.i8s(out_channels * taps);
+        let requantize = Requantize {
+            bias: (0..out_channels)
+                .map(|_| numbers.below(2_001) as i32 - 1_000)
+                .collect(),
+            multiplier: (0..out_channels)
+                .map(|_| (1.0 + numbers.below(100) as f32 / 50.0) / ((taps as f32).sqrt() * 150.0))
+                .collect(),
+            output_zero_point: numbers.below(256) as u8,
+        };
+        let zero_point = numbers.below(256) as u8;
+        let input = numbers.u8s(geometry.input_len());
+        let expected = reference(&geometry, &input, &weights, &requantize, zero_point);
+
+        let mut found = vec![0; geometry.output_len()];
+        if depthwise {
+            let kernel = DepthwiseConv::new(geometry.clone(), &weights, requantize, zero_point)
+                .expect("depthwise kernel");
+            kernel.run_planes(&input, &mut found);
+            for lanes in [8, 16] {
+                let kernel = kernel.clone().with_blocked_lanes(lanes);
+                let mut blocked = vec![0; geometry.output_len()];
+                if kernel.run_blocked(&input, &mut blocked) {
+                    assert_eq!(blocked, found, "{name}: {lanes}-lane blocked form differs");
+                }
+            }
+        } else {
+            let kernel =
+                GemmConv::new(geometry.clone(), &weights, requantize, zero_point).expect("gemm");
+            kernel.run(&input, &mut found);
+            let mut portable = vec![0; geometry.output_len()];
+            kernel.run_portable(&input, &mut portable);
+            assert_eq!(found, portable, "{name}: portable tile differs");
+            let mut avx2 = vec![0; geometry.output_len()];
+            if kernel.run_avx2_tile(&input, &mut avx2) {
+                assert_eq!(avx2, portable, "{name}: AVX2 tile differs");
+            }
+        }
+        differences += count_differences(&name, &found, &expected);
+        outputs += found.len();
+        checked += 1;
+    }
+    assert!(
+        differences * 100 <= outputs,
+        "{differences} of {outputs} outputs off by one"
+    );
+}
+
 #[test]
 fn interleave_rows_transposes_four_rows() {
     let rows: [[u8; 16]; 4] = std::array::from_fn(|j| std::array::from_fn(|p| (16 * j + p) as u8));
