@@ -1675,7 +1675,8 @@ mod blocked_avx512 {
             let mut p = 0;
             while p + PIXELS <= out_plane {
                 // SAFETY: window and tap offsets stay inside the padded block, as laid
-                // out; the scatter writes bytes `p .. p + 8` of the block's planes.
+                // out; the stores and scatters write bytes `p .. p + 8` of the block's
+                // planes.
                 unsafe {
                     let levels = pixels::<PIXELS>(
                         padded,
