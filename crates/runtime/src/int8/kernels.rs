@@ -1175,9 +1175,9 @@ impl BlockedForm {
     /// overwrites all of it.
     ///
     /// A pixel of 16 lanes is 64 bytes. In an aligned block it fills one cache line,
-    /// and otherwise every load of it spans two. Aligning made the `int8_kernels`
-    /// depthwise layers 10 to 25% faster on an AMD EPYC (Zen 4), with 8 lanes as
-    /// with 16.
+    /// and otherwise every load of it spans two. Aligning cut the time of the
+    /// `int8_kernels` depthwise layers by 16 to 23% on an AMD EPYC (Zen 4) with 16
+    /// lanes, and also helped with 8.
     fn prepare<'a>(&self, scratch: &'a mut Vec<f32>) -> &'a mut [f32] {
         scratch.resize(self.padded_len + CACHE_LINE_FLOATS, 0.0);
         let skip = scratch
@@ -1559,8 +1559,8 @@ mod blocked_avx512 {
     /// A full block of 16 channels moves between the channel planes and the lanes with
     /// the 8 x 8 byte transposes of [`blocked_avx2`], two per group of 8 pixels. A last
     /// block of fewer channels uses masked gathers, which read four neighbouring pixels
-    /// of every channel, and masked scatters. On an AMD EPYC (Zen 4) the transposes made
-    /// the depthwise layers of EfficientNet-Lite0 5 to 15% faster than the gathers and
+    /// of every channel, and masked scatters. On an AMD EPYC (Zen 4) the transposes cut
+    /// the time of EfficientNet-Lite0's depthwise layers by 0 to 12% against gathers and
     /// scatters (`int8_kernels` example).
     ///
     /// # Safety
