@@ -846,6 +846,8 @@ const POOL_CASES: &[PoolCase] = &[
     pool_case([28, 28], [2, 2], [2, 2], [0; 4], false),
     pool_case([7, 7], [2, 2], [2, 2], [0; 4], false),
     pool_case([7, 7], [2, 2], [2, 2], [0; 4], true),
+    pool_case([9, 6], [2, 2], [2, 2], [0; 4], false),
+    pool_case([7, 7], [2, 2], [2, 2], [0, 0, 1, 1], false),
     pool_case([13, 11], [3, 3], [2, 2], [1, 1, 1, 1], false),
     pool_case([9, 10], [3, 2], [1, 2], [1, 0, 1, 0], true),
     pool_case([5, 6], [3, 3], [1, 1], [2, 2, 2, 2], false),
