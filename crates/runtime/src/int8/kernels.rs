@@ -433,8 +433,8 @@ impl GemmConv {
         }
     }
 
-    /// Height and width of one channel of the padded input: the padding before, the
-    /// input, and as much padding after as the last kernel window reaches.
+    /// Returns the height and width of one channel of the padded input: the padding
+    /// before, the input, and as much padding after as the last kernel window reaches.
     fn padded_size(&self) -> (usize, usize) {
         let geometry = &self.geometry;
         let span = |axis: usize, size: usize, out: usize| {
@@ -535,8 +535,8 @@ fn copy_short(source: &[u8], target: &mut [u8]) {
 }
 
 /// Writes every `STRIDE`-th byte of `source`, from the first, to `target`. With the
-/// stride a constant, the compiler vectorises the loop (for 2, byte truncations of
-/// 16-bit lanes).
+/// stride a constant, the compiler vectorises the loop: in the VNNI build, a stride of
+/// 2 became byte truncations of 16-bit lanes.
 #[inline(always)]
 fn take_every<const STRIDE: usize>(source: &[u8], target: &mut [u8]) {
     let Some((last, init)) = target.split_last_mut() else {
