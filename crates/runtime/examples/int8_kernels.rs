@@ -42,6 +42,38 @@ const POINTWISE_LAYERS: &[(usize, usize, usize)] = &[
     (320, 1280, 7),
 ];
 
+/// Returns the geometry of a convolution over a square input with a square kernel,
+/// the same padding on every side and no dilation.
+fn square_geometry(
+    in_channels: usize,
+    out_channels: usize,
+    size: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    group: usize,
+) -> Geometry {
+    let out = (size + 2 * pad - kernel) / stride + 1;
+    Geometry {
+        in_channels,
+        in_height: size,
+        in_width: size,
+        out_channels,
+        out_height: out,
+        out_width: out,
+        kernel: [kernel, kernel],
+        strides: [stride, stride],
+        dilations: [1, 1],
+        pad_before: [pad, pad],
+        group,
+    }
+}
+
+/// Returns `len` input bytes in a fixed pattern that covers all 256 values.
+fn pattern_input(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 256) as u8).collect()
+}
+
 /// Returns the median time of `RUNS` calls of `run`, in milliseconds.
 fn median_ms(mut run: impl FnMut()) -> f64 {
     for _ in 0..WARMUP_RUNS {
@@ -65,20 +97,7 @@ fn main() -> anyhow::Result<()> {
         "layer", "blocked ms", "planes ms", "ratio"
     );
     for &(channels, size, kernel, stride, pad) in DEPTHWISE_LAYERS {
-        let out = (size + 2 * pad - kernel) / stride + 1;
-        let geometry = Geometry {
-            in_channels: channels,
-            in_height: size,
-            in_width: size,
-            out_channels: channels,
-            out_height: out,
-            out_width: out,
-            kernel: [kernel, kernel],
-            strides: [stride, stride],
-            dilations: [1, 1],
-            pad_before: [pad, pad],
-            group: channels,
-        };
+        let geometry = square_geometry(channels, channels, size, kernel, stride, pad, channels);
         let weights: Vec<i8> = (0..channels * kernel * kernel)
             .map(|i| (i % 7) as i8 - 3)
             .collect();
@@ -89,9 +108,7 @@ fn main() -> anyhow::Result<()> {
         };
         let conv = DepthwiseConv::new(geometry.clone(), &weights, requantize, 7)
             .ok_or_else(|| anyhow::anyhow!("{channels}x{size}: not a depthwise kernel"))?;
-        let input: Vec<u8> = (0..geometry.input_len())
-            .map(|i| (i * 31 % 256) as u8)
-            .collect();
+        let input = pattern_input(geometry.input_len());
         let mut output = vec![0u8; geometry.output_len()];
 
         let name = format!("{channels}x{size}x{size} {kernel}x{kernel}/{stride}");
@@ -119,19 +136,7 @@ fn pointwise_table() -> anyhow::Result<()> {
         "layer", "tile ms", "portable ms", "ratio"
     );
     for &(in_channels, out_channels, size) in POINTWISE_LAYERS {
-        let geometry = Geometry {
-            in_channels,
-            in_height: size,
-            in_width: size,
-            out_channels,
-            out_height: size,
-            out_width: size,
-            kernel: [1, 1],
-            strides: [1, 1],
-            dilations: [1, 1],
-            pad_before: [0, 0],
-            group: 1,
-        };
+        let geometry = square_geometry(in_channels, out_channels, size, 1, 1, 0, 1);
         let weights: Vec<i8> = (0..in_channels * out_channels)
             .map(|i| (i % 251) as i8)
             .collect();
@@ -142,9 +147,7 @@ fn pointwise_table() -> anyhow::Result<()> {
         };
         let conv = GemmConv::new(geometry.clone(), &weights, requantize, 7)
             .ok_or_else(|| anyhow::anyhow!("{in_channels}x{size}: sums overflow i32"))?;
-        let input: Vec<u8> = (0..geometry.input_len())
-            .map(|i| (i * 31 % 256) as u8)
-            .collect();
+        let input = pattern_input(geometry.input_len());
         let mut output = vec![0u8; geometry.output_len()];
 
         let name = format!("{in_channels}->{out_channels} {size}x{size}");
