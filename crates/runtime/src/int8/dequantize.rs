@@ -15,7 +15,10 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_core::dyn_clone::clone_box;
 use tract_onnx::tract_hir::internal::*;
 
-use super::{Lowered, Lowering, OpBuilder, constant, scalar_f32, values, wrap_tract_expansion};
+use super::{
+    Lowered, Lowering, OpBuilder, constant, dequantize_values, scalar_f32, values,
+    wrap_tract_expansion, written_tensor,
+};
 
 /// tract's own `DequantizeLinear` builder, for the nodes the kernel does not cover.
 pub(super) static TRACT_DEQUANTIZE_LINEAR: OnceLock<OpBuilder> = OnceLock::new();
@@ -103,15 +106,10 @@ impl ScalarDequantizeLinear {
     fn dequantize<T: Datum + Copy + Into<i32>>(&self, input: &Tensor) -> TractResult<Tensor> {
         let plain = input.try_as_plain_ram()?;
         let values = plain.as_slice::<T>()?;
-        let mut output = Tensor::zero::<f32>(input.shape())?;
-        {
-            let mut plain_output = output.try_as_plain_ram_mut()?;
-            let (scale, zero_point) = (self.scale, self.zero_point);
-            for (out, &value) in plain_output.as_slice_mut::<f32>()?.iter_mut().zip(values) {
-                *out = (value.into() - zero_point) as f32 * scale;
-            }
-        }
-        Ok(output)
+        let (scale, zero_point) = (self.scale, self.zero_point);
+        written_tensor(input.shape(), |output: &mut [f32]| {
+            dequantize_values(values, scale, zero_point, output);
+        })
     }
 }
 

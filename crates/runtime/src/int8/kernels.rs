@@ -34,6 +34,13 @@ const TILE_PANELS: usize = 4;
 const TILE_PIXELS: usize = TILE_PANELS * PANEL_PIXELS;
 /// i32 sums of one tile, by output channel and pixel.
 type Tile = [[i32; TILE_PIXELS]; TILE_ROWS];
+/// Reduction steps a tile covers before the next row tile reads the same panels. The
+/// panels of one block then take `TILE_PANELS * BLOCK_STEPS * 64` = 24 KiB, which stays
+/// in a 32 or 48 KiB L1 data cache while every row tile reads it again. Without the
+/// blocks, the 1152-to-320 layer of EfficientNet-Lite0 (73 KiB of panels per tile) ran
+/// at 180 GMAC/s against 300 for the 320-to-1280 layer (`int8_kernels`, Intel Xeon
+/// with AVX-512 VNNI).
+const BLOCK_STEPS: usize = 96;
 /// Bytes of one panel for one group of [`STEP`] reduction steps.
 const PANEL_STEP_BYTES: usize = PANEL_PIXELS * STEP;
 /// Largest kernel area the f32 depthwise path accepts: every partial sum stays below
@@ -282,7 +289,7 @@ impl GemmConv {
         &self,
         input: &[u8],
         output: &mut [u8],
-        tile: impl Fn(&[i8], &[u8], usize, usize, usize, &mut Tile),
+        tile: impl Fn(&[i8], &[u8], usize, StepRange, usize, &mut Tile),
     ) {
         let geometry = &self.geometry;
         let pixels = geometry.out_pixels();
@@ -298,11 +305,20 @@ impl GemmConv {
         // closure passed to `LocalKey` is compiled without this function's target
         // features, which made the rescale run in scalar SSE2.
         let mut scratch = PACKED_INPUT.take();
-        let mut acc = [[0i32; TILE_PIXELS]; TILE_ROWS];
+        let blocks = self.steps.div_ceil(BLOCK_STEPS);
+        // With one block, the sums of one tile at a time. With several, the sums of every
+        // row tile, kept until the last block.
+        let mut sums = std::mem::take(&mut scratch.sums);
+        sums.resize(
+            if blocks == 1 { 1 } else { row_tiles },
+            [[0; TILE_PIXELS]; TILE_ROWS],
+        );
         for group in 0..geometry.group {
             let group_input = &input[group * group_input_len..][..group_input_len];
             self.pack_input(group_input, panel_count, &mut scratch);
             let panels = &scratch.panels;
+            let group_weights =
+                &self.weights[group * row_tiles * tile_len..][..row_tiles * tile_len];
 
             for pixel_tile in 0..pixel_tiles {
                 let first_panel = pixel_tile * TILE_PANELS;
@@ -310,30 +326,42 @@ impl GemmConv {
                     [..(panel_count - first_panel).min(TILE_PANELS) * panel_len];
                 let pixel_start = pixel_tile * TILE_PIXELS;
                 let pixel_count = (pixels - pixel_start).min(TILE_PIXELS);
-                for row_tile in 0..row_tiles {
-                    let weights =
-                        &self.weights[(group * row_tiles + row_tile) * tile_len..][..tile_len];
-                    tile(
-                        weights,
-                        tile_panels,
-                        panel_len,
-                        self.steps,
-                        pixel_count,
-                        &mut acc,
-                    );
+                let store = |row_tile: usize, acc: &Tile, output: &mut [u8]| {
                     let first_channel = group * self.rows + row_tile * TILE_ROWS;
                     let channels = (self.rows - row_tile * TILE_ROWS).min(TILE_ROWS);
                     self.store_tile(
-                        &acc,
+                        acc,
                         first_channel,
                         channels,
                         pixel_start,
                         pixel_count,
                         output,
                     );
+                };
+                for block in 0..blocks {
+                    let steps = StepRange {
+                        first: block * BLOCK_STEPS,
+                        count: (self.steps - block * BLOCK_STEPS).min(BLOCK_STEPS),
+                        accumulate: block > 0,
+                    };
+                    for (row_tile, weights) in group_weights.chunks_exact(tile_len).enumerate() {
+                        let weights = &weights[steps.first * TILE_ROWS * STEP..]
+                            [..steps.count * TILE_ROWS * STEP];
+                        let acc = &mut sums[if blocks == 1 { 0 } else { row_tile }];
+                        tile(weights, tile_panels, panel_len, steps, pixel_count, acc);
+                        if blocks == 1 {
+                            store(row_tile, acc, output);
+                        }
+                    }
+                }
+                if blocks > 1 {
+                    for (row_tile, acc) in sums.iter().enumerate() {
+                        store(row_tile, acc, output);
+                    }
                 }
             }
         }
+        scratch.sums = sums;
         PACKED_INPUT.set(scratch);
     }
 
@@ -383,6 +411,7 @@ impl GemmConv {
             panels,
             columns,
             padded,
+            ..
         } = scratch;
         let geometry = &self.geometry;
         let pixels = geometry.out_pixels();
@@ -397,7 +426,7 @@ impl GemmConv {
         let rows: &[u8] = if pointwise && pixels == row_len {
             input
         } else {
-            columns.resize(self.depth * row_len, 0);
+            let columns = grown(columns, self.depth * row_len);
             if pointwise {
                 for (k, row) in columns.chunks_exact_mut(row_len).enumerate() {
                     row[..pixels].copy_from_slice(&input[k * pixels..(k + 1) * pixels]);
@@ -410,7 +439,7 @@ impl GemmConv {
             }
             columns
         };
-        panels.resize(panel_count * self.steps * PANEL_STEP_BYTES, 0);
+        let panels = grown(panels, panel_count * self.steps * PANEL_STEP_BYTES);
         let zeros = [0u8; PANEL_PIXELS];
         for (panel, target) in panels
             .chunks_exact_mut(self.steps * PANEL_STEP_BYTES)
@@ -604,12 +633,25 @@ pub(super) fn interleave_rows(
     }
 }
 
+/// Returns the first `len` elements of `buffer`, lengthening it with zeros where it is
+/// shorter. A scratch buffer is never shortened: layers of one model need different
+/// lengths, and growing it back for every larger layer cleared the new part on every
+/// run.
+fn grown<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    &mut buffer[..len]
+}
+
 /// Buffers [`GemmConv::pack_input`] fills for each group.
 #[derive(Default)]
 struct PackScratch {
     panels: Vec<u8>,
     columns: Vec<u8>,
     padded: Vec<u8>,
+    /// Sums of the tiles [`GemmConv::run_with`] has not stored yet.
+    sums: Vec<Tile>,
 }
 
 thread_local! {
@@ -620,6 +662,7 @@ thread_local! {
             panels: Vec::new(),
             columns: Vec::new(),
             padded: Vec::new(),
+            sums: Vec::new(),
         })
     };
     /// Scratch for the depthwise kernel.
@@ -634,16 +677,35 @@ thread_local! {
     };
 }
 
+/// The reduction steps one call of a tile function covers.
+#[derive(Debug, Clone, Copy)]
+struct StepRange {
+    /// First step, an offset into each panel.
+    first: usize,
+    count: usize,
+    /// Adds to the sums already in the tile instead of starting from zero.
+    accumulate: bool,
+}
+
 /// Multiplies one tile of [`TILE_ROWS`] weight rows by the consecutive input panels of
-/// `panel_len` bytes each in `panels` (at most [`TILE_PANELS`]), writing
-/// `acc[row][pixel]` for their pixels.
+/// `panel_len` bytes each in `panels` (at most [`TILE_PANELS`]) over the reduction
+/// steps `steps`, writing `acc[row][pixel]` for their pixels. `weights` starts at the
+/// first of those steps.
 ///
 /// TODO: an aarch64 tile using `sdot`/`udot` (ARMv8.2 dot product, on Jetson Orin and
 /// Raspberry Pi 5). This portable loop ran at 2 to 3 GMAC/s on x86-64 built for plain
 /// SSE2, against 40 to 70 with VNNI, and has not been timed on ARM hardware.
 #[inline(always)]
-fn tile_portable(weights: &[i8], panels: &[u8], panel_len: usize, steps: usize, acc: &mut Tile) {
-    *acc = [[0; TILE_PIXELS]; TILE_ROWS];
+fn tile_portable(
+    weights: &[i8],
+    panels: &[u8],
+    panel_len: usize,
+    steps: StepRange,
+    acc: &mut Tile,
+) {
+    if !steps.accumulate {
+        *acc = [[0; TILE_PIXELS]; TILE_ROWS];
+    }
     // The panel count is a constant in each loop: with a bound known only at run time,
     // the loop built for SSE2 ran 1.5 to 2.3 times slower on EfficientNet-Lite0's
     // pointwise layers (`int8_kernels` example, AMD EPYC).
@@ -661,13 +723,14 @@ fn tile_portable_panels<const PANELS: usize>(
     weights: &[i8],
     panels: &[u8],
     panel_len: usize,
-    steps: usize,
+    steps: StepRange,
     acc: &mut Tile,
 ) {
-    for step in 0..steps {
+    for step in 0..steps.count {
         let w = &weights[step * TILE_ROWS * STEP..][..TILE_ROWS * STEP];
+        let offset = (steps.first + step) * PANEL_STEP_BYTES;
         for panel in 0..PANELS {
-            let x = &panels[panel * panel_len + step * PANEL_STEP_BYTES..][..PANEL_STEP_BYTES];
+            let x = &panels[panel * panel_len + offset..][..PANEL_STEP_BYTES];
             for (row, sums) in acc.iter_mut().enumerate() {
                 let w = &w[row * STEP..][..STEP];
                 for pixel in 0..PANEL_PIXELS {
@@ -697,27 +760,36 @@ unsafe fn tile_vnni<const PANELS: usize>(
     weights: &[i8],
     panels: &[u8],
     panel_len: usize,
-    steps: usize,
+    steps: StepRange,
     acc: &mut Tile,
 ) {
     use std::arch::x86_64::{
         __m512i, _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_si512,
         _mm512_storeu_si512,
     };
-    assert!(weights.len() >= steps * TILE_ROWS * STEP);
-    assert!(steps * PANEL_STEP_BYTES <= panel_len);
+    assert!(weights.len() >= steps.count * TILE_ROWS * STEP);
+    assert!((steps.first + steps.count) * PANEL_STEP_BYTES <= panel_len);
     assert!(PANELS <= TILE_PANELS);
     assert!(panels.len() >= PANELS * panel_len);
     let mut sums = [[_mm512_setzero_si512(); PANELS]; TILE_ROWS];
+    if steps.accumulate {
+        for (row_sums, source) in sums.iter_mut().zip(acc.iter()) {
+            for (panel, sum) in row_sums.iter_mut().enumerate() {
+                // SAFETY: each row of `acc` is TILE_PANELS x 16 i32, one 512-bit load each.
+                *sum = unsafe {
+                    _mm512_loadu_si512(source.as_ptr().add(panel * PANEL_PIXELS).cast::<__m512i>())
+                };
+            }
+        }
+    }
     let weights = weights.as_ptr().cast::<i32>();
-    for step in 0..steps {
+    let panels = panels[steps.first * PANEL_STEP_BYTES..].as_ptr();
+    for step in 0..steps.count {
         // SAFETY: the asserts above bound every offset read here.
         unsafe {
             let mut x = [_mm512_setzero_si512(); PANELS];
             for (panel, value) in x.iter_mut().enumerate() {
-                let address = panels
-                    .as_ptr()
-                    .add(panel * panel_len + step * PANEL_STEP_BYTES);
+                let address = panels.add(panel * panel_len + step * PANEL_STEP_BYTES);
                 *value = _mm512_loadu_si512(address.cast::<__m512i>());
             }
             let w = weights.add(step * TILE_ROWS);
@@ -764,21 +836,24 @@ unsafe fn tile_avx2(
     weights: &[i8],
     panels: &[u8],
     panel_len: usize,
-    steps: usize,
+    steps: StepRange,
     pixels: usize,
     acc: &mut Tile,
 ) {
     use std::arch::x86_64::{
         __m128i, __m256i, _mm_loadu_si128, _mm256_add_epi32, _mm256_cvtepi8_epi16,
-        _mm256_cvtepu8_epi16, _mm256_hadd_epi32, _mm256_madd_epi16, _mm256_permute4x64_epi64,
-        _mm256_set1_epi64x, _mm256_setzero_si256, _mm256_storeu_si256,
+        _mm256_cvtepu8_epi16, _mm256_hadd_epi32, _mm256_loadu_si256, _mm256_madd_epi16,
+        _mm256_permute4x64_epi64, _mm256_set1_epi64x, _mm256_setzero_si256, _mm256_storeu_si256,
     };
     /// Pixels whose partial sums one register contains.
     const QUARTER: usize = 4;
     const QUARTERS: usize = PANEL_PIXELS / QUARTER;
-    assert!(weights.len() >= steps * TILE_ROWS * STEP);
-    assert!(steps * PANEL_STEP_BYTES <= panel_len);
+    assert!(weights.len() >= steps.count * TILE_ROWS * STEP);
+    assert!((steps.first + steps.count) * PANEL_STEP_BYTES <= panel_len);
     let panel_count = (panels.len() / panel_len).min(TILE_PANELS);
+    let first_offset = steps.first * PANEL_STEP_BYTES;
+    let accumulate = steps.accumulate;
+    let steps = steps.count;
 
     // Passes of 8 pixels per panel that contain some of the first `pixels` pixels.
     let halves = |panel: usize| {
@@ -812,6 +887,7 @@ unsafe fn tile_avx2(
                     let mut sums = [partials[quarter], partials[quarter + 1]];
                     let base = panels.as_ptr().add(
                         panel * panel_len
+                            + first_offset
                             + chunk_start * PANEL_STEP_BYTES
                             + half * 2 * QUARTER * STEP,
                     );
@@ -839,16 +915,17 @@ unsafe fn tile_avx2(
                 let quarter = panel * QUARTERS + pair * 2;
                 // Pixels [0 1 4 5 | 2 3 6 7] of the two quarters, put in order.
                 let added = _mm256_hadd_epi32(partials[quarter][row], partials[quarter + 1][row]);
-                let ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(added);
+                let mut ordered = _mm256_permute4x64_epi64::<0b11_01_10_00>(added);
                 let start = panel * PANEL_PIXELS + pair * 2 * QUARTER;
+                let target = target[start..start + 2 * QUARTER]
+                    .as_mut_ptr()
+                    .cast::<__m256i>();
                 // SAFETY: 8 i32 from `start`, inside the row of TILE_PIXELS.
                 unsafe {
-                    _mm256_storeu_si256(
-                        target[start..start + 2 * QUARTER]
-                            .as_mut_ptr()
-                            .cast::<__m256i>(),
-                        ordered,
-                    );
+                    if accumulate {
+                        ordered = _mm256_add_epi32(ordered, _mm256_loadu_si256(target));
+                    }
+                    _mm256_storeu_si256(target, ordered);
                 }
             }
         }
@@ -925,8 +1002,15 @@ impl IntegerMatMul {
         );
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512bw") {
+            if std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+            {
                 // SAFETY: the CPU supports every feature the function enables.
+                unsafe { self.run_vnni(input, output) };
+                return;
+            }
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: as above.
                 unsafe { self.run_avx512(input, output) };
                 return;
             }
@@ -937,6 +1021,46 @@ impl IntegerMatMul {
             }
         }
         self.run_generic(input, output);
+    }
+
+    /// Computes the product of [`IntegerMatMul::run_generic`] with `vpdpbusd`, 64
+    /// products of a column per instruction. The plain loop widens every byte to i32 first: on the int8 digit
+    /// CNN's 1152-to-256 layer it took 0.013 ms against onnxruntime's 0.005.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run_vnni(&self, input: &[u8], output: &mut [i32]) {
+        use std::arch::x86_64::{
+            _mm512_dpbusd_epi32, _mm512_maskz_loadu_epi8, _mm512_reduce_add_epi32,
+            _mm512_setzero_si512,
+        };
+        const CHUNK: usize = 64;
+        for (row, out) in input
+            .chunks_exact(self.depth)
+            .zip(output.chunks_exact_mut(self.columns))
+        {
+            for ((value, weights), offset) in out
+                .iter_mut()
+                .zip(self.weights.chunks_exact(self.depth))
+                .zip(&self.offsets)
+            {
+                let mut sum = _mm512_setzero_si512();
+                for start in (0..self.depth).step_by(CHUNK) {
+                    let len = (self.depth - start).min(CHUNK);
+                    let mask = u64::MAX >> (CHUNK - len);
+                    // SAFETY: `start` lies inside both slices, and the mask covers only
+                    // their `len` bytes from it; masked-out bytes are never read.
+                    let (x, w) = unsafe {
+                        (
+                            _mm512_maskz_loadu_epi8(mask, row.as_ptr().add(start).cast()),
+                            _mm512_maskz_loadu_epi8(mask, weights.as_ptr().add(start)),
+                        )
+                    };
+                    sum = _mm512_dpbusd_epi32(sum, x, w);
+                }
+                // Cannot overflow: `new` bounds the sum.
+                *value = _mm512_reduce_add_epi32(sum).wrapping_sub(*offset);
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1045,6 +1169,67 @@ unsafe fn quantize_linear_avx2<T: Quantized>(
     output: &mut [T],
 ) {
     quantize_linear_generic(input, scale, zero_point, output);
+}
+
+/// Dequantizes `input` as ONNX `DequantizeLinear` with one scale and zero point:
+/// `(x - zero_point) * scale`, in that order, as ONNX specifies and tract computes it.
+/// Built for the CPU's widest vectors, which a plain loop in this crate (compiled for
+/// the x86-64 baseline) would not use.
+pub fn dequantize_values<T: Copy + Into<i32>>(
+    input: &[T],
+    scale: f32,
+    zero_point: i32,
+    output: &mut [f32],
+) {
+    assert_eq!(input.len(), output.len(), "output length");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports every feature the function enables.
+            unsafe { dequantize_avx512(input, scale, zero_point, output) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            unsafe { dequantize_avx2(input, scale, zero_point, output) };
+            return;
+        }
+    }
+    dequantize_generic(input, scale, zero_point, output);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dequantize_avx512<T: Copy + Into<i32>>(
+    input: &[T],
+    scale: f32,
+    zero_point: i32,
+    output: &mut [f32],
+) {
+    dequantize_generic(input, scale, zero_point, output);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_avx2<T: Copy + Into<i32>>(
+    input: &[T],
+    scale: f32,
+    zero_point: i32,
+    output: &mut [f32],
+) {
+    dequantize_generic(input, scale, zero_point, output);
+}
+
+#[inline(always)]
+fn dequantize_generic<T: Copy + Into<i32>>(
+    input: &[T],
+    scale: f32,
+    zero_point: i32,
+    output: &mut [f32],
+) {
+    for (out, &value) in output.iter_mut().zip(input) {
+        *out = (value.into() - zero_point) as f32 * scale;
+    }
 }
 
 #[inline(always)]
@@ -1212,7 +1397,7 @@ impl BlockedForm {
     /// `int8_kernels` depthwise layers by 16 to 23% on an AMD EPYC (Zen 4) with 16
     /// lanes, and also helped with 8.
     fn prepare<'a>(&self, scratch: &'a mut Vec<f32>) -> &'a mut [f32] {
-        scratch.resize(self.padded_len + CACHE_LINE_FLOATS, 0.0);
+        let scratch = grown(scratch, self.padded_len + CACHE_LINE_FLOATS);
         let skip = scratch
             .as_ptr()
             .align_offset(CACHE_LINE_FLOATS * size_of::<f32>())

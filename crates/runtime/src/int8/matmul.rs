@@ -16,6 +16,7 @@ use tract_onnx::tract_core::dyn_clone::clone_box;
 
 use super::{
     Lowered, Lowering, OpBuilder, constant, scalar_u8, u8_shape, values, wrap_tract_expansion,
+    written_tensor,
 };
 
 /// tract's own `MatMulInteger` builder, for the nodes the kernel does not cover.
@@ -146,11 +147,9 @@ impl EvalOp for IntegerMatMulOp {
             self.kernel.depth(),
             data.len()
         );
-        let mut output = Tensor::zero::<i32>(&[rows, self.kernel.columns()])?;
-        {
-            let mut plain_output = output.try_as_plain_ram_mut()?;
-            self.kernel.run(data, plain_output.as_slice_mut::<i32>()?);
-        }
+        let output = written_tensor(&[rows, self.kernel.columns()], |output: &mut [i32]| {
+            self.kernel.run(data, output);
+        })?;
         Ok(tvec!(output.into_tvalue()))
     }
 }

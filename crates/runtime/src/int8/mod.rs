@@ -40,7 +40,7 @@ use tract_onnx::tract_hir::ops::cnn::Conv as HirConv;
 pub use dequantize::ScalarDequantizeLinear;
 pub use kernels::{
     DEPTHWISE_MAX_TAPS, DepthwiseConv, GemmConv, Geometry, IntegerMatMul, Quantized, Requantize,
-    quantize_f32,
+    dequantize_values, quantize_f32,
 };
 pub use matmul::IntegerMatMulOp;
 pub use pool::{PoolGeometry, U8MaxPool};
@@ -215,7 +215,6 @@ fn qlinear_conv(
 /// `out_shape` (channels, height, width) into a new tensor. `name` is the operator's,
 /// for the error when `input` does not contain whole images of `image_len` values.
 /// `run` must write every byte of its output slice: the tensor is not zeroed first.
-#[allow(unsafe_code)]
 fn map_images(
     name: &str,
     input: &TValue,
@@ -232,22 +231,35 @@ fn map_images(
         data.len()
     );
     let [channels, height, width] = out_shape;
-    // Zeroing the outputs took about 7% of EfficientNet-Lite0's int8 run (`perf`, AMD EPYC).
-    // SAFETY: nothing reads the tensor before each caller's `run` has written every
-    // byte of it. Debug builds of tract fill new tensors with 0xff, so the model tests
-    // would see most bytes a kernel missed.
-    let mut output = unsafe { Tensor::uninitialized::<u8>(&[batch, channels, height, width])? };
-    {
-        let mut plain_output = output.try_as_plain_ram_mut()?;
-        let out = plain_output.as_slice_mut::<u8>()?;
+    let output = written_tensor(&[batch, channels, height, width], |out: &mut [u8]| {
         for (image, target) in data
             .chunks_exact(image_len)
             .zip(out.chunks_exact_mut(channels * height * width))
         {
             run(image, target);
         }
-    }
+    })?;
     Ok(output.into_tvalue())
+}
+
+/// Returns a new tensor of `shape` whose elements `write` sets. `write` must set every
+/// element of the slice it is given: the tensor is not zeroed first. Zeroing the
+/// convolutions' outputs took about 7% of EfficientNet-Lite0's int8 run (`perf`, AMD
+/// EPYC). Debug builds of tract fill new tensors with a marker value (0xff, or NaN for
+/// f32), so the model tests would see most elements a kernel missed.
+#[allow(unsafe_code)]
+fn written_tensor<T: Datum + Copy>(
+    shape: &[usize],
+    write: impl FnOnce(&mut [T]),
+) -> TractResult<Tensor> {
+    // SAFETY: `T` is a plain number type, and nothing reads the tensor before `write`
+    // has set every element of it.
+    let mut output = unsafe { Tensor::uninitialized::<T>(shape)? };
+    {
+        let mut plain_output = output.try_as_plain_ram_mut()?;
+        write(plain_output.as_slice_mut::<T>()?);
+    }
+    Ok(output)
 }
 
 /// `QLinearConv` as tract parses it, lowered to [`IntegerConv`].

@@ -16,7 +16,10 @@ use tract_onnx::tract_hir::internal::*;
 use super::kernels::{Quantized, quantize_f32};
 use tract_onnx::tract_core::dyn_clone::clone_box;
 
-use super::{Lowered, Lowering, OpBuilder, constant, scalar_f32, values, wrap_tract_expansion};
+use super::{
+    Lowered, Lowering, OpBuilder, constant, scalar_f32, values, wrap_tract_expansion,
+    written_tensor,
+};
 
 /// tract's own `QuantizeLinear` builder, for the nodes the kernel does not cover.
 pub(super) static TRACT_QUANTIZE_LINEAR: OnceLock<OpBuilder> = OnceLock::new();
@@ -176,17 +179,9 @@ impl ScalarQuantizeLinear {
         values: &[f32],
         shape: &[usize],
     ) -> TractResult<Tensor> {
-        let mut output = Tensor::zero_dt(T::datum_type(), shape)?;
-        {
-            let mut plain_output = output.try_as_plain_ram_mut()?;
-            quantize_f32(
-                values,
-                self.scale,
-                self.zero_point,
-                plain_output.as_slice_mut::<T>()?,
-            );
-        }
-        Ok(output)
+        written_tensor(shape, |output: &mut [T]| {
+            quantize_f32(values, self.scale, self.zero_point, output);
+        })
     }
 }
 

@@ -73,6 +73,28 @@ const CASES: &[Case] = &[
         group: 1,
     },
     Case {
+        name: "pointwise over three reduction blocks",
+        in_channels: 1000,
+        size: [9, 9],
+        out_channels: 10,
+        kernel: [1, 1],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pads: [0; 4],
+        group: 1,
+    },
+    Case {
+        name: "grouped 3x3 over two reduction blocks",
+        in_channels: 100,
+        size: [6, 5],
+        out_channels: 6,
+        kernel: [3, 3],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pads: [1, 1, 1, 1],
+        group: 2,
+    },
+    Case {
         name: "stem 3x3 stride 2",
         in_channels: 3,
         size: [15, 17],
@@ -354,7 +376,11 @@ fn kernels_match_reference_on_random_geometries() {
             (channels, channels, channels)
         } else {
             let group = 1 + numbers.below(3) as usize;
-            let in_per_group = 1 + numbers.below(12) as usize;
+            // One in five reduces over more than one block of the product's steps.
+            let in_per_group = match numbers.below(5) {
+                0 => 1 + numbers.below(160) as usize,
+                _ => 1 + numbers.below(12) as usize,
+            };
             let out_per_group = 1 + numbers.below(9) as usize;
             (group, group * in_per_group, group * out_per_group)
         };
@@ -969,6 +995,7 @@ fn onnx_matmul_integer_matches_tract() {
         (2, 9, 4, None, Some(0)),
         (4, 33, 7, Some(0), Some(0)),
         (2, 1, 1, Some(7), None),
+        (3, 100, 6, Some(200), None),
     ];
     for (rows, depth, columns, input_zero_point, weight_zero_point) in cases {
         let case = format!(
