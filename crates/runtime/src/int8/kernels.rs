@@ -143,7 +143,8 @@ pub struct GemmConv {
 impl GemmConv {
     /// Packs `weights` (OIHW, i8) for the product. `requantize.bias` is the layer's bias;
     /// the correction for the input zero point is folded into it here. Returns `None`
-    /// when the accumulator could overflow i32.
+    /// when the lengths disagree with `geometry`, the reduction is empty, or the
+    /// accumulator could overflow i32.
     pub fn new(
         geometry: Geometry,
         weights: &[i8],
@@ -152,7 +153,8 @@ impl GemmConv {
     ) -> Option<GemmConv> {
         let rows = geometry.out_channels / geometry.group;
         let depth = geometry.in_channels / geometry.group * geometry.kernel[0] * geometry.kernel[1];
-        if weights.len() != geometry.out_channels * depth
+        if depth == 0
+            || weights.len() != geometry.out_channels * depth
             || requantize.bias.len() != geometry.out_channels
         {
             return None;

@@ -366,6 +366,29 @@ fn kernels_match_reference() {
 /// Random geometries through every form of both kernels: strides, dilations,
 /// asymmetric pads, kernels wider than the input, groups, and planes of one pixel.
 #[test]
+fn gemm_rejects_empty_reduction() {
+    let geometry = Geometry {
+        in_channels: 0,
+        in_height: 4,
+        in_width: 4,
+        out_channels: 2,
+        out_height: 4,
+        out_width: 4,
+        kernel: [1, 1],
+        strides: [1, 1],
+        dilations: [1, 1],
+        pad_before: [0, 0],
+        group: 1,
+    };
+    let requantize = Requantize {
+        bias: vec![0; 2],
+        multiplier: vec![0.01; 2],
+        output_zero_point: 0,
+    };
+    assert!(GemmConv::new(geometry, &[], requantize, 0).is_none());
+}
+
+#[test]
 fn kernels_match_reference_on_random_geometries() {
     let mut numbers = Numbers(0xc0ffee);
     let (mut checked, mut differences, mut outputs) = (0, 0, 0);
