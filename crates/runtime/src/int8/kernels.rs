@@ -1135,48 +1135,11 @@ impl Quantized for i8 {
 /// AMD EPYC).
 pub fn quantize_f32<T: Quantized>(input: &[f32], scale: f32, zero_point: i32, output: &mut [T]) {
     assert_eq!(input.len(), output.len(), "output length");
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports every feature the function enables.
-            unsafe { quantize_linear_avx512(input, scale, zero_point, output) };
-            return;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            unsafe { quantize_linear_avx2(input, scale, zero_point, output) };
-            return;
-        }
-    }
-    quantize_linear_generic(input, scale, zero_point, output);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quantize_linear_avx512<T: Quantized>(
-    input: &[f32],
-    scale: f32,
-    zero_point: i32,
-    output: &mut [T],
-) {
-    quantize_linear_generic(input, scale, zero_point, output);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_linear_avx2<T: Quantized>(
-    input: &[f32],
-    scale: f32,
-    zero_point: i32,
-    output: &mut [T],
-) {
-    quantize_linear_generic(input, scale, zero_point, output);
+    run_widest(|| quantize_linear_generic(input, scale, zero_point, output));
 }
 
 /// Dequantizes `input` as ONNX `DequantizeLinear` with one scale and zero point:
 /// `(x - zero_point) * scale`, in that order, as ONNX specifies and tract computes it.
-/// Built for the CPU's widest vectors, which a plain loop in this crate (compiled for
-/// the x86-64 baseline) would not use.
 pub fn dequantize_values<T: Copy + Into<i32>>(
     input: &[T],
     scale: f32,
@@ -1184,42 +1147,41 @@ pub fn dequantize_values<T: Copy + Into<i32>>(
     output: &mut [f32],
 ) {
     assert_eq!(input.len(), output.len(), "output length");
+    run_widest(|| dequantize_generic(input, scale, zero_point, output));
+}
+
+/// Runs `body`, a loop the compiler vectorises, built for the widest vectors the CPU
+/// has. This crate is compiled for the x86-64 baseline, so a plain loop would use SSE2
+/// only. `body` must be an `#[inline(always)]` call: each `unsafe` wrapper below then
+/// compiles its own copy of the loop with the wrapper's target features.
+#[inline(always)]
+fn run_widest(body: impl FnOnce()) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports every feature the function enables.
-            unsafe { dequantize_avx512(input, scale, zero_point, output) };
+            unsafe { run_avx512(body) };
             return;
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
-            unsafe { dequantize_avx2(input, scale, zero_point, output) };
+            unsafe { run_avx2(body) };
             return;
         }
     }
-    dequantize_generic(input, scale, zero_point, output);
+    body();
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dequantize_avx512<T: Copy + Into<i32>>(
-    input: &[T],
-    scale: f32,
-    zero_point: i32,
-    output: &mut [f32],
-) {
-    dequantize_generic(input, scale, zero_point, output);
+unsafe fn run_avx512(body: impl FnOnce()) {
+    body();
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn dequantize_avx2<T: Copy + Into<i32>>(
-    input: &[T],
-    scale: f32,
-    zero_point: i32,
-    output: &mut [f32],
-) {
-    dequantize_generic(input, scale, zero_point, output);
+unsafe fn run_avx2(body: impl FnOnce()) {
+    body();
 }
 
 #[inline(always)]
