@@ -212,13 +212,19 @@ impl ModelRuntime {
             }
             let _ = exited_tx.send(exit);
         });
-        self.lock_replicas().push(LocalReplica {
-            backend: backend.clone(),
-            stop,
-            exited,
-        });
+        // The replica leaves `starting` and joins the list under the list's lock, which
+        // `local_replicas` also holds. Counting it twice could exceed `max` and make the
+        // autoscaler drain the replica it just started.
+        {
+            let mut replicas = self.lock_replicas();
+            replicas.push(LocalReplica {
+                backend: backend.clone(),
+                stop,
+                exited,
+            });
+            self.starting.fetch_sub(1, Ordering::SeqCst);
+        }
         self.pool.add(backend.clone());
-        self.starting.fetch_sub(1, Ordering::SeqCst);
         tracing::info!(model = %self.name, backend = %backend.url, pid = ?backend.pid, "replica started");
 
         let deadline = started + self.routing.startup_timeout();
