@@ -4,12 +4,17 @@
 //!    a replica and through a gateway with that one replica, in alternating slices, with
 //!    latency percentiles side by side. A third row sends binary tensors through the
 //!    gateway, which re-encodes them as JSON for the replica and the response back.
-//! 2. Steps: an open-loop load of 10, then 500, then 10 requests per second through an
-//!    autoscaled gateway, reporting throughput, latency percentiles, the replica count
-//!    and the time until the p95 over the last second is back under the SLO.
+//!    The gateway's own time per request, read from its `Server-Timing` header, is
+//!    listed apart: it does not depend on how the replica's latency swings.
+//! 2. Steps: an open-loop load of 10, then 500 (or `GATEWAY_BENCH_STEP_RATE`), then 10
+//!    requests per second through an autoscaled gateway. It reports throughput, latency
+//!    percentiles, the replica count and the time until the p95 over the last second is
+//!    back under the SLO.
 //!
 //! Run with `cargo bench -p fleet-server --bench gateway`; `GATEWAY_BENCH_SCALE=0.3`
-//! shortens every phase to 30 %.
+//! shortens every phase to 30 %, and `GATEWAY_BENCH_MAX_REPLICAS` bounds the steps'
+//! replicas (default: this machine's cores). `GATEWAY_BENCH_PART=overhead` or `steps`
+//! runs one part only.
 
 #[path = "../tests/gateway_support/mod.rs"]
 mod gateway_support;
@@ -19,31 +24,51 @@ use std::time::{Duration, Instant};
 
 use gateway_support::{Reference, ReplicaProcess, TestBundle, TestGateway};
 
-/// Slices each path of the overhead comparison is split into.
-const ROUNDS: usize = 5;
+/// Slices each path of the overhead comparison is split into. Short slices spread the
+/// slow spells of a shared machine over all three paths.
+const ROUNDS: usize = 20;
 
 /// The latency objective configured for the step benchmark, in milliseconds.
 const SLO_MS: f64 = 50.0;
 
-/// One finished request: when it was sent (since the phase start), its latency and
-/// whether it succeeded.
+/// One finished request: when it was sent (since the phase start), its latency,
+/// whether it succeeded, and the gateway's own share of the latency from its
+/// `Server-Timing` header (absent on direct calls).
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     sent: Duration,
     latency: Duration,
     ok: bool,
+    gateway_ms: Option<f64>,
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let scale: f64 = std::env::var("GATEWAY_BENCH_SCALE")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(1.0);
+    let scale = positive_env("GATEWAY_BENCH_SCALE", 1.0);
+    let part = std::env::var("GATEWAY_BENCH_PART").unwrap_or_default();
     let bundle = TestBundle::new();
     let reference = Arc::new(Reference::load());
-    overhead(&bundle, &reference, scale).await;
-    steps(&bundle, &reference, scale).await;
+    match part.as_str() {
+        "" => {
+            overhead(&bundle, &reference, scale).await;
+            steps(&bundle, &reference, scale).await;
+        }
+        "overhead" => overhead(&bundle, &reference, scale).await,
+        "steps" => steps(&bundle, &reference, scale).await,
+        other => panic!("GATEWAY_BENCH_PART is {other:?}; expected overhead or steps"),
+    }
+}
+
+/// Returns the environment variable `name` as a positive number, or `default` when it
+/// is unset. Any other value panics with a message naming the variable.
+fn positive_env(name: &str, default: f64) -> f64 {
+    let Ok(value) = std::env::var(name) else {
+        return default;
+    };
+    match value.parse::<f64>() {
+        Ok(number) if number.is_finite() && number > 0.0 => number,
+        _ => panic!("{name} is {value:?}; expected a positive number"),
+    }
 }
 
 /// Compares a replica called directly with the same replica behind the gateway.
@@ -82,6 +107,10 @@ async fn overhead(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
             through.extend(run_load(&gateway, &json, &gateway_url, &slice).await);
             through_binary.extend(run_load(&gateway, &binary, &gateway_url, &slice).await);
         }
+        let own = [
+            ("JSON", gateway_percentiles(&through)),
+            ("binary", gateway_percentiles(&through_binary)),
+        ];
         let (direct, through, through_binary) = (
             summarize(&direct),
             summarize(&through),
@@ -103,6 +132,11 @@ async fn overhead(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
                 stats.p50 - direct.p50,
                 stats.p95 - direct.p95,
                 stats.p99 - direct.p99
+            );
+        }
+        for (name, (p50, p95, p99)) in own {
+            println!(
+                "| gateway's own time, {name} (`Server-Timing`) | | | {p50:.3} | {p95:.3} | {p99:.3} |"
             );
         }
     }
@@ -164,11 +198,20 @@ impl Bodies {
     }
 }
 
-/// Drives 10, 500 and 10 requests per second through an autoscaled gateway.
+/// Drives 10, 500 (or `GATEWAY_BENCH_STEP_RATE`) and 10 requests per second through an
+/// autoscaled gateway.
+///
+/// The replica bound is the gateway's default, this machine's cores, unless
+/// `GATEWAY_BENCH_MAX_REPLICAS` sets another. A replica runs its model on one core, so
+/// replicas beyond the cores only take CPU from the others, while they start and while
+/// they serve.
 async fn steps(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let max_replicas = positive_env("GATEWAY_BENCH_MAX_REPLICAS", cores as f64) as usize;
+    let step_rate = positive_env("GATEWAY_BENCH_STEP_RATE", 500.0);
     let limits = "[limits]\nrate_per_second = 100000\nburst = 100000\n";
     let extra = format!(
-        "[models.replicas]\nmin = 1\nmax = 4\n\
+        "[models.replicas]\nmin = 1\nmax = {max_replicas}\n\
          [models.slo]\np95_ms = {SLO_MS}\n\
          [models.autoscaler]\ninterval_ms = 250\ntarget_in_flight = 4\n\
          stable_window_secs = 6\npanic_window_secs = 1\nscale_down_cooldown_secs = 5\n"
@@ -188,7 +231,7 @@ async fn steps(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
 
     let phases = [
         (10.0, Duration::from_secs_f64(15.0 * scale)),
-        (500.0, Duration::from_secs_f64(20.0 * scale)),
+        (step_rate, Duration::from_secs_f64(20.0 * scale)),
         (10.0, Duration::from_secs_f64(25.0 * scale)),
     ];
     let replicas = Arc::new(Mutex::new(Vec::new()));
@@ -208,7 +251,9 @@ async fn steps(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
     sampler.abort();
     let replicas = replicas.lock().unwrap().clone();
 
-    println!("\n## Steps through the autoscaled gateway (SLO p95 {SLO_MS} ms, 1 to 4 replicas)\n");
+    println!(
+        "\n## Steps through the autoscaled gateway (SLO p95 {SLO_MS} ms, 1 to {max_replicas} replicas)\n"
+    );
     println!(
         "| phase | offered/s | achieved/s | errors | p50 ms | p95 ms | p99 ms | replicas (min-max) | p95 back under SLO after |"
     );
@@ -284,17 +329,19 @@ async fn run_load(
             let offset = started.elapsed();
             tasks.spawn(async move {
                 let begin = Instant::now();
-                let ok = match request.send().await {
+                let (ok, gateway_ms) = match request.send().await {
                     Ok(response) => {
                         let success = response.status().is_success();
-                        success && response.bytes().await.is_ok()
+                        let gateway_ms = gateway_time(response.headers());
+                        (success && response.bytes().await.is_ok(), gateway_ms)
                     }
-                    Err(_) => false,
+                    Err(_) => (false, None),
                 };
                 let sample = Sample {
                     sent: offset,
                     latency: begin.elapsed(),
                     ok,
+                    gateway_ms,
                 };
                 results.lock().unwrap().push(sample);
             });
@@ -309,6 +356,16 @@ async fn run_load(
     samples
 }
 
+/// Returns the `gateway;dur=` entry of a `Server-Timing` header, in milliseconds.
+fn gateway_time(headers: &reqwest::header::HeaderMap) -> Option<f64> {
+    let value = headers.get("server-timing")?.to_str().ok()?;
+    value
+        .split(',')
+        .find_map(|entry| entry.trim().strip_prefix("gateway;dur="))?
+        .parse()
+        .ok()
+}
+
 #[derive(Debug)]
 struct Stats {
     ok: usize,
@@ -319,26 +376,45 @@ struct Stats {
 }
 
 fn summarize(samples: &[Sample]) -> Stats {
-    let mut latencies: Vec<f64> = samples
+    let latencies: Vec<f64> = samples
         .iter()
         .filter(|s| s.ok)
         .map(|s| s.latency.as_secs_f64() * 1000.0)
         .collect();
-    latencies.sort_by(f64::total_cmp);
+    let ok = latencies.len();
+    let (p50, p95, p99) = percentiles(latencies);
+    Stats {
+        ok,
+        errors: samples.len() - ok,
+        p50,
+        p95,
+        p99,
+    }
+}
+
+/// Returns the gateway's own time per successful request: p50, p95 and p99 in ms.
+fn gateway_percentiles(samples: &[Sample]) -> (f64, f64, f64) {
+    percentiles(
+        samples
+            .iter()
+            .filter(|s| s.ok)
+            .filter_map(|s| s.gateway_ms)
+            .collect(),
+    )
+}
+
+/// Returns the 50th, 95th and 99th percentile of `values` by nearest rank; NaN when
+/// empty.
+fn percentiles(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
     let at = |q: f64| {
-        if latencies.is_empty() {
+        if values.is_empty() {
             return f64::NAN;
         }
-        let rank = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
-        latencies[rank - 1]
+        let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+        values[rank - 1]
     };
-    Stats {
-        ok: latencies.len(),
-        errors: samples.len() - latencies.len(),
-        p50: at(0.5),
-        p95: at(0.95),
-        p99: at(0.99),
-    }
+    (at(0.5), at(0.95), at(0.99))
 }
 
 fn print_row(name: &str, stats: &Stats) {

@@ -690,13 +690,14 @@ async fn binary_tensors_in_and_out() {
 }
 
 /// Starts an external OIP backend in the test process that records the headers it
-/// receives, and returns its URL.
-async fn start_recording_backend(seen: Arc<Mutex<Vec<HeaderMap>>>) -> String {
+/// receives and responds to each inference after `delay`, and returns its URL.
+async fn start_recording_backend(seen: Arc<Mutex<Vec<HeaderMap>>>, delay: Duration) -> String {
     use axum::routing::{get, post};
     let infer = move |headers: HeaderMap| {
         let seen = seen.clone();
         async move {
             seen.lock().unwrap().push(headers);
+            tokio::time::sleep(delay).await;
             axum::Json(serde_json::json!({
                 "model_name": "digit-cnn",
                 "outputs": [{"name": "logits", "shape": [1, 10], "datatype": "FP32",
@@ -717,7 +718,7 @@ async fn start_recording_backend(seen: Arc<Mutex<Vec<HeaderMap>>>) -> String {
 async fn request_id_and_traceparent_reach_the_backend() {
     let bundle = TestBundle::new();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let backend = start_recording_backend(seen.clone()).await;
+    let backend = start_recording_backend(seen.clone(), Duration::ZERO).await;
     let extra = format!("external = [{backend:?}]\n[models.replicas]\nmin = 0\nmax = 0\n");
     let limits = "[routing]\nhealth_interval_ms = 100\n";
     let gateway = TestGateway::start(&bundle.config(limits, &extra)).await;
@@ -757,6 +758,88 @@ async fn request_id_and_traceparent_reach_the_backend() {
     assert_eq!(generated.len(), 55, "{generated}");
     assert!(generated.starts_with("00-"), "{generated}");
     assert_eq!(seen[1]["x-request-id"].len(), 32);
+    gateway.server.shutdown().await;
+}
+
+/// Returns the `gateway`, `queue` and `backend` durations of a `Server-Timing` header,
+/// in ms.
+fn server_timing(headers: &HeaderMap) -> (f64, f64, f64) {
+    let value = headers["server-timing"].to_str().unwrap();
+    let duration = |name: &str| -> f64 {
+        value
+            .split(',')
+            .map(str::trim)
+            .find_map(|entry| entry.strip_prefix(name)?.strip_prefix(";dur="))
+            .unwrap_or_else(|| panic!("no {name} duration in {value:?}"))
+            .parse()
+            .unwrap()
+    };
+    (duration("gateway"), duration("queue"), duration("backend"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_timing_splits_request_time() {
+    let bundle = TestBundle::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let delay = Duration::from_millis(200);
+    let backend = start_recording_backend(seen.clone(), delay).await;
+    let extra = format!("external = [{backend:?}]\n[models.replicas]\nmin = 0\nmax = 0\n");
+    let limits = "[routing]\nhealth_interval_ms = 100\n";
+    let gateway = TestGateway::start(&bundle.config(limits, &extra)).await;
+    gateway.wait_ready_backends(1, READY_TIMEOUT).await;
+    let reference = Reference::load();
+
+    for samples in [&[0][..], &[1, 2]] {
+        let started = Instant::now();
+        let (status, headers, answer) = gateway
+            .infer(Some(&gateway.token), "digit-cnn", &reference.body(samples))
+            .await;
+        let total_ms = started.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(status, 200, "{answer}");
+        let (own, queued, waited) = server_timing(&headers);
+        // The backend's sleep counts as backend time, not the gateway's.
+        assert!(waited >= 200.0, "backend {waited} ms of a 200 ms response");
+        assert!(own > 0.0, "gateway {own} ms");
+        assert!(own < 100.0, "gateway {own} ms");
+        // One request at a time never waits for room at the backend.
+        assert!(queued < 100.0, "queue {queued} ms");
+        let sum = own + queued + waited;
+        assert!(
+            sum <= total_ms,
+            "{sum} ms of Server-Timing in {total_ms} ms"
+        );
+    }
+
+    // Responses the gateway makes itself carry no Server-Timing.
+    let token = Some(gateway.token.as_str());
+    let not_oip = serde_json::json!({"input": []});
+    for (token, model, body, expected) in [
+        (None, "digit-cnn", reference.body(&[0]), 401),
+        (token, "no-such-model", reference.body(&[0]), 404),
+        (token, "digit-cnn", not_oip, 400),
+    ] {
+        let (status, headers, _) = gateway.infer(token, model, &body).await;
+        assert_eq!(status, expected);
+        assert!(headers.get("server-timing").is_none(), "on a {status}");
+    }
+
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "fleet_gateway_overhead_seconds_count{model=\"digit-cnn\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    // Both requests' own times, each under 100 ms, without the backend's 200 ms.
+    let own_total = metric(
+        &metrics,
+        "fleet_gateway_overhead_seconds_sum{model=\"digit-cnn\"}",
+    )
+    .expect("overhead sum");
+    assert!(own_total > 0.0, "{own_total} s");
+    assert!(own_total < 0.2, "{own_total} s");
     gateway.server.shutdown().await;
 }
 

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -62,6 +62,9 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// W3C trace context header, passed through to the backend.
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// W3C Server Timing header, splitting an inference request's time between the
+/// gateway, the wait for a backend and the backend.
+pub static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// Shared state of the gateway's handlers.
 #[derive(Debug, Clone)]
@@ -104,13 +107,35 @@ pub fn router(state: GatewayState) -> Router {
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .merge(authenticated)
-        .layer(axum::middleware::from_fn(request_id))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_context,
+        ))
         .with_state(state)
 }
 
+/// Marker the inference handler leaves on a response passed on from a backend, for
+/// [`request_context`] to split the request's time.
+#[derive(Debug, Clone)]
+struct Served {
+    model: String,
+    backend_time: Duration,
+    queue_time: Duration,
+}
+
 /// Takes the client's `x-request-id` or makes one, records it on the request's log
-/// span and returns it on the response.
-async fn request_id(mut request: Request, next: Next) -> Response {
+/// span and returns it on the response. On a response passed on from a backend, it
+/// also adds `Server-Timing` in milliseconds (`gateway;dur=0.184, queue;dur=0.000,
+/// backend;dur=3.021`) and records the gateway's share in the
+/// `fleet_gateway_overhead_seconds` histogram. `backend` is the time spent sending to
+/// backends and reading their responses, `queue` the time waiting for a backend with
+/// room, and `gateway` the rest, from here (before authentication) to the response.
+async fn request_context(
+    State(state): State<GatewayState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let arrived = Instant::now();
     let id = request
         .headers()
         .get(&REQUEST_ID)
@@ -126,6 +151,26 @@ async fn request_id(mut request: Request, next: Next) -> Response {
     );
     let mut response = next.run(request).instrument(span).await;
     response.headers_mut().insert(REQUEST_ID.clone(), id);
+    if let Some(served) = response.extensions_mut().remove::<Served>() {
+        let own = arrived
+            .elapsed()
+            .saturating_sub(served.backend_time + served.queue_time);
+        state
+            .metrics
+            .overhead_seconds
+            .get_or_create(&GatewayMetrics::model(&served.model))
+            .observe(own.as_secs_f64());
+        let timing = format!(
+            "gateway;dur={:.3}, queue;dur={:.3}, backend;dur={:.3}",
+            own.as_secs_f64() * 1e3,
+            served.queue_time.as_secs_f64() * 1e3,
+            served.backend_time.as_secs_f64() * 1e3
+        );
+        response.headers_mut().insert(
+            &SERVER_TIMING,
+            HeaderValue::from_str(&timing).expect("formatted durations are a valid header value"),
+        );
+    }
     response
 }
 
@@ -473,6 +518,11 @@ async fn infer_checked(
             .observe(elapsed.as_secs_f64());
     }
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let served = Served {
+        model: name.to_owned(),
+        backend_time: reply.backend_time,
+        queue_time: reply.queue_time,
+    };
     if status.is_success() && valid.binary_outputs.any() {
         let (body, json_length) = oip::binary_response(&reply.body, &valid.binary_outputs)
             .map_err(|reason| {
@@ -484,6 +534,7 @@ async fn infer_checked(
             })?;
         state.metrics.count_request(name, reply.status);
         let mut response = Response::new(Body::from(body));
+        response.extensions_mut().insert(served);
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
@@ -501,6 +552,7 @@ async fn infer_checked(
         .unwrap_or(HeaderValue::from_static("application/json"));
     let mut response = Response::new(Body::from(reply.body));
     *response.status_mut() = status;
+    response.extensions_mut().insert(served);
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, content_type);

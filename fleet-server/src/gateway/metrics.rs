@@ -68,6 +68,10 @@ pub struct GatewayMetrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Time from arrival to response of successful inference requests, in seconds.
     pub request_seconds: Family<ModelLabel, Histogram>,
+    /// Time inference requests passed on from a backend spent in the gateway itself,
+    /// in seconds: from arrival to response, less the time waiting for a backend and
+    /// the time spent on backends.
+    pub overhead_seconds: Family<ModelLabel, Histogram>,
     /// Requests sent to a backend and not yet completed.
     pub in_flight: Family<ModelLabel, Gauge<i64, AtomicI64>>,
     /// Requests waiting in the gateway for a free backend.
@@ -102,6 +106,9 @@ impl Default for GatewayMetrics {
             request_seconds: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
+            overhead_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_025, 2.0, 16))
+            }),
             in_flight: Family::default(),
             queue_depth: Family::default(),
             retries: Family::default(),
@@ -131,6 +138,11 @@ impl GatewayMetrics {
             "request_seconds",
             "Time from arrival to response of successful inference requests",
             self.request_seconds.clone(),
+        );
+        registry.register(
+            "overhead_seconds",
+            "Time inference requests passed on from a backend spent in the gateway itself, less waiting for and on backends",
+            self.overhead_seconds.clone(),
         );
         registry.register(
             "in_flight",

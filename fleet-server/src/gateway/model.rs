@@ -44,6 +44,11 @@ pub struct Reply {
     pub status: u16,
     pub content_type: Option<HeaderValue>,
     pub body: Bytes,
+    /// Time spent sending to backends and reading their responses, a failed first
+    /// attempt included.
+    pub backend_time: Duration,
+    /// Time spent waiting for a backend with room for the request.
+    pub queue_time: Duration,
 }
 
 /// Error from forwarding a request to the backends.
@@ -491,15 +496,21 @@ impl ModelRuntime {
     /// another backend when the first fails before responding.
     pub async fn forward(&self, request: &Forward) -> Result<Reply, ForwardError> {
         let deadline = tokio::time::Instant::now() + self.routing.queue_timeout();
+        let queued = Instant::now();
         let lease = self.acquire(None, deadline).await?;
+        let sent = Instant::now();
+        let first_wait = sent - queued;
         let error = match self.send(&lease.backend, request).await {
-            Ok(reply) => {
+            Ok(mut reply) => {
                 lease.mark_served();
+                reply.backend_time = sent.elapsed();
+                reply.queue_time = first_wait;
                 return Ok(reply);
             }
             Err(SendError::BeforeResponse(reason)) => reason,
             Err(other) => return Err(self.send_failure(&lease.backend, other)),
         };
+        let first_attempt = sent.elapsed();
 
         let failed = lease.backend.clone();
         drop(lease);
@@ -510,10 +521,14 @@ impl ModelRuntime {
             .retries
             .get_or_create(&GatewayMetrics::model(&self.name))
             .inc();
+        let queued = Instant::now();
         let lease = self.acquire(Some(failed.id), deadline).await?;
+        let sent = Instant::now();
         match self.send(&lease.backend, request).await {
-            Ok(reply) => {
+            Ok(mut reply) => {
                 lease.mark_served();
+                reply.backend_time = first_attempt + sent.elapsed();
+                reply.queue_time = first_wait + (sent - queued);
                 Ok(reply)
             }
             Err(error) => Err(self.send_failure(&lease.backend, error)),
@@ -574,6 +589,8 @@ impl ModelRuntime {
                 status,
                 content_type,
                 body,
+                backend_time: Duration::ZERO,
+                queue_time: Duration::ZERO,
             }),
             Err(error) if error.is_timeout() => Err(SendError::TimedOut),
             Err(error) => Err(SendError::Body(error_chain(&error))),
