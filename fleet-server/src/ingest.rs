@@ -91,7 +91,8 @@ pub fn spawn(
     let connected: Arc<[AtomicBool]> = (0..connections).map(|_| AtomicBool::new(false)).collect();
     let (queue_tx, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
     let mut clients = Vec::with_capacity(connections);
-    let mut tasks = Vec::with_capacity(connections + 1);
+    let mut acks = Vec::with_capacity(connections);
+    let mut tasks = Vec::with_capacity(2 * connections + 1);
     for index in 0..connections {
         // The first connection keeps the plain client id, so a server that had one
         // connection resumes its session after an upgrade.
@@ -113,6 +114,9 @@ pub fn spawn(
         );
         let (client, eventloop) = AsyncClient::new(options, 1024);
         clients.push(client.clone());
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        acks.push(ack_tx);
+        tasks.push(tokio::spawn(send_acks(client.clone(), ack_rx)));
         let connection = Connection {
             index,
             client,
@@ -130,7 +134,7 @@ pub fn spawn(
     }
     let commands = clients[0].clone();
     let writer = Writer {
-        clients,
+        acks,
         store,
         metrics,
         online,
@@ -389,16 +393,16 @@ fn reject(metrics: &ServerMetrics, publish: &Publish, reason: &str) {
 
 /// State of the writer besides its queue.
 struct Writer {
-    /// Clients of the connections, by index, for acknowledgements.
-    clients: Vec<AsyncClient>,
+    /// Acknowledgement queues of the connections, by index.
+    acks: Vec<mpsc::UnboundedSender<Publish>>,
     store: Store,
     metrics: Arc<ServerMetrics>,
     /// Receives the id of each device whose status turned online.
     online: mpsc::UnboundedSender<String>,
 }
 
-/// Writes queued messages in batches and then acknowledges each on the connection that
-/// received it, in arrival order.
+/// Writes queued messages in batches and then queues the acknowledgement of each for
+/// the connection that received it, in arrival order.
 async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -435,12 +439,23 @@ async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
 
         writer.metrics.queue_depth.dec_by(batch.len() as i64);
         for pending in batch.drain(..) {
-            if let Err(error) = writer.clients[pending.connection]
-                .ack(&pending.publish)
-                .await
-            {
-                tracing::warn!(%error, "acknowledgement not sent");
-            }
+            // The send fails only when the acknowledgement task is gone, at shutdown,
+            // and the broker then delivers the message again.
+            let _ = writer.acks[pending.connection].send(pending.publish);
+        }
+    }
+}
+
+/// Sends the acknowledgements the writer queues for one connection, in order.
+///
+/// Sending one waits for room in the client's request channel, which only the
+/// connection's reading task empties. That task in turn waits for room in the writer's
+/// queue whenever the broker delivers faster than the store commits. A writer that sent
+/// acknowledgements itself would then wait on its own queue, and ingestion would stop.
+async fn send_acks(client: AsyncClient, mut acks: mpsc::UnboundedReceiver<Publish>) {
+    while let Some(publish) = acks.recv().await {
+        if let Err(error) = client.ack(&publish).await {
+            tracing::warn!(%error, "acknowledgement not sent");
         }
     }
 }

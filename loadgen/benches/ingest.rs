@@ -413,8 +413,8 @@ async fn run(broker: &Broker) -> anyhow::Result<()> {
 struct Broker {
     host: String,
     port: u16,
-    /// The started Mosquitto, killed when this is dropped, and its configuration folder.
-    process: Option<(std::process::Child, tempfile::TempDir)>,
+    /// The started Mosquitto, killed when this is dropped.
+    _process: Option<support::Mosquitto>,
 }
 
 impl Broker {
@@ -429,53 +429,16 @@ impl Broker {
             return Ok(Broker {
                 host,
                 port,
-                process: None,
+                _process: None,
             });
         }
 
-        use std::os::unix::fs::PermissionsExt;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .context("failed to find a free port for Mosquitto")?
-            .port();
-
-        let dir = tempfile::tempdir()?;
-        let config = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &config,
-            format!("listener {port} 127.0.0.1\n{BROKER_SETTINGS}"),
-        )?;
-        // Mosquitto started as root switches to the `mosquitto` user, which must be able
-        // to read its configuration.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))?;
-
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|error| match error.kind() {
-                std::io::ErrorKind::NotFound => anyhow::anyhow!(
-                    "mosquitto not found on PATH: install it with `apt-get install mosquitto`"
-                ),
-                _ => anyhow::Error::from(error).context("failed to start mosquitto"),
-            })?;
+        let mosquitto = support::Mosquitto::start(BROKER_SETTINGS)?;
         Ok(Broker {
             host: "127.0.0.1".into(),
-            port,
-            process: Some((child, dir)),
+            port: mosquitto.port,
+            _process: Some(mosquitto),
         })
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some((child, _)) = &mut self.process {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

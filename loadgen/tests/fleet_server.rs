@@ -204,3 +204,46 @@ async fn throttle_caps_unconsumed_messages() {
     assert_eq!(check.lost, 0);
     server.shutdown().await;
 }
+
+/// A broker that sends without an in-flight limit, as a fleet's Mosquitto is set up.
+const UNLIMITED_BROKER: &str = "allow_anonymous true
+persistence false
+max_inflight_messages 0
+max_queued_messages 1000000
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_beyond_ingest_queue_drains() {
+    let mosquitto = support::Mosquitto::start(UNLIMITED_BROKER).expect("mosquitto starts");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerMode::External {
+        url: fleet_mqtt::BrokerUrl {
+            host: "127.0.0.1".into(),
+            port: mosquitto.port,
+            tls: false,
+        },
+        tls: fleet_mqtt::TlsFiles::default(),
+        connections: 1,
+    };
+    let database = dir.path().join("fleet.db");
+    let client_id = format!("fleet-test-{}-backlog", std::process::id());
+    let server = support::start_server(broker, database.to_str().unwrap(), &client_id)
+        .await
+        .expect("server starts");
+    support::wait_until_ingesting(&server, "probe-backlog")
+        .await
+        .expect("server ingests probe messages");
+
+    // Sent unthrottled, the messages reach the server faster than it commits them, so
+    // its queue of received messages fills while the acknowledgements pile up.
+    let mut config = load_config(&server, "lg-backlog", 20, 0.0);
+    config.messages_per_device = Some(1_000);
+    let report = fleet_loadgen::run(config).await.expect("load runs");
+    assert_eq!(report.sent, 20_000);
+
+    let check = stored(&server, &report).await;
+    assert_eq!(check.stored, 20_000);
+    assert_eq!(check.lost, 0);
+    assert_eq!(check.duplicates, 0);
+    server.shutdown().await;
+}

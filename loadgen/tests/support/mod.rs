@@ -237,3 +237,57 @@ pub fn percentile(sorted: &[i64], quantile: f64) -> Option<i64> {
     let rank = (quantile * sorted.len() as f64).ceil().max(1.0) as usize;
     Some(sorted[rank.min(sorted.len()) - 1])
 }
+
+/// A Mosquitto started on a free loopback port, killed when dropped.
+#[derive(Debug)]
+pub struct Mosquitto {
+    pub port: u16,
+    child: std::process::Child,
+    /// Holds the configuration file while Mosquitto runs.
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with `settings` after its listener line; `settings` needs
+    /// `allow_anonymous true` for the load generator.
+    pub fn start(settings: &str) -> anyhow::Result<Mosquitto> {
+        use std::os::unix::fs::PermissionsExt;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .context("failed to find a free port for Mosquitto")?
+            .port();
+
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(&config, format!("listener {port} 127.0.0.1\n{settings}"))?;
+        // Mosquitto started as root switches to the `mosquitto` user, which must be able
+        // to read its configuration.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))?;
+
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|error| match error.kind() {
+                std::io::ErrorKind::NotFound => anyhow::anyhow!(
+                    "mosquitto not found on PATH: install it with `apt-get install mosquitto`"
+                ),
+                _ => anyhow::Error::from(error).context("failed to start mosquitto"),
+            })?;
+        Ok(Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
