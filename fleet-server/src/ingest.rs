@@ -92,6 +92,7 @@ pub fn spawn(
     let (queue_tx, queue_rx) = mpsc::channel(QUEUE_CAPACITY);
     let mut clients = Vec::with_capacity(connections);
     let mut acks = Vec::with_capacity(connections);
+    let mut ack_tasks = Vec::with_capacity(connections);
     let mut tasks = Vec::with_capacity(2 * connections + 1);
     for index in 0..connections {
         // The first connection keeps the plain client id, so a server that had one
@@ -116,7 +117,7 @@ pub fn spawn(
         clients.push(client.clone());
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         acks.push(ack_tx);
-        tasks.push(tokio::spawn(send_acks(client.clone(), ack_rx)));
+        ack_tasks.push(tokio::spawn(send_acks(client.clone(), index, ack_rx)));
         let connection = Connection {
             index,
             client,
@@ -140,6 +141,9 @@ pub fn spawn(
         online,
     };
     tasks.push(tokio::spawn(write_batches(queue_rx, writer)));
+    // Shutdown waits for the tasks in this order, so each acknowledgement task's wait
+    // starts once the writer has queued its last acknowledgement.
+    tasks.extend(ack_tasks);
     Ingest { tasks, commands }
 }
 
@@ -439,8 +443,8 @@ async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
 
         writer.metrics.queue_depth.dec_by(batch.len() as i64);
         for pending in batch.drain(..) {
-            // The send fails only when the acknowledgement task is gone, at shutdown,
-            // and the broker then delivers the message again.
+            // The acknowledgement task outlives this writer unless shutdown aborted it.
+            // A message left unacknowledged then comes again from the broker.
             let _ = writer.acks[pending.connection].send(pending.publish);
         }
     }
@@ -452,10 +456,14 @@ async fn write_batches(mut queue: mpsc::Receiver<Pending>, writer: Writer) {
 /// connection's reading task empties. That task in turn waits for room in the writer's
 /// queue whenever the broker delivers faster than the store commits. A writer that sent
 /// acknowledgements itself would then wait on its own queue, and ingestion would stop.
-async fn send_acks(client: AsyncClient, mut acks: mpsc::UnboundedReceiver<Publish>) {
+async fn send_acks(
+    client: AsyncClient,
+    connection: usize,
+    mut acks: mpsc::UnboundedReceiver<Publish>,
+) {
     while let Some(publish) = acks.recv().await {
         if let Err(error) = client.ack(&publish).await {
-            tracing::warn!(%error, "acknowledgement not sent");
+            tracing::warn!(%error, connection, topic = %publish.topic, "acknowledgement not sent");
         }
     }
 }
