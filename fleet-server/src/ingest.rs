@@ -22,7 +22,7 @@ use crate::store::updates::ReceivedEvent;
 use crate::store::{Received, Record, Store};
 
 /// Largest number of messages written in one transaction.
-const MAX_BATCH: usize = 512;
+pub const MAX_BATCH: usize = 512;
 /// Yields without a new message after which a batch stops waiting for the rest of a
 /// burst.
 const BURST_IDLE_YIELDS: u32 = 2;

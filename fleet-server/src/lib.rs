@@ -28,6 +28,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::watch;
 
+pub use ingest::MAX_BATCH as MAX_INGEST_BATCH;
 pub use metrics::ServerMetrics;
 pub use store::Store;
 

@@ -486,6 +486,29 @@ async fn status_updates_state_in_order(backend: Backend) {
     assert_eq!(devices[0].model_name.as_deref(), Some("digit-cnn"));
     assert_eq!(devices[0].first_seen_ms, 5);
     assert_eq!(devices[0].last_seen_ms, 1_000_001);
+
+    // A batch without a status leaves the state and agent version as they were.
+    store.apply_batch(&[telemetry("e", 2, 6)]).await.unwrap();
+    let devices = store
+        .devices(1_000_010, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(devices[0].state, "offline");
+    assert_eq!(devices[0].agent_version.as_deref(), Some("0.1.0"));
+    assert_eq!(devices[0].messages, 2);
+
+    let mut online = status(DeviceState::Online);
+    if let Record::Status { status, .. } = &mut online {
+        status.agent_version = "0.2.0".into();
+    }
+    store.apply_batch(&[online]).await.unwrap();
+    let devices = store
+        .devices(1_000_010, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(devices[0].state, "online");
+    assert_eq!(devices[0].agent_version.as_deref(), Some("0.2.0"));
+    assert_eq!(devices[0].messages, 2);
 }
 
 async fn downsample_preserves_counts(backend: Backend) {

@@ -52,6 +52,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fleet_loadgen::{LoadConfig, LoadReport, SimulatedDevice, Throttle};
 use fleet_server::metrics::Outcome;
+use fleet_server::store::{Received, Record};
 use fleet_server::{BrokerMode, Server, ServerMetrics};
 use fleet_wire::Encoding;
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, QoS};
@@ -82,6 +83,8 @@ const THROUGHPUT_DEVICES: usize = 100;
 /// messages/s and a third of the CPU stayed idle while commits ran. With 2,000 it stored
 /// 42,000 to 45,000 with the CPU busy. `mosquitto_sub` received 63,000 to 80,000 at both.
 const MAX_UNCONSUMED: u64 = 2000;
+/// Messages per batch of the store-alone runs: the server's largest batch.
+const STORE_BATCH: usize = fleet_server::MAX_INGEST_BATCH;
 /// Messages per device of the fleet scenario, per second.
 const FLEET_RATE: f64 = 1.0;
 /// Simulated messages whose sizes are averaged for the payload table.
@@ -359,6 +362,16 @@ async fn run(broker: &Broker) -> anyhow::Result<()> {
         }
     }
     let payload = payload_sizes();
+    let mut writes = Vec::new();
+    for &store in &stores {
+        match store_writes(store, &run_id, &settings).await {
+            Ok(row) => writes.push(row),
+            Err(error) => failures.push(format!(
+                "{} store-alone run failed: {error:#}",
+                store.label()
+            )),
+        }
+    }
     let mut fleet = Vec::new();
     for &store in &stores {
         match fleet_scenario(store, &run_id, &settings).await {
@@ -367,7 +380,7 @@ async fn run(broker: &Broker) -> anyhow::Result<()> {
         }
     }
 
-    print_tables(&settings, &throughput, payload, &fleet);
+    print_tables(&settings, &throughput, payload, &writes, &fleet);
     // A bare subscriber that lost messages gives no baseline for the ratios.
     if let Some(bare) = throughput.first().filter(|row| row.check.lost > 0) {
         failures.push(format!(
@@ -760,6 +773,93 @@ fn payload_sizes() -> (f64, f64) {
     (postcard as f64 / samples, json as f64 / samples)
 }
 
+/// One row of the store-alone table: the time of each batch write, sorted.
+#[derive(Debug)]
+struct WriteRow {
+    store: &'static str,
+    times: Vec<Duration>,
+}
+
+impl WriteRow {
+    fn mean(&self) -> Duration {
+        self.times.iter().sum::<Duration>() / self.times.len().max(1) as u32
+    }
+
+    fn quantile(&self, q: f64) -> Duration {
+        let index = ((self.times.len() as f64 * q).ceil() as usize).saturating_sub(1);
+        self.times.get(index).copied().unwrap_or_default()
+    }
+}
+
+/// Writes the throughput run's number of messages straight to a fresh `store`, in
+/// batches of [`STORE_BATCH`] from [`THROUGHPUT_DEVICES`] devices in turn, one batch at
+/// a time, and times each write. This is the server's write path without MQTT, decoding
+/// or acknowledgements, on a runtime that has nothing else to do.
+async fn store_writes(
+    store: StoreKind,
+    run_id: &str,
+    settings: &Settings,
+) -> anyhow::Result<WriteRow> {
+    let tag = format!("{run_id}-writes-{}", store.label().to_lowercase());
+    let database = BenchDatabase::create(store, &tag, &settings.postgres_url).await?;
+    let times = time_writes(&database.location(), settings.messages).await;
+    database.remove().await;
+    let mut times = times?;
+    times.sort();
+    Ok(WriteRow {
+        store: store.label(),
+        times,
+    })
+}
+
+async fn time_writes(location: &str, messages: u64) -> anyhow::Result<Vec<Duration>> {
+    let store = fleet_server::Store::open(location)
+        .await
+        .with_context(|| format!("failed to open the store at {location}"))?;
+    let mut devices: Vec<SimulatedDevice> = (0..THROUGHPUT_DEVICES)
+        .map(|number| {
+            SimulatedDevice::new(
+                format!("bench-writes-{number}"),
+                fleet_wire::topic::PREFIX,
+                Duration::from_secs_f64(1.0 / FLEET_RATE),
+                number as u64,
+            )
+        })
+        .collect();
+    let batches = messages.div_ceil(STORE_BATCH as u64);
+    let mut times = Vec::with_capacity(batches as usize);
+    let mut turn = 0;
+    for number in 0..batches {
+        let now = fleet_loadgen::unix_millis();
+        let batch: Vec<Record> = (0..STORE_BATCH)
+            .map(|_| {
+                let device = &mut devices[turn % THROUGHPUT_DEVICES];
+                turn += 1;
+                let telemetry = device.next_telemetry(now);
+                device.mark_sent();
+                Record::Telemetry(Received {
+                    telemetry,
+                    received_ms: now,
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        let outcome = store
+            .apply_batch(&batch)
+            .await
+            .with_context(|| format!("batch {number} not stored"))?;
+        times.push(started.elapsed());
+        if outcome.stored != STORE_BATCH {
+            bail!(
+                "batch {number}: {} of {STORE_BATCH} messages stored, {} duplicates",
+                outcome.stored,
+                outcome.duplicates
+            );
+        }
+    }
+    Ok(times)
+}
+
 /// Runs the fleet scenario against a server on `store`.
 async fn fleet_scenario(
     store: StoreKind,
@@ -818,6 +918,7 @@ fn print_tables(
     settings: &Settings,
     throughput: &[ThroughputRow],
     payload: (f64, f64),
+    writes: &[WriteRow],
     fleet: &[FleetRow],
 ) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -839,7 +940,38 @@ fn print_tables(
     println!();
     print_payload(payload);
     println!();
+    print_writes(writes);
+    println!();
     print_fleet(settings, fleet);
+}
+
+fn print_writes(writes: &[WriteRow]) {
+    let Some(first) = writes.first() else {
+        return;
+    };
+    println!(
+        "### Store alone: {} batches of {STORE_BATCH} messages from {THROUGHPUT_DEVICES} devices",
+        thousands(first.times.len() as u64)
+    );
+    println!();
+    println!(
+        "Each batch written with `Store::apply_batch` after the previous one committed, without MQTT."
+    );
+    println!();
+    println!("| store | ms per batch p50 | p99 | mean | messages/s |");
+    println!("|---|--:|--:|--:|--:|");
+    let ms = |time: Duration| time.as_secs_f64() * 1e3;
+    for row in writes {
+        let rate = STORE_BATCH as f64 / row.mean().as_secs_f64();
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {} |",
+            row.store,
+            ms(row.quantile(0.5)),
+            ms(row.quantile(0.99)),
+            ms(row.mean()),
+            thousands(rate.round() as u64)
+        );
+    }
 }
 
 fn print_throughput(settings: &Settings, throughput: &[ThroughputRow]) {

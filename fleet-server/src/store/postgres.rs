@@ -7,9 +7,9 @@
 //!   upsert locks each row until the commit, so all writes for one device are serialized
 //!   across transactions, and the fixed order keeps two overlapping batches from
 //!   deadlocking.
-//! - Totals change only through `UPDATE ... SET messages = d.messages + v.messages` and
-//!   similar, adding the batch's sums per device, so they are computed on the locked
-//!   row, never read into Rust and written back.
+//! - Totals change only through `SET messages = d.messages + v.messages` and similar, in
+//!   an update or in the upsert's `DO UPDATE`, adding the batch's sums per device, so
+//!   they are computed on the locked row, never read into Rust and written back.
 //! - `INSERT ... ON CONFLICT (device_id, seq) DO NOTHING` waits for a concurrent
 //!   transaction that inserted the same key and, once that commits, reports the conflict.
 //!   A message stored by two servers at once is thus counted once as stored and once as
@@ -23,7 +23,8 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Arguments;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, Transaction};
 
 use super::rollup::{RawRow, Rollup};
@@ -86,8 +87,28 @@ super::remote_config::remote_config_backend!(PostgresBackend);
 impl StoreBackend for PostgresBackend {
     async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError> {
         let telemetry = unique_telemetry(batch);
+        let contacts = device_contacts(batch);
+
+        // Most batches hold no telemetry that is stored already. The device totals are
+        // first computed as if every row were new and written in the same statement as
+        // the telemetry. If the insert skipped some rows, those totals are wrong: the
+        // transaction is rolled back and the batch written again, statement by
+        // statement, with the totals computed from what the insert stored.
+        let all_new = telemetry
+            .iter()
+            .map(|row| (row.device_id.to_owned(), row.seq))
+            .collect();
+        let (changes, stored) = device_changes(batch, all_new);
         let mut tx = self.pool.begin().await?;
-        touch_devices(&mut tx, &device_contacts(batch)).await?;
+        let inserted = write_batch(&mut tx, &contacts, &changes, &telemetry).await?;
+        if inserted == telemetry.len() as u64 {
+            tx.commit().await?;
+            return Ok(batch_outcome(batch, stored));
+        }
+        tx.rollback().await?;
+
+        let mut tx = self.pool.begin().await?;
+        touch_devices(&mut tx, &contacts).await?;
         let inserted = insert_telemetry(&mut tx, &telemetry).await?;
         let (changes, stored) = device_changes(batch, inserted.into_iter().collect());
         update_devices(&mut tx, &changes).await?;
@@ -215,20 +236,11 @@ impl StoreBackend for PostgresBackend {
     }
 }
 
-/// Inserts telemetry rows, skipping those whose (device, seq) is already stored, and
-/// returns the (device, seq) pairs it inserted.
-///
-/// The rows travel as one array per column, so the statement text and its prepared form
-/// are the same for every batch size, and no batch reaches PostgreSQL's limit of 65,535
-/// parameters.
-async fn insert_telemetry(
-    tx: &mut Transaction<'_, Postgres>,
-    rows: &[TelemetryValues<'_>],
-) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let column = |get: fn(&TelemetryValues<'_>) -> i64| rows.iter().map(get).collect::<Vec<_>>();
-    let reading =
-        |get: fn(&TelemetryValues<'_>) -> Option<f64>| rows.iter().map(get).collect::<Vec<_>>();
-    sqlx::query_as(
+/// The start of both telemetry inserts: every column from the arrays that
+/// [`telemetry_arguments`] binds as $1 to $21. A macro, so that `concat!` can build each
+/// statement's text at compile time.
+macro_rules! insert_telemetry_sql {
+    () => {
         "INSERT INTO telemetry (device_id, seq, device_time_ms, received_ms,
             interval_ms, model_name, model_version, inferences, input_errors, labeled,
             correct, confidence_sum, low_confidence, latency, latency_p50_us,
@@ -238,33 +250,168 @@ async fn insert_telemetry(
             $5::bigint[], $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],
             $11::bigint[], $12::float8[], $13::bigint[], $14::text[], $15::float8[],
             $16::float8[], $17::float8[], $18::bigint[], $19::bigint[], $20::bigint[],
-            $21::float8[])
-         ON CONFLICT (device_id, seq) DO NOTHING
-         RETURNING device_id, seq",
+            $21::float8[])"
+    };
+}
+
+/// Upserts the row of every device in `contacts` with its contact times and `changes`,
+/// then inserts the telemetry `rows`, skipping those whose (device, seq) is already
+/// stored, all in one statement. Returns the number of telemetry rows inserted.
+///
+/// The upsert locks the device rows in the order of `contacts`, as [`touch_devices`]
+/// does, before any telemetry is inserted: the insert's condition reads the count of
+/// upserted rows, which runs the upsert to its end first.
+///
+/// A device row that is inserted here takes the batch totals as they are; one that
+/// exists adds them. A batch without a status for the device leaves its state and agent
+/// version: the upsert carries the column default 'unknown' as the state, which no status
+/// sets, and the update keeps the stored values when it finds it.
+async fn write_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    contacts: &BTreeMap<&str, Contact>,
+    changes: &BTreeMap<&str, DeviceChange<'_>>,
+    rows: &[TelemetryValues<'_>],
+) -> Result<u64, sqlx::Error> {
+    let no_change = DeviceChange::default();
+    let devices: Vec<(&str, &Contact, &DeviceChange<'_>)> = contacts
+        .iter()
+        .map(|(id, contact)| (*id, contact, changes.get(id).unwrap_or(&no_change)))
+        .collect();
+
+    let mut arguments = telemetry_arguments(rows)?;
+    add_column(&mut arguments, devices.iter().map(|(id, _, _)| *id))?;
+    add_column(&mut arguments, devices.iter().map(|(_, c, _)| c.first_ms))?;
+    add_column(&mut arguments, devices.iter().map(|(_, c, _)| c.last_ms))?;
+    add_column(&mut arguments, devices.iter().map(|(_, _, c)| c.messages))?;
+    add_column(&mut arguments, devices.iter().map(|(_, _, c)| c.min_seq))?;
+    add_column(&mut arguments, devices.iter().map(|(_, _, c)| c.max_seq))?;
+    add_column(&mut arguments, devices.iter().map(|(_, _, c)| c.inferences))?;
+    add_column(
+        &mut arguments,
+        devices.iter().map(|(_, _, c)| c.input_errors),
+    )?;
+    add_column(&mut arguments, devices.iter().map(|(_, _, c)| c.labeled))?;
+    add_column(&mut arguments, devices.iter().map(|(_, _, c)| c.correct))?;
+    add_column(&mut arguments, devices.iter().map(|(_, _, c)| c.duplicates))?;
+    let model = devices.iter().map(|(_, _, c)| c.model);
+    add_column(
+        &mut arguments,
+        model.clone().map(|m| m.map(|(name, _)| name)),
+    )?;
+    add_column(&mut arguments, model.map(|m| m.map(|(_, version)| version)))?;
+    let status = devices.iter().map(|(_, _, c)| c.status);
+    add_column(
+        &mut arguments,
+        status.clone().map(|s| s.map(|(state, _)| state)),
+    )?;
+    add_column(&mut arguments, status.map(|s| s.map(|(_, agent)| agent)))?;
+
+    let done = sqlx::query_with(
+        concat!(
+            "WITH touched AS (
+            INSERT INTO devices AS d (id, first_seen_ms, last_seen_ms, messages, min_seq,
+                max_seq, inferences, input_errors, labeled, correct, duplicates, model_name,
+                model_version, state, agent_version)
+            SELECT id, first_ms, last_ms, messages, min_seq, max_seq, inferences,
+                input_errors, labeled, correct, duplicates, model_name, model_version,
+                coalesce(state, 'unknown'), agent_version
+            FROM UNNEST($22::text[], $23::bigint[], $24::bigint[], $25::bigint[],
+                $26::bigint[], $27::bigint[], $28::bigint[], $29::bigint[], $30::bigint[],
+                $31::bigint[], $32::bigint[], $33::text[], $34::text[], $35::text[],
+                $36::text[]) WITH ORDINALITY
+                AS v (id, first_ms, last_ms, messages, min_seq, max_seq, inferences,
+                      input_errors, labeled, correct, duplicates, model_name, model_version,
+                      state, agent_version, position)
+            ORDER BY position
+            ON CONFLICT (id) DO UPDATE SET
+                first_seen_ms = LEAST(d.first_seen_ms, excluded.first_seen_ms),
+                last_seen_ms = GREATEST(d.last_seen_ms, excluded.last_seen_ms),
+                messages = d.messages + excluded.messages,
+                min_seq = LEAST(d.min_seq, excluded.min_seq),
+                max_seq = GREATEST(d.max_seq, excluded.max_seq),
+                inferences = d.inferences + excluded.inferences,
+                input_errors = d.input_errors + excluded.input_errors,
+                labeled = d.labeled + excluded.labeled,
+                correct = d.correct + excluded.correct,
+                duplicates = d.duplicates + excluded.duplicates,
+                model_name = coalesce(excluded.model_name, d.model_name),
+                model_version = coalesce(excluded.model_version, d.model_version),
+                state = CASE WHEN excluded.state = 'unknown' THEN d.state
+                             ELSE excluded.state END,
+                agent_version = CASE WHEN excluded.state = 'unknown' THEN d.agent_version
+                                     ELSE excluded.agent_version END
+            RETURNING 1
+         ) ",
+            insert_telemetry_sql!(),
+            " WHERE (SELECT count(*) FROM touched) > 0
+         ON CONFLICT (device_id, seq) DO NOTHING"
+        ),
+        arguments,
     )
-    .bind(rows.iter().map(|v| v.device_id).collect::<Vec<_>>())
-    .bind(column(|v| v.seq))
-    .bind(column(|v| v.device_time_ms))
-    .bind(column(|v| v.received_ms))
-    .bind(column(|v| v.interval_ms))
-    .bind(rows.iter().map(|v| v.model_name).collect::<Vec<_>>())
-    .bind(rows.iter().map(|v| v.model_version).collect::<Vec<_>>())
-    .bind(column(|v| v.inferences))
-    .bind(column(|v| v.input_errors))
-    .bind(column(|v| v.labeled))
-    .bind(column(|v| v.correct))
-    .bind(rows.iter().map(|v| v.confidence_sum).collect::<Vec<_>>())
-    .bind(column(|v| v.low_confidence))
-    .bind(rows.iter().map(|v| v.latency.as_str()).collect::<Vec<_>>())
-    .bind(reading(|v| v.latency_p50_us))
-    .bind(reading(|v| v.latency_p95_us))
-    .bind(reading(|v| v.cpu_percent))
-    .bind(column(|v| v.process_memory_bytes))
-    .bind(column(|v| v.memory_used_bytes))
-    .bind(column(|v| v.memory_total_bytes))
-    .bind(reading(|v| v.temperature_celsius))
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Inserts telemetry rows, skipping those whose (device, seq) is already stored, and
+/// returns the (device, seq) pairs it inserted.
+async fn insert_telemetry(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[TelemetryValues<'_>],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as_with(
+        concat!(
+            insert_telemetry_sql!(),
+            " ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq"
+        ),
+        telemetry_arguments(rows)?,
+    )
     .fetch_all(&mut **tx)
     .await
+}
+
+/// Encodes telemetry `rows` as parameters $1 to $21, one array per column.
+///
+/// As arrays, the statement text and its prepared form are the same for every batch
+/// size, and no batch reaches PostgreSQL's limit of 65,535 parameters.
+fn telemetry_arguments(rows: &[TelemetryValues<'_>]) -> Result<PgArguments, sqlx::Error> {
+    let mut arguments = PgArguments::default();
+    let a = &mut arguments;
+    add_column(a, rows.iter().map(|v| v.device_id))?;
+    add_column(a, rows.iter().map(|v| v.seq))?;
+    add_column(a, rows.iter().map(|v| v.device_time_ms))?;
+    add_column(a, rows.iter().map(|v| v.received_ms))?;
+    add_column(a, rows.iter().map(|v| v.interval_ms))?;
+    add_column(a, rows.iter().map(|v| v.model_name))?;
+    add_column(a, rows.iter().map(|v| v.model_version))?;
+    add_column(a, rows.iter().map(|v| v.inferences))?;
+    add_column(a, rows.iter().map(|v| v.input_errors))?;
+    add_column(a, rows.iter().map(|v| v.labeled))?;
+    add_column(a, rows.iter().map(|v| v.correct))?;
+    add_column(a, rows.iter().map(|v| v.confidence_sum))?;
+    add_column(a, rows.iter().map(|v| v.low_confidence))?;
+    add_column(a, rows.iter().map(|v| v.latency.as_str()))?;
+    add_column(a, rows.iter().map(|v| v.latency_p50_us))?;
+    add_column(a, rows.iter().map(|v| v.latency_p95_us))?;
+    add_column(a, rows.iter().map(|v| v.cpu_percent))?;
+    add_column(a, rows.iter().map(|v| v.process_memory_bytes))?;
+    add_column(a, rows.iter().map(|v| v.memory_used_bytes))?;
+    add_column(a, rows.iter().map(|v| v.memory_total_bytes))?;
+    add_column(a, rows.iter().map(|v| v.temperature_celsius))?;
+    Ok(arguments)
+}
+
+/// Appends `values` to `arguments` as one array parameter.
+fn add_column<'q, T>(
+    arguments: &mut PgArguments,
+    values: impl Iterator<Item = T>,
+) -> Result<(), sqlx::Error>
+where
+    Vec<T>: sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + 'q,
+{
+    arguments
+        .add(values.collect::<Vec<T>>())
+        .map_err(sqlx::Error::Encode)
 }
 
 /// Adds each device's batch totals to its row and applies its latest model and status.

@@ -102,34 +102,38 @@ super::remote_config::remote_config_backend!(SqliteBackend);
 impl StoreBackend for SqliteBackend {
     async fn apply_batch(&self, batch: &[Record]) -> Result<BatchOutcome, StoreError> {
         let telemetry = unique_telemetry(batch);
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-
         let contacts: Vec<(&str, Contact)> = device_contacts(batch).into_iter().collect();
-        for chunk in contacts.chunks(chunk_rows(DEVICE_CONTACT_COLUMNS)) {
-            touch_devices(&mut tx, chunk).await?;
-        }
-        let mut inserted = HashSet::with_capacity(telemetry.len());
-        for chunk in telemetry.chunks(chunk_rows(TELEMETRY_COLUMNS)) {
-            let stored = stored_keys(&mut tx, chunk).await?;
-            let new_rows: Vec<&TelemetryValues<'_>> = chunk
-                .iter()
-                .filter(|row| !stored.contains(&(row.device_id, row.seq)))
-                .collect();
-            insert_telemetry(&mut tx, &new_rows).await?;
-            inserted.extend(
-                new_rows
-                    .iter()
-                    .map(|row| (row.device_id.to_owned(), row.seq)),
-            );
-        }
 
+        // Most batches hold no telemetry that is stored already, so the device totals are
+        // first computed as if every row were new and sent with the rest of the batch,
+        // which then costs one round trip to SQLite. If some rows were stored before,
+        // those totals are wrong: the transaction is rolled back and the batch written
+        // again, with the totals computed from what the insert skipped.
+        let all_new = telemetry
+            .iter()
+            .map(|row| (row.device_id.to_owned(), row.seq))
+            .collect();
+        let (changes, stored) = device_changes(batch, all_new);
+        let changes: Vec<(&str, DeviceChange<'_>)> = changes.into_iter().collect();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let seen = write_batch(&mut tx, &contacts, &telemetry, &changes).await?;
+        if seen.is_empty() {
+            tx.commit().await?;
+            return Ok(batch_outcome(batch, stored));
+        }
+        tx.rollback().await?;
+
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let seen = write_batch(&mut tx, &contacts, &telemetry, &[]).await?;
+        let inserted = telemetry
+            .iter()
+            .filter(|row| !seen.contains(&(row.device_id, row.seq)))
+            .map(|row| (row.device_id.to_owned(), row.seq))
+            .collect();
         let (changes, stored) = device_changes(batch, inserted);
         let changes: Vec<(&str, DeviceChange<'_>)> = changes.into_iter().collect();
-        for chunk in changes.chunks(chunk_rows(DEVICE_CHANGE_COLUMNS)) {
-            update_devices(&mut tx, chunk).await?;
-        }
+        write_batch(&mut tx, &[], &[], &changes).await?;
         tx.commit().await?;
-
         Ok(batch_outcome(batch, stored))
     }
 
@@ -258,17 +262,59 @@ impl SqliteBackend {
     }
 }
 
-/// Returns the (device, seq) pairs of `rows` that are already stored.
+/// Sends a batch's statements to SQLite in one round trip: the device contacts, then for
+/// each chunk of telemetry a `SELECT` of the keys already stored and an insert that skips
+/// them, then the device changes. Returns the (device, seq) pairs of `rows` that were
+/// stored before.
 ///
-/// The write lock that `BEGIN IMMEDIATE` took keeps the result true until the commit.
-/// Asking first, rather than inserting with `RETURNING`, sends back only the duplicates,
-/// usually none, where `RETURNING` sends every inserted key from SQLx's worker thread
-/// one row at a time.
-async fn stored_keys<'a>(
+/// Each statement sent on its own is a command to SQLx's SQLite thread, and on a busy
+/// machine each command waited about as long for that thread and the writer's task to
+/// wake as SQLite took to run it. As one multi-statement query, SQLx prepares and runs
+/// the statements in order on its thread and binds each its share of the parameters.
+///
+/// The write lock that `BEGIN IMMEDIATE` took keeps the `SELECT`'s result true until the
+/// commit. Asking first, rather than inserting with `RETURNING`, sends back only the
+/// rows stored before, usually none, where `RETURNING` sends every inserted key from
+/// SQLx's thread one row at a time.
+async fn write_batch<'a>(
     tx: &mut Transaction<'_, Sqlite>,
+    contacts: &[(&str, Contact)],
     rows: &[TelemetryValues<'a>],
+    changes: &[(&str, DeviceChange<'_>)],
 ) -> Result<HashSet<(&'a str, i64)>, sqlx::Error> {
-    let mut query = QueryBuilder::<Sqlite>::new("WITH k (device_id, seq) AS (");
+    let mut query = QueryBuilder::<Sqlite>::new("");
+    for chunk in contacts.chunks(chunk_rows(DEVICE_CONTACT_COLUMNS)) {
+        push_touch_devices(&mut query, chunk);
+        query.push(";\n");
+    }
+    for chunk in rows.chunks(chunk_rows(TELEMETRY_COLUMNS)) {
+        push_stored_keys(&mut query, chunk);
+        query.push(";\n");
+        push_insert_telemetry(&mut query, chunk);
+        query.push(";\n");
+    }
+    for chunk in changes.chunks(chunk_rows(DEVICE_CHANGE_COLUMNS)) {
+        push_update_devices(&mut query, chunk);
+        query.push(";\n");
+    }
+    if query.sql().is_empty() {
+        return Ok(HashSet::new());
+    }
+    let seen: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut **tx).await?;
+    if seen.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let seen: HashSet<(String, i64)> = seen.into_iter().collect();
+    Ok(rows
+        .iter()
+        .filter(|row| seen.contains(&(row.device_id.to_owned(), row.seq)))
+        .map(|row| (row.device_id, row.seq))
+        .collect())
+}
+
+/// Appends a `SELECT` of the (device, seq) pairs of `rows` that are already stored.
+fn push_stored_keys<'q>(query: &mut QueryBuilder<'q, Sqlite>, rows: &'q [TelemetryValues<'_>]) {
+    query.push("WITH k (device_id, seq) AS (");
     // A padding row's NULL key joins nothing.
     query.push_values(padded(rows), |mut row, values| match values {
         Some(values) => {
@@ -280,28 +326,14 @@ async fn stored_keys<'a>(
         ") SELECT t.device_id, t.seq FROM telemetry t
          JOIN k ON t.device_id = k.device_id AND t.seq = k.seq",
     );
-    let stored: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut **tx).await?;
-    if stored.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let stored: HashSet<(String, i64)> = stored.into_iter().collect();
-    Ok(rows
-        .iter()
-        .filter(|row| stored.contains(&(row.device_id.to_owned(), row.seq)))
-        .map(|row| (row.device_id, row.seq))
-        .collect())
 }
 
-/// Inserts telemetry rows that [`stored_keys`] found missing.
-async fn insert_telemetry(
-    tx: &mut Transaction<'_, Sqlite>,
-    rows: &[&TelemetryValues<'_>],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    // The padding rows are all NULL and filtered out by the WHERE clause.
-    let mut query = QueryBuilder::<Sqlite>::new(
+/// Appends an insert of the telemetry `rows` that skips the ones already stored.
+fn push_insert_telemetry<'q>(
+    query: &mut QueryBuilder<'q, Sqlite>,
+    rows: &'q [TelemetryValues<'_>],
+) {
+    query.push(
         "INSERT INTO telemetry (device_id, seq, device_time_ms, received_ms,
             interval_ms, model_name, model_version, inferences, input_errors, labeled,
             correct, confidence_sum, low_confidence, latency, latency_p50_us,
@@ -334,17 +366,17 @@ async fn insert_telemetry(
         }
         None => push_nulls(&mut row, TELEMETRY_COLUMNS),
     });
-    query.push(") WHERE column1 IS NOT NULL");
-    query.build().execute(&mut **tx).await?;
-    Ok(())
+    // The WHERE clause drops the padding rows, which are all NULL. SQLite also needs it
+    // to read the `ON` below as the upsert rather than as a join constraint.
+    query.push(") WHERE column1 IS NOT NULL ON CONFLICT (device_id, seq) DO NOTHING");
 }
 
-/// Adds each device's batch totals to its row and applies its latest model and status.
-async fn update_devices(
-    tx: &mut Transaction<'_, Sqlite>,
-    changes: &[(&str, DeviceChange<'_>)],
-) -> Result<(), sqlx::Error> {
-    let mut query = QueryBuilder::<Sqlite>::new(
+/// Appends an update that adds each device's batch totals to its row and applies its latest model and status.
+fn push_update_devices<'q>(
+    query: &mut QueryBuilder<'q, Sqlite>,
+    changes: &'q [(&str, DeviceChange<'_>)],
+) {
+    query.push(
         "WITH v (id, messages, min_seq, max_seq, inferences, input_errors, labeled, correct,
             duplicates, model_name, model_version, state, agent_version) AS (",
     );
@@ -387,21 +419,14 @@ async fn update_devices(
                                  ELSE v.agent_version END
          FROM v WHERE devices.id = v.id",
     );
-    query.build().execute(&mut **tx).await?;
-    Ok(())
 }
 
-/// Creates the device rows on first contact and widens their first and last contact
-/// times.
-async fn touch_devices(
-    tx: &mut Transaction<'_, Sqlite>,
-    contacts: &[(&str, Contact)],
-) -> Result<(), sqlx::Error> {
+/// Appends an upsert that creates the device rows on first contact and widens their
+/// first and last contact times.
+fn push_touch_devices<'q>(query: &mut QueryBuilder<'q, Sqlite>, contacts: &'q [(&str, Contact)]) {
     // The WHERE clause drops the padding rows. SQLite also needs it to read the `ON` below
     // as the upsert rather than as a join constraint of the SELECT.
-    let mut query = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO devices (id, first_seen_ms, last_seen_ms) SELECT * FROM (",
-    );
+    query.push("INSERT INTO devices (id, first_seen_ms, last_seen_ms) SELECT * FROM (");
     query.push_values(padded(contacts), |mut row, contact| match contact {
         Some((device_id, contact)) => {
             row.push_bind(*device_id)
@@ -416,8 +441,6 @@ async fn touch_devices(
             first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),
             last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
     );
-    query.build().execute(&mut **tx).await?;
-    Ok(())
 }
 
 #[cfg(test)]
