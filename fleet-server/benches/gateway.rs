@@ -19,6 +19,7 @@
 #[path = "../tests/gateway_support/mod.rs"]
 mod gateway_support;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,18 @@ struct Sample {
     sent: Duration,
     latency: Duration,
     ok: bool,
-    gateway_ms: Option<f64>,
+    /// The response's status, or `None` when no response came.
+    status: Option<u16>,
+    /// The parts of `Server-Timing`, absent on responses the gateway made itself.
+    timing: Option<Timing>,
+}
+
+/// The `Server-Timing` parts of one response, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    gateway: f64,
+    queue: f64,
+    backend: f64,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -291,6 +303,8 @@ async fn steps(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
         );
         start = end;
     }
+    print_step_seconds(&samples, &replicas, phases[0].1, phases[1].1);
+    print_errors(&samples);
     println!(
         "\nReplica count over time (s: replicas): {}",
         timeline(&replicas)
@@ -329,19 +343,21 @@ async fn run_load(
             let offset = started.elapsed();
             tasks.spawn(async move {
                 let begin = Instant::now();
-                let (ok, gateway_ms) = match request.send().await {
+                let (ok, status, timing) = match request.send().await {
                     Ok(response) => {
-                        let success = response.status().is_success();
-                        let gateway_ms = gateway_time(response.headers());
-                        (success && response.bytes().await.is_ok(), gateway_ms)
+                        let status = response.status();
+                        let timing = server_timing(response.headers());
+                        let ok = status.is_success() && response.bytes().await.is_ok();
+                        (ok, Some(status.as_u16()), timing)
                     }
-                    Err(_) => (false, None),
+                    Err(_) => (false, None, None),
                 };
                 let sample = Sample {
                     sent: offset,
                     latency: begin.elapsed(),
                     ok,
-                    gateway_ms,
+                    status,
+                    timing,
                 };
                 results.lock().unwrap().push(sample);
             });
@@ -356,14 +372,20 @@ async fn run_load(
     samples
 }
 
-/// Returns the `gateway;dur=` entry of a `Server-Timing` header, in milliseconds.
-fn gateway_time(headers: &reqwest::header::HeaderMap) -> Option<f64> {
+/// Returns the `gateway`, `queue` and `backend` entries of a `Server-Timing` header.
+fn server_timing(headers: &reqwest::header::HeaderMap) -> Option<Timing> {
     let value = headers.get("server-timing")?.to_str().ok()?;
-    value
-        .split(',')
-        .find_map(|entry| entry.trim().strip_prefix("gateway;dur="))?
-        .parse()
-        .ok()
+    let part = |name: &str| {
+        value.split(',').find_map(|entry| {
+            let duration = entry.trim().strip_prefix(name)?.strip_prefix(";dur=")?;
+            duration.parse::<f64>().ok()
+        })
+    };
+    Some(Timing {
+        gateway: part("gateway")?,
+        queue: part("queue")?,
+        backend: part("backend")?,
+    })
 }
 
 #[derive(Debug)]
@@ -398,7 +420,7 @@ fn gateway_percentiles(samples: &[Sample]) -> (f64, f64, f64) {
         samples
             .iter()
             .filter(|s| s.ok)
-            .filter_map(|s| s.gateway_ms)
+            .filter_map(|s| s.timing.map(|t| t.gateway))
             .collect(),
     )
 }
@@ -426,6 +448,69 @@ fn print_row(name: &str, stats: &Stats) {
         stats.p95,
         stats.p99
     );
+}
+
+/// Prints the failed requests of all phases by status, if any failed.
+fn print_errors(samples: &[Sample]) {
+    let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
+    for sample in samples.iter().filter(|s| !s.ok) {
+        let status = sample
+            .status
+            .map_or("no response".to_owned(), |code| code.to_string());
+        *by_status.entry(status).or_default() += 1;
+    }
+    if by_status.is_empty() {
+        return;
+    }
+    let counts: Vec<String> = by_status
+        .iter()
+        .map(|(status, count)| format!("{status}: {count}"))
+        .collect();
+    println!("\nFailed requests by status: {}", counts.join(", "));
+}
+
+/// Prints the step phase, from `start` for `duration`, one second per row: the p95 of
+/// the whole request and of each `Server-Timing` part, and the replicas at the second's
+/// end. A part's p95 that rises with the total shows where a slow second came from.
+fn print_step_seconds(
+    samples: &[Sample],
+    replicas: &[(Duration, usize)],
+    start: Duration,
+    duration: Duration,
+) {
+    println!("\nThe step, second by second (p95 in ms):\n");
+    println!("| second | requests | errors | total | gateway | queue | backend | replicas |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let second = Duration::from_secs(1);
+    let mut at = start;
+    while at + second <= start + duration {
+        let window: Vec<Sample> = samples
+            .iter()
+            .copied()
+            .filter(|s| s.sent >= at && s.sent < at + second)
+            .collect();
+        let stats = summarize(&window);
+        let part = |get: fn(&Timing) -> f64| {
+            let values = window.iter().filter_map(|s| s.timing.as_ref().map(get));
+            percentiles(values.collect()).1
+        };
+        let count = replicas
+            .iter()
+            .take_while(|(t, _)| *t < at + second)
+            .last()
+            .map_or(0, |(_, count)| *count);
+        println!(
+            "| {:.0} | {} | {} | {:.2} | {:.3} | {:.3} | {:.2} | {count} |",
+            (at - start).as_secs_f64(),
+            stats.ok + stats.errors,
+            stats.errors,
+            stats.p95,
+            part(|t| t.gateway),
+            part(|t| t.queue),
+            part(|t| t.backend),
+        );
+        at += second;
+    }
 }
 
 /// Returns the time from the phase start until the p95 of requests sent in a

@@ -844,6 +844,47 @@ async fn server_timing_splits_request_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn full_queue_answers_503_with_retry_after() {
+    let bundle = TestBundle::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let backend = start_recording_backend(seen.clone(), Duration::from_millis(500)).await;
+    // One request at the backend and one waiting; a third has no place.
+    let extra = format!(
+        "external = [{backend:?}]\n[models.replicas]\nmin = 0\nmax = 0\n\
+         max_in_flight = 1\nmax_queued = 1\n"
+    );
+    let limits = "[routing]\nhealth_interval_ms = 100\n";
+    let gateway = TestGateway::start(&bundle.config(limits, &extra)).await;
+    gateway.wait_ready_backends(1, READY_TIMEOUT).await;
+    let body = Reference::load().body(&[0]);
+
+    let token = Some(gateway.token.as_str());
+    let (a, b, c) = tokio::join!(
+        gateway.infer(token, "digit-cnn", &body),
+        gateway.infer(token, "digit-cnn", &body),
+        gateway.infer(token, "digit-cnn", &body),
+    );
+    let mut statuses = [a.0, b.0, c.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503], "{a:?} {b:?} {c:?}");
+    let (_, headers, answer) = [a, b, c]
+        .into_iter()
+        .find(|(status, _, _)| *status == 503)
+        .unwrap();
+    assert_eq!(headers.get("retry-after").unwrap(), "1");
+    let message = answer["error"].as_str().unwrap();
+    assert!(message.contains("digit-cnn"), "{message}");
+    assert!(message.contains("waiting"), "{message}");
+    assert_eq!(seen.lock().unwrap().len(), 2);
+
+    let error = fleet_server::gateway::GatewayConfig::from_toml(
+        &bundle.config("", "[models.replicas]\nmax_queued = 0\n"),
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("replicas.max_queued"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_config_names_the_field() {
     let bundle = TestBundle::new();
     let config = bundle.config("[limits]\nrate_per_second = 0\n", "");

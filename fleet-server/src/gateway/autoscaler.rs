@@ -285,6 +285,7 @@ mod tests {
             min,
             max,
             max_in_flight: 32,
+            max_queued: 1024,
             idle_before_zero_secs: 30,
         }
     }

@@ -191,6 +191,10 @@ pub struct ReplicaBounds {
     /// Requests one backend may have outstanding before further requests queue in the
     /// gateway.
     pub max_in_flight: usize,
+    /// Requests of this model that may wait in the gateway for a backend with room.
+    /// Further requests get 503 with `Retry-After` at once, so a load beyond what the
+    /// backends serve is turned away instead of queuing until every request is late.
+    pub max_queued: usize,
     /// Idle time after which a model with `min = 0` stops its last replica, in seconds.
     pub idle_before_zero_secs: u64,
 }
@@ -201,6 +205,7 @@ impl Default for ReplicaBounds {
             min: 1,
             max: std::thread::available_parallelism().map_or(1, usize::from),
             max_in_flight: 32,
+            max_queued: 1024,
             idle_before_zero_secs: 300,
         }
     }
@@ -406,6 +411,10 @@ impl ModelConfig {
         positive(
             &format!("{at}.replicas.max_in_flight"),
             replicas.max_in_flight as f64,
+        )?;
+        positive(
+            &format!("{at}.replicas.max_queued"),
+            replicas.max_queued as f64,
         )?;
         if replicas.min == 0 {
             positive(

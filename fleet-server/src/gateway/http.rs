@@ -36,6 +36,8 @@ use crate::api::ApiError;
 pub struct GatewayError {
     status: StatusCode,
     message: String,
+    /// Seconds for the `Retry-After` header, if the client should try again later.
+    retry_after: Option<u64>,
 }
 
 impl GatewayError {
@@ -43,7 +45,14 @@ impl GatewayError {
         GatewayError {
             status,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// Adds `Retry-After: seconds` to the response.
+    pub fn retry_after(mut self, seconds: u64) -> GatewayError {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn status(&self) -> StatusCode {
@@ -53,7 +62,13 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        ApiError::new(self.status, self.message).into_response()
+        let mut response = ApiError::new(self.status, self.message).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -255,15 +270,12 @@ async fn authenticate(
         state.metrics.count_request(&model, 429);
         let retry_after = retry_after_secs(wait);
         tracing::debug!(principal = %key, retry_after, "request throttled");
-        let mut response = GatewayError::new(
+        return GatewayError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!("rate limit exceeded for {key}; retry in {retry_after} s"),
         )
+        .retry_after(retry_after)
         .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-        return response;
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
@@ -618,9 +630,14 @@ async fn read_body(
 
 fn forward_error(error: ForwardError) -> GatewayError {
     let status = match &error {
-        ForwardError::NoBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        ForwardError::NoBackend { .. } | ForwardError::QueueFull { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ForwardError::Failed { .. } => StatusCode::BAD_GATEWAY,
         ForwardError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
     };
-    GatewayError::new(status, error.to_string())
+    let full = matches!(error, ForwardError::QueueFull { .. });
+    let error = GatewayError::new(status, error.to_string());
+    // A full queue empties as the backends respond and the autoscaler adds replicas.
+    if full { error.retry_after(1) } else { error }
 }

@@ -15,7 +15,7 @@ use super::config::{ModelConfig, Routing};
 use super::latency::LatencyWindow;
 use super::metrics::{BackendStateLabels, DecisionLabels, GatewayMetrics, ScaleDirection};
 use super::oip::ModelMetadata;
-use super::pool::{Backend, BackendKind, BackendState, Pool};
+use super::pool::{AcquireError, Backend, BackendKind, BackendState, Pool};
 use super::supervisor::{BackendIds, Exit, Launcher};
 
 /// Most latency samples the p95 window keeps.
@@ -56,6 +56,8 @@ pub struct Reply {
 pub enum ForwardError {
     #[error("no backend of model {model:?} became available within {waited:?}")]
     NoBackend { model: String, waited: Duration },
+    #[error("{queued} requests for model {model:?} are waiting for a backend already")]
+    QueueFull { model: String, queued: usize },
     #[error("backend {backend} failed: {reason}")]
     Failed { backend: String, reason: String },
     #[error("backend {backend} did not answer within {timeout:?}")]
@@ -104,7 +106,10 @@ impl ModelRuntime {
     /// Creates the model with its external backends, not yet health-checked.
     pub fn new(parts: ModelParts) -> Arc<ModelRuntime> {
         let config = parts.config;
-        let pool = Arc::new(Pool::new(config.replicas.max_in_flight));
+        let pool = Arc::new(Pool::new(
+            config.replicas.max_in_flight,
+            config.replicas.max_queued,
+        ));
         let external_name = config
             .external_model_name
             .clone()
@@ -543,9 +548,15 @@ impl ModelRuntime {
         self.pool
             .acquire(exclude, deadline)
             .await
-            .map_err(|_| ForwardError::NoBackend {
-                model: self.name.clone(),
-                waited: self.routing.queue_timeout(),
+            .map_err(|error| match error {
+                AcquireError::TimedOut => ForwardError::NoBackend {
+                    model: self.name.clone(),
+                    waited: self.routing.queue_timeout(),
+                },
+                AcquireError::QueueFull => ForwardError::QueueFull {
+                    model: self.name.clone(),
+                    queued: self.config.replicas.max_queued,
+                },
             })
     }
 

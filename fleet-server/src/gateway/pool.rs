@@ -171,6 +171,8 @@ pub struct BackendStatus {
 pub enum AcquireError {
     /// No backend became free within the queue timeout.
     TimedOut,
+    /// As many requests as the pool queues were already waiting.
+    QueueFull,
 }
 
 /// The backends of one model.
@@ -183,6 +185,7 @@ pub struct Pool {
     /// at its next tick (this is how a model scaled to zero wakes up).
     pub wake: Notify,
     max_in_flight: usize,
+    max_queued: usize,
     queued: AtomicUsize,
     next_start: AtomicUsize,
     started: Instant,
@@ -200,7 +203,10 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.backend.outstanding.fetch_sub(1, Ordering::SeqCst);
-        self.pool.available.notify_waiters();
+        // One slot is free, so one waiter is woken, the longest waiting. Waking them
+        // all made every finished request cost a scan per waiting request, which
+        // under a deep queue took more of the gateway's time than the requests did.
+        self.pool.available.notify_one();
     }
 }
 
@@ -213,13 +219,14 @@ impl Lease {
 
 impl Pool {
     /// Creates an empty pool that lets each backend have `max_in_flight` requests
-    /// outstanding.
-    pub fn new(max_in_flight: usize) -> Pool {
+    /// outstanding and up to `max_queued` requests wait for one.
+    pub fn new(max_in_flight: usize, max_queued: usize) -> Pool {
         Pool {
             backends: RwLock::new(Vec::new()),
             available: Notify::new(),
             wake: Notify::new(),
             max_in_flight,
+            max_queued,
             queued: AtomicUsize::new(0),
             next_start: AtomicUsize::new(0),
             started: Instant::now(),
@@ -273,6 +280,7 @@ impl Pool {
 
     /// Takes the ready backend with the fewest outstanding requests, other than
     /// `exclude`, waiting until `deadline` when every backend is busy or none is ready.
+    /// Fails at once when `max_queued` requests are waiting already.
     pub async fn acquire(
         self: &Arc<Self>,
         exclude: Option<u64>,
@@ -281,6 +289,7 @@ impl Pool {
         let now_ms = self.started.elapsed().as_millis() as u64;
         self.last_request_ms.store(now_ms, Ordering::Relaxed);
         let mut queued = false;
+        let mut passed_on = false;
         let result = loop {
             let available = self.available.notified();
             tokio::pin!(available);
@@ -289,18 +298,44 @@ impl Pool {
                 break Ok(lease);
             }
             if !queued {
+                // Taking the place first and giving it back when over the bound keeps
+                // concurrent arrivals from passing it together.
+                if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                    return Err(AcquireError::QueueFull);
+                }
                 queued = true;
-                self.queued.fetch_add(1, Ordering::SeqCst);
             }
             self.wake.notify_one();
             if tokio::time::timeout_at(deadline, available).await.is_err() {
                 break Err(AcquireError::TimedOut);
+            }
+            if !passed_on && self.has_room_at(exclude) {
+                // Woken for a slot at the one backend this request must avoid: wake the
+                // others, or the slot would stay idle until another one is freed. This
+                // leaves no stored wake-up, so a request waiting alone does not wake
+                // itself again, and passing on once per request keeps two requests that
+                // avoid the same backend from waking each other without end.
+                passed_on = true;
+                self.available.notify_waiters();
             }
         };
         if queued {
             self.queued.fetch_sub(1, Ordering::SeqCst);
         }
         result
+    }
+
+    /// Returns whether the backend `id` is ready and has room for another request.
+    fn has_room_at(&self, id: Option<u64>) -> bool {
+        let Some(id) = id else {
+            return false;
+        };
+        self.backends().iter().any(|backend| {
+            backend.id == id
+                && backend.state() == BackendState::Ready
+                && backend.outstanding() < self.max_in_flight
+        })
     }
 
     fn try_acquire(self: &Arc<Self>, exclude: Option<u64>) -> Option<Lease> {
@@ -358,7 +393,7 @@ mod tests {
 
     #[tokio::test]
     async fn acquire_prefers_least_outstanding() {
-        let pool = Arc::new(Pool::new(10));
+        let pool = Arc::new(Pool::new(10, 8));
         pool.add(ready_backend(1));
         pool.add(ready_backend(2));
         let first = pool.acquire(None, deadline()).await.unwrap();
@@ -371,7 +406,7 @@ mod tests {
 
     #[tokio::test]
     async fn acquire_skips_draining_excluded_and_full_backends() {
-        let pool = Arc::new(Pool::new(1));
+        let pool = Arc::new(Pool::new(1, 8));
         let draining = ready_backend(1);
         draining.set_state(BackendState::Draining);
         assert_eq!(
@@ -389,8 +424,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn full_queue_turns_requests_away() {
+        let pool = Arc::new(Pool::new(1, 2));
+        pool.add(ready_backend(1));
+        let busy = pool.acquire(None, deadline()).await.unwrap();
+        let (finished, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiters = Vec::new();
+        for number in 0..2 {
+            let pool = pool.clone();
+            let finished = finished.clone();
+            waiters.push(tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                let lease = pool.acquire(None, deadline).await.unwrap();
+                finished.send(number).unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                drop(lease);
+            }));
+            // The second waiter queues behind the first.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pool.queued(), 2);
+        let error = pool.acquire(None, deadline()).await.unwrap_err();
+        assert_eq!(error, AcquireError::QueueFull);
+        assert_eq!(pool.queued(), 2);
+
+        drop(busy);
+        for waiter in waiters {
+            waiter.await.unwrap();
+        }
+        assert_eq!(order.recv().await, Some(0));
+        assert_eq!(order.recv().await, Some(1));
+        assert_eq!(pool.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn excluded_slot_wakes_next_waiter() {
+        let pool = Arc::new(Pool::new(1, 8));
+        pool.add(ready_backend(1));
+        let busy = pool.acquire(None, deadline()).await.unwrap();
+        let long = tokio::time::Instant::now() + Duration::from_secs(5);
+        // A retry that must avoid backend 1 waits first, an ordinary request second.
+        let retry = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(Some(1), long).await.map(|_| ()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let plain = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(None, long).await.map(|l| l.backend.id) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(busy);
+        assert_eq!(plain.await.unwrap(), Ok(1));
+        retry.abort();
+    }
+
+    #[tokio::test]
     async fn waiting_request_gets_a_backend_that_becomes_ready() {
-        let pool = Arc::new(Pool::new(4));
+        let pool = Arc::new(Pool::new(4, 8));
         let backend = Arc::new(Backend::new(
             7,
             "http://127.0.0.1:7".into(),
