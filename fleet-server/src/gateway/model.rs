@@ -497,12 +497,13 @@ impl ModelRuntime {
         self.metrics.scale_decisions.get_or_create(&labels).inc();
     }
 
-    /// Sends an inference request to the least busy ready backend, and once more to
-    /// another backend when the first fails before responding.
+    /// Sends an inference request to the least busy ready backend, and once more when
+    /// it fails before responding. The failed backend counts as unhealthy until a
+    /// health check passes, so the second try goes to another one unless it recovered.
     pub async fn forward(&self, request: &Forward) -> Result<Reply, ForwardError> {
         let deadline = tokio::time::Instant::now() + self.routing.queue_timeout();
         let queued = Instant::now();
-        let lease = self.acquire(None, deadline).await?;
+        let lease = self.acquire(deadline).await?;
         let sent = Instant::now();
         let first_wait = sent - queued;
         let error = match self.send(&lease.backend, request).await {
@@ -517,17 +518,19 @@ impl ModelRuntime {
         };
         let first_attempt = sent.elapsed();
 
+        // Marked unhealthy before its slot is given back, so neither the retry nor the
+        // request woken for the slot picks it until a health check passes again.
         let failed = lease.backend.clone();
-        drop(lease);
         if failed.set_state(BackendState::Unhealthy) == BackendState::Ready {
             tracing::warn!(model = %self.name, backend = %failed.url, error = %error, "backend failed before responding; retrying on another");
         }
+        drop(lease);
         self.metrics
             .retries
             .get_or_create(&GatewayMetrics::model(&self.name))
             .inc();
         let queued = Instant::now();
-        let lease = self.acquire(Some(failed.id), deadline).await?;
+        let lease = self.acquire(deadline).await?;
         let sent = Instant::now();
         match self.send(&lease.backend, request).await {
             Ok(mut reply) => {
@@ -542,11 +545,10 @@ impl ModelRuntime {
 
     async fn acquire(
         &self,
-        exclude: Option<u64>,
         deadline: tokio::time::Instant,
     ) -> Result<super::pool::Lease, ForwardError> {
         self.pool
-            .acquire(exclude, deadline)
+            .acquire(deadline)
             .await
             .map_err(|error| match error {
                 AcquireError::TimedOut => ForwardError::NoBackend {

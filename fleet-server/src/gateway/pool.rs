@@ -210,6 +210,16 @@ impl Drop for Lease {
     }
 }
 
+/// A waiting request's place in the queue, given back when dropped, also when the
+/// request is cancelled while it waits.
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Lease {
     /// Counts the request as completed by this backend.
     pub fn mark_served(&self) {
@@ -278,67 +288,44 @@ impl Pool {
         self.started.elapsed().saturating_sub(last)
     }
 
-    /// Takes the ready backend with the fewest outstanding requests, other than
-    /// `exclude`, waiting until `deadline` when every backend is busy or none is ready.
-    /// Fails at once when `max_queued` requests are waiting already.
+    /// Takes the ready backend with the fewest outstanding requests, waiting until
+    /// `deadline` when every backend is busy or none is ready. Fails at once when
+    /// `max_queued` requests are waiting already.
     pub async fn acquire(
         self: &Arc<Self>,
-        exclude: Option<u64>,
         deadline: tokio::time::Instant,
     ) -> Result<Lease, AcquireError> {
         let now_ms = self.started.elapsed().as_millis() as u64;
         self.last_request_ms.store(now_ms, Ordering::Relaxed);
-        let mut queued = false;
-        let mut passed_on = false;
-        let result = loop {
+        let mut place = None;
+        loop {
             let available = self.available.notified();
             tokio::pin!(available);
             available.as_mut().enable();
-            if let Some(lease) = self.try_acquire(exclude) {
-                break Ok(lease);
+            if let Some(lease) = self.try_acquire() {
+                return Ok(lease);
             }
-            if !queued {
-                // Taking the place first and giving it back when over the bound keeps
-                // concurrent arrivals from passing it together.
-                if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queued {
-                    self.queued.fetch_sub(1, Ordering::SeqCst);
-                    return Err(AcquireError::QueueFull);
-                }
-                queued = true;
+            if place.is_none() {
+                place = Some(self.take_place()?);
             }
             self.wake.notify_one();
             if tokio::time::timeout_at(deadline, available).await.is_err() {
-                break Err(AcquireError::TimedOut);
+                return Err(AcquireError::TimedOut);
             }
-            if !passed_on && self.has_room_at(exclude) {
-                // Woken for a slot at the one backend this request must avoid: wake the
-                // others, or the slot would stay idle until another one is freed. This
-                // leaves no stored wake-up, so a request waiting alone does not wake
-                // itself again, and passing on once per request keeps two requests that
-                // avoid the same backend from waking each other without end.
-                passed_on = true;
-                self.available.notify_waiters();
-            }
-        };
-        if queued {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
         }
-        result
     }
 
-    /// Returns whether the backend `id` is ready and has room for another request.
-    fn has_room_at(&self, id: Option<u64>) -> bool {
-        let Some(id) = id else {
-            return false;
-        };
-        self.backends().iter().any(|backend| {
-            backend.id == id
-                && backend.state() == BackendState::Ready
-                && backend.outstanding() < self.max_in_flight
-        })
+    /// Takes a place in the queue, unless `max_queued` requests hold one.
+    fn take_place(&self) -> Result<QueuePlace<'_>, AcquireError> {
+        self.queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |queued| {
+                (queued < self.max_queued).then_some(queued + 1)
+            })
+            .map(|_| QueuePlace(&self.queued))
+            .map_err(|_| AcquireError::QueueFull)
     }
 
-    fn try_acquire(self: &Arc<Self>, exclude: Option<u64>) -> Option<Lease> {
+    fn try_acquire(self: &Arc<Self>) -> Option<Lease> {
         let backends = self.backends();
         if backends.is_empty() {
             return None;
@@ -349,7 +336,6 @@ impl Pool {
         for offset in 0..backends.len() {
             let backend = &backends[(start + offset) % backends.len()];
             let eligible = backend.state() == BackendState::Ready
-                && Some(backend.id) != exclude
                 && backend.outstanding() < self.max_in_flight;
             if eligible && best.is_none_or(|b| backend.outstanding() < b.outstanding()) {
                 best = Some(backend);
@@ -396,16 +382,16 @@ mod tests {
         let pool = Arc::new(Pool::new(10, 8));
         pool.add(ready_backend(1));
         pool.add(ready_backend(2));
-        let first = pool.acquire(None, deadline()).await.unwrap();
-        let second = pool.acquire(None, deadline()).await.unwrap();
+        let first = pool.acquire(deadline()).await.unwrap();
+        let second = pool.acquire(deadline()).await.unwrap();
         assert_ne!(first.backend.id, second.backend.id);
         drop(first);
-        let third = pool.acquire(None, deadline()).await.unwrap();
+        let third = pool.acquire(deadline()).await.unwrap();
         assert_ne!(third.backend.id, second.backend.id);
     }
 
     #[tokio::test]
-    async fn acquire_skips_draining_excluded_and_full_backends() {
+    async fn acquire_skips_draining_and_full_backends() {
         let pool = Arc::new(Pool::new(1, 8));
         let draining = ready_backend(1);
         draining.set_state(BackendState::Draining);
@@ -415,10 +401,9 @@ mod tests {
         );
         pool.add(draining);
         pool.add(ready_backend(2));
-        pool.add(ready_backend(3));
-        let lease = pool.acquire(Some(3), deadline()).await.unwrap();
+        let lease = pool.acquire(deadline()).await.unwrap();
         assert_eq!(lease.backend.id, 2);
-        let error = pool.acquire(Some(3), deadline()).await.unwrap_err();
+        let error = pool.acquire(deadline()).await.unwrap_err();
         assert_eq!(error, AcquireError::TimedOut);
         assert_eq!(pool.queued(), 0);
     }
@@ -427,7 +412,7 @@ mod tests {
     async fn full_queue_turns_requests_away() {
         let pool = Arc::new(Pool::new(1, 2));
         pool.add(ready_backend(1));
-        let busy = pool.acquire(None, deadline()).await.unwrap();
+        let busy = pool.acquire(deadline()).await.unwrap();
         let (finished, mut order) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = Vec::new();
         for number in 0..2 {
@@ -435,7 +420,7 @@ mod tests {
             let finished = finished.clone();
             waiters.push(tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                let lease = pool.acquire(None, deadline).await.unwrap();
+                let lease = pool.acquire(deadline).await.unwrap();
                 finished.send(number).unwrap();
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 drop(lease);
@@ -444,7 +429,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(pool.queued(), 2);
-        let error = pool.acquire(None, deadline()).await.unwrap_err();
+        let error = pool.acquire(deadline()).await.unwrap_err();
         assert_eq!(error, AcquireError::QueueFull);
         assert_eq!(pool.queued(), 2);
 
@@ -458,25 +443,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn excluded_slot_wakes_next_waiter() {
-        let pool = Arc::new(Pool::new(1, 8));
+    async fn cancelled_waiter_gives_its_place_back() {
+        let pool = Arc::new(Pool::new(1, 1));
         pool.add(ready_backend(1));
-        let busy = pool.acquire(None, deadline()).await.unwrap();
-        let long = tokio::time::Instant::now() + Duration::from_secs(5);
-        // A retry that must avoid backend 1 waits first, an ordinary request second.
-        let retry = {
+        let busy = pool.acquire(deadline()).await.unwrap();
+        let waiter = {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.acquire(Some(1), long).await.map(|_| ()) })
+            let long = tokio::time::Instant::now() + Duration::from_secs(5);
+            tokio::spawn(async move { pool.acquire(long).await.map(|_| ()) })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let plain = {
-            let pool = pool.clone();
-            tokio::spawn(async move { pool.acquire(None, long).await.map(|l| l.backend.id) })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(pool.queued(), 1);
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_eq!(pool.queued(), 0);
+        // The place is free again: the next request waits instead of being turned away.
         drop(busy);
-        assert_eq!(plain.await.unwrap(), Ok(1));
-        retry.abort();
+        assert!(pool.acquire(deadline()).await.is_ok());
     }
 
     #[tokio::test]
@@ -494,9 +477,7 @@ mod tests {
             let pool = pool.clone();
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                pool.acquire(None, deadline)
-                    .await
-                    .map(|lease| lease.backend.id)
+                pool.acquire(deadline).await.map(|lease| lease.backend.id)
             })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
