@@ -204,8 +204,8 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.backend.outstanding.fetch_sub(1, Ordering::SeqCst);
         // One slot is free, so one waiter is woken, the longest waiting. Waking them
-        // all made every finished request cost a scan per waiting request, which
-        // under a deep queue took more of the gateway's time than the requests did.
+        // all made every finished request cost a scan per waiting request, so the
+        // gateway's work per request grew with its queue.
         self.pool.available.notify_one();
     }
 }

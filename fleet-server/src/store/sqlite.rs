@@ -267,10 +267,10 @@ impl SqliteBackend {
 /// them, then the device changes. Returns the (device, seq) pairs of `rows` that were
 /// stored before.
 ///
-/// Each statement sent on its own is a command to SQLx's SQLite thread, and on a busy
-/// machine each command waited about as long for that thread and the writer's task to
-/// wake as SQLite took to run it. As one multi-statement query, SQLx prepares and runs
-/// the statements in order on its thread and binds each its share of the parameters.
+/// Each statement sent on its own is a round trip to SQLx's SQLite thread, which on a
+/// busy machine includes waiting until that thread and then the writer's task are
+/// scheduled. As one multi-statement query, SQLx prepares and runs the statements in
+/// order on its thread and binds each its share of the parameters.
 ///
 /// The write lock that `BEGIN IMMEDIATE` took keeps the `SELECT`'s result true until the
 /// commit. Asking first, rather than inserting with `RETURNING`, sends back only the
