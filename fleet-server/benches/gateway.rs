@@ -273,11 +273,7 @@ async fn steps(bundle: &TestBundle, reference: &Arc<Reference>, scale: f64) {
     let mut start = Duration::ZERO;
     for (rate, duration) in phases {
         let end = start + duration;
-        let phase: Vec<Sample> = samples
-            .iter()
-            .copied()
-            .filter(|s| s.sent >= start && s.sent < end)
-            .collect();
+        let phase = sent_between(&samples, start, end);
         let stats = summarize(&phase);
         let counts: Vec<usize> = replicas
             .iter()
@@ -484,11 +480,7 @@ fn print_step_seconds(
     let second = Duration::from_secs(1);
     let mut at = start;
     while at + second <= start + duration {
-        let window: Vec<Sample> = samples
-            .iter()
-            .copied()
-            .filter(|s| s.sent >= at && s.sent < at + second)
-            .collect();
+        let window = sent_between(samples, at, at + second);
         let stats = summarize(&window);
         let part = |get: fn(&Timing) -> f64| {
             let values = window.iter().filter_map(|s| s.timing.as_ref().map(get));
@@ -513,6 +505,15 @@ fn print_step_seconds(
     }
 }
 
+/// Returns the samples of the requests sent from `start` until before `end`.
+fn sent_between(samples: &[Sample], start: Duration, end: Duration) -> Vec<Sample> {
+    samples
+        .iter()
+        .copied()
+        .filter(|s| s.sent >= start && s.sent < end)
+        .collect()
+}
+
 /// Returns the time from the phase start until the p95 of requests sent in a
 /// one-second window is under the SLO and stays there for the rest of the phase.
 fn recovery_time(samples: &[Sample], start: Duration, end: Duration) -> Option<Duration> {
@@ -520,11 +521,7 @@ fn recovery_time(samples: &[Sample], start: Duration, end: Duration) -> Option<D
     let mut recovered_at = None;
     let mut at = start;
     while at + window <= end {
-        let in_window: Vec<Sample> = samples
-            .iter()
-            .copied()
-            .filter(|s| s.sent >= at && s.sent < at + window)
-            .collect();
+        let in_window = sent_between(samples, at, at + window);
         let stats = summarize(&in_window);
         let good = stats.errors == 0 && (in_window.is_empty() || stats.p95 <= SLO_MS);
         match (good, recovered_at) {

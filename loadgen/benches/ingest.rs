@@ -785,9 +785,8 @@ impl WriteRow {
         self.times.iter().sum::<Duration>() / self.times.len().max(1) as u32
     }
 
-    fn quantile(&self, q: f64) -> Duration {
-        let index = ((self.times.len() as f64 * q).ceil() as usize).saturating_sub(1);
-        self.times.get(index).copied().unwrap_or_default()
+    fn quantile(&self, quantile: f64) -> Duration {
+        support::percentile(&self.times, quantile).unwrap_or_default()
     }
 }
 

@@ -516,7 +516,13 @@ async fn infer_checked(
         tracestate: parts.headers.get(&TRACESTATE).cloned(),
     };
     let reply = model.forward(&forward).await.map_err(|error| {
-        tracing::warn!(model = %name, error = %error, "inference request failed");
+        if let ForwardError::QueueFull { .. } = error {
+            // Under overload every request turned away gets here, so this logs at debug
+            // level, as throttling does. The request counter still counts each 503.
+            tracing::debug!(model = %name, error = %error, "inference request turned away");
+        } else {
+            tracing::warn!(model = %name, error = %error, "inference request failed");
+        }
         forward_error(error)
     })?;
 
@@ -629,15 +635,14 @@ async fn read_body(
 }
 
 fn forward_error(error: ForwardError) -> GatewayError {
-    let status = match &error {
-        ForwardError::NoBackend { .. } | ForwardError::QueueFull { .. } => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-        ForwardError::Failed { .. } => StatusCode::BAD_GATEWAY,
-        ForwardError::TimedOut { .. } => StatusCode::GATEWAY_TIMEOUT,
+    let (status, retry_after) = match &error {
+        ForwardError::NoBackend { .. } => (StatusCode::SERVICE_UNAVAILABLE, None),
+        // A full queue empties as the backends respond and the autoscaler adds replicas.
+        ForwardError::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+        ForwardError::Failed { .. } => (StatusCode::BAD_GATEWAY, None),
+        ForwardError::TimedOut { .. } => (StatusCode::GATEWAY_TIMEOUT, None),
     };
-    let full = matches!(error, ForwardError::QueueFull { .. });
-    let error = GatewayError::new(status, error.to_string());
-    // A full queue empties as the backends respond and the autoscaler adds replicas.
-    if full { error.retry_after(1) } else { error }
+    let mut response = GatewayError::new(status, error.to_string());
+    response.retry_after = retry_after;
+    response
 }

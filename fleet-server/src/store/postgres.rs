@@ -18,7 +18,7 @@
 //!   with itself, so only one downsampling transaction runs at a time while readers
 //!   continue. `DELETE ... RETURNING` hands each raw row to exactly one of them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -30,7 +30,7 @@ use sqlx::{Connection, PgConnection, Postgres, Transaction};
 use super::rollup::{RawRow, Rollup};
 use super::rows::{
     Contact, DEVICE_ROWS_QUERY, DeviceChange, DeviceRow, HourlyRecord, TelemetryValues, WindowRow,
-    batch_outcome, device_changes, device_contacts, unique_telemetry,
+    batch_outcome, device_changes, device_contacts, inserted_keys, unique_telemetry,
 };
 use super::{
     BatchOutcome, DownsampleOutcome, Record, StoreBackend, StoreError, TelemetryRow,
@@ -94,10 +94,7 @@ impl StoreBackend for PostgresBackend {
         // the telemetry. If the insert skipped some rows, those totals are wrong: the
         // transaction is rolled back and the batch written again, statement by
         // statement, with the totals computed from what the insert stored.
-        let all_new = telemetry
-            .iter()
-            .map(|row| (row.device_id.to_owned(), row.seq))
-            .collect();
+        let all_new = inserted_keys(&telemetry, &HashSet::new());
         let (changes, stored) = device_changes(batch, all_new);
         let mut tx = self.pool.begin().await?;
         let inserted = write_batch(&mut tx, &contacts, &changes, &telemetry).await?;

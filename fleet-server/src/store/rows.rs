@@ -220,6 +220,18 @@ pub(super) fn unique_telemetry(batch: &[Record]) -> Vec<TelemetryValues<'_>> {
         .collect()
 }
 
+/// Returns the (device, seq) keys of `rows` other than those in `skipped`, in the form
+/// [`device_changes`] takes as the inserted keys.
+pub(super) fn inserted_keys(
+    rows: &[TelemetryValues<'_>],
+    skipped: &HashSet<(&str, i64)>,
+) -> HashSet<(String, i64)> {
+    rows.iter()
+        .filter(|row| !skipped.contains(&(row.device_id, row.seq)))
+        .map(|row| (row.device_id.to_owned(), row.seq))
+        .collect()
+}
+
 /// Changes that one batch makes to a `devices` row besides its contact times.
 #[derive(Debug, Default)]
 pub(super) struct DeviceChange<'a> {

@@ -21,7 +21,7 @@ use sqlx::{QueryBuilder, Sqlite, Transaction};
 use super::rollup::{RawRow, Rollup};
 use super::rows::{
     Contact, DEVICE_ROWS_QUERY, DeviceChange, DeviceRow, HourlyRecord, TelemetryValues, WindowRow,
-    batch_outcome, device_changes, device_contacts, unique_telemetry,
+    batch_outcome, device_changes, device_contacts, inserted_keys, unique_telemetry,
 };
 use super::{BatchOutcome, DownsampleOutcome, Record, StoreBackend, StoreError, TelemetryRow};
 
@@ -109,10 +109,7 @@ impl StoreBackend for SqliteBackend {
         // which then costs one round trip to SQLite. If some rows were stored before,
         // those totals are wrong: the transaction is rolled back and the batch written
         // again, with the totals computed from what the insert skipped.
-        let all_new = telemetry
-            .iter()
-            .map(|row| (row.device_id.to_owned(), row.seq))
-            .collect();
+        let all_new = inserted_keys(&telemetry, &HashSet::new());
         let (changes, stored) = device_changes(batch, all_new);
         let changes: Vec<(&str, DeviceChange<'_>)> = changes.into_iter().collect();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
@@ -125,12 +122,7 @@ impl StoreBackend for SqliteBackend {
 
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let seen = write_batch(&mut tx, &contacts, &telemetry, &[]).await?;
-        let inserted = telemetry
-            .iter()
-            .filter(|row| !seen.contains(&(row.device_id, row.seq)))
-            .map(|row| (row.device_id.to_owned(), row.seq))
-            .collect();
-        let (changes, stored) = device_changes(batch, inserted);
+        let (changes, stored) = device_changes(batch, inserted_keys(&telemetry, &seen));
         let changes: Vec<(&str, DeviceChange<'_>)> = changes.into_iter().collect();
         write_batch(&mut tx, &[], &[], &changes).await?;
         tx.commit().await?;

@@ -230,7 +230,7 @@ pub async fn check_store(store: &Store, devices: &[DeviceCount]) -> anyhow::Resu
 }
 
 /// Returns the value at fraction `quantile` of `sorted` by the nearest-rank method.
-pub fn percentile(sorted: &[i64], quantile: f64) -> Option<i64> {
+pub fn percentile<T: Copy>(sorted: &[T], quantile: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
     }
